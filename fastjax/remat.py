@@ -1,0 +1,65 @@
+"""Named rematerialization presets built on ``jax.checkpoint`` policies and ``checkpoint_name``.
+
+The model names its activations (``models/llama.py``): ``layer_input`` (the residual stream entering a layer),
+``qkv`` (q, k, v after projection and RoPE), ``attn_out`` (attention output before ``o_proj``), ``mlp_up``
+(gate and up projections), ``mlp_out`` (down projection). A preset decides what the backward pass keeps:
+
+| preset | keeps | recomputes | memory per layer (T tokens) |
+|---|---|---|---|
+| ``none`` | everything XLA wants | nothing | largest |
+| ``full`` | only the layer input (scan carry) | the whole layer | ~T·D |
+| ``save_qkv_attn`` | q, k, v and the attention output | norms, MLP | ~T·(Dq + 2·Dkv + Dq) |
+| ``save_dots`` | every projection output (no batch dims) | elementwise ops | ~T·(4·D + 3·F) |
+| ``offload_layer_input`` | layer input, moved to pinned host memory | the whole layer | ~0 on device |
+
+``offload_layer_input`` is the JAX form of Unsloth's offloaded gradient checkpointing: the scan carry that
+``full`` would keep in HBM for every layer is copied to pinned host memory during the forward pass and back
+during the backward pass. On backends without a pinned host memory space (CPU) it degrades to ``full``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+
+PRESETS = ("none", "full", "save_qkv_attn", "save_dots", "offload_layer_input")
+
+
+def _has_pinned_host() -> bool:
+    try:
+        kinds = jax.devices()[0].addressable_memories()
+    except Exception:  # older runtimes without memory spaces
+        return False
+    return any(m.kind == "pinned_host" for m in kinds) and jax.default_backend() == "gpu"
+
+
+def policy(name: str):
+    """The ``jax.checkpoint`` policy for a preset name (``None`` for ``none``: no checkpointing)."""
+    cp = jax.checkpoint_policies
+    if name == "none":
+        return None
+    if name == "full":
+        return cp.nothing_saveable
+    if name == "save_qkv_attn":
+        return cp.save_only_these_names("qkv", "attn_out")
+    if name == "save_dots":
+        return cp.dots_with_no_batch_dims_saveable
+    if name == "offload_layer_input":
+        if not _has_pinned_host():
+            return cp.nothing_saveable
+        return cp.save_and_offload_only_these_names(
+            names_which_can_be_saved=[],
+            names_which_can_be_offloaded=["layer_input"],
+            offload_src="device",
+            offload_dst="pinned_host",
+        )
+    raise ValueError(f"unknown remat_policy {name!r}; choose one of {PRESETS}")
+
+
+def wrap(body: Callable, name: str) -> Callable:
+    """Wrap a scan body ``(carry, xs) -> (carry, ys)`` with the preset's checkpoint policy."""
+    pol = policy(name)
+    if name == "none":
+        return body
+    return jax.checkpoint(body, policy=pol, prevent_cse=False)
