@@ -26,7 +26,9 @@ def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
-def sample_logits(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax.Array) -> jax.Array:
+def sample_logits(
+    logits: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax.Array
+) -> jax.Array:
     """Next tokens ``[B]`` from logits ``[B, V]``: argmax when temperature is 0, else top-p sampling."""
     greedy = jnp.argmax(logits, axis=-1)
     scaled = logits / jnp.maximum(temperature, 1e-6)
@@ -42,8 +44,21 @@ def sample_logits(logits: jax.Array, key: jax.Array, temperature: jax.Array, top
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "eos_ids", "ops"))
-def _generate(params, lora, lora_scale, tokens, mask, key, temperature, top_p, *, cfg, max_new_tokens: int,
-              eos_ids: tuple[int, ...], ops: Ops):
+def _generate(
+    params,
+    lora,
+    lora_scale,
+    tokens,
+    mask,
+    key,
+    temperature,
+    top_p,
+    *,
+    cfg,
+    max_new_tokens: int,
+    eos_ids: tuple[int, ...],
+    ops: Ops,
+):
     fam = registry.family_of(cfg)
     B, P = tokens.shape
     S = _round_up(P + max_new_tokens, BUCKET)
@@ -51,12 +66,30 @@ def _generate(params, lora, lora_scale, tokens, mask, key, temperature, top_p, *
     cache = fam.init_cache(cfg, B, S, dtype)
     positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
     kv_valid = jnp.zeros((B, S), bool).at[:, :P].set(mask.astype(bool))
-    logits, cache = fam.forward_cached(params, tokens, cache, cfg=cfg, positions=positions,
-                                       cache_index=jnp.int32(0), kv_valid=kv_valid, lora=lora,
-                                       lora_scale=lora_scale, ops=ops)
+    logits, cache = fam.forward_cached(
+        params,
+        tokens,
+        cache,
+        cfg=cfg,
+        positions=positions,
+        cache_index=jnp.int32(0),
+        kv_valid=kv_valid,
+        lora=lora,
+        lora_scale=lora_scale,
+        ops=ops,
+    )
     eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
     out = jnp.full((B, max_new_tokens), -1, jnp.int32)
-    state = (jnp.int32(0), logits, cache, kv_valid, positions[:, -1] + 1, jnp.zeros((B,), bool), out, key)
+    state = (
+        jnp.int32(0),
+        logits,
+        cache,
+        kv_valid,
+        positions[:, -1] + 1,
+        jnp.zeros((B,), bool),
+        out,
+        key,
+    )
 
     def cond(state):
         i, *_, done, _, _ = state
@@ -70,19 +103,38 @@ def _generate(params, lora, lora_scale, tokens, mask, key, temperature, top_p, *
         done = done | jnp.isin(tok, eos)
         slot = P + i
         kv_valid = kv_valid.at[:, slot].set(True)
-        logits, cache = fam.forward_cached(params, tok[:, None], cache, cfg=cfg, positions=pos[:, None],
-                                           cache_index=slot, kv_valid=kv_valid, lora=lora,
-                                           lora_scale=lora_scale, ops=ops)
+        logits, cache = fam.forward_cached(
+            params,
+            tok[:, None],
+            cache,
+            cfg=cfg,
+            positions=pos[:, None],
+            cache_index=slot,
+            kv_valid=kv_valid,
+            lora=lora,
+            lora_scale=lora_scale,
+            ops=ops,
+        )
         return i + 1, logits, cache, kv_valid, pos + 1, done, out, key
 
     return jax.lax.while_loop(cond, body, state)[6]
 
 
-def generate(params: Mapping, cfg, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int = 128,
-             temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-             eos_token_id: int | Sequence[int] | None = None, lora: Mapping | None = None,
-             lora_scale: float = 1.0, max_seq_length: int | None = None, ops: Ops | None = None
-             ) -> list[list[int]]:
+def generate(
+    params: Mapping,
+    cfg,
+    prompt_ids: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    eos_token_id: int | Sequence[int] | None = None,
+    lora: Mapping | None = None,
+    lora_scale: float = 1.0,
+    max_seq_length: int | None = None,
+    ops: Ops | None = None,
+) -> list[list[int]]:
     """Generate continuations for a batch of token-id prompts; returns the new tokens of each row, up to and
     including the first end-of-sequence token (``eos_token_id``, default the config's)."""
     if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
@@ -92,8 +144,10 @@ def generate(params: Mapping, cfg, prompt_ids: Sequence[Sequence[int]], *, max_n
     limit = max_seq_length or cfg.max_position_embeddings
     longest = max(len(p) for p in prompt_ids)
     if longest + max_new_tokens > limit:
-        raise ValueError(f"generate: prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds "
-                         f"max_seq_length={limit}")
+        raise ValueError(
+            f"generate: prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds "
+            f"max_seq_length={limit}"
+        )
     if eos_token_id is None:
         eos_ids = tuple(cfg.eos_token_ids)
     elif isinstance(eos_token_id, int):
@@ -105,11 +159,22 @@ def generate(params: Mapping, cfg, prompt_ids: Sequence[Sequence[int]], *, max_n
     tokens = np.zeros((B, P), np.int32)
     mask = np.zeros((B, P), np.int32)
     for row, p in enumerate(prompt_ids):
-        tokens[row, P - len(p):] = p
-        mask[row, P - len(p):] = 1
-    out = _generate(params, lora, jnp.float32(lora_scale), jnp.asarray(tokens), jnp.asarray(mask),
-                    jax.random.key(seed), jnp.float32(temperature), jnp.float32(top_p), cfg=cfg,
-                    max_new_tokens=int(max_new_tokens), eos_ids=eos_ids, ops=ops or Ops())
+        tokens[row, P - len(p) :] = p
+        mask[row, P - len(p) :] = 1
+    out = _generate(
+        params,
+        lora,
+        jnp.float32(lora_scale),
+        jnp.asarray(tokens),
+        jnp.asarray(mask),
+        jax.random.key(seed),
+        jnp.float32(temperature),
+        jnp.float32(top_p),
+        cfg=cfg,
+        max_new_tokens=int(max_new_tokens),
+        eos_ids=eos_ids,
+        ops=ops or Ops(),
+    )
     result = []
     for row in np.asarray(out):
         toks = [int(t) for t in row if t >= 0]

@@ -46,12 +46,16 @@ def _resolve_dir(path_or_repo_id: str | os.PathLike) -> Path:
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.jinja",
-                                                               "tokenizer*"]))
+        return Path(
+            snapshot_download(
+                repo_id, allow_patterns=["*.json", "*.safetensors", "*.jinja", "tokenizer*"]
+            )
+        )
     except Exception as e:  # offline, unknown repo, auth
         raise CheckpointError(
             f"could not download {repo_id!r} from the hub ({type(e).__name__}: {e}). If this machine is "
-            f"offline, download the checkpoint elsewhere and pass its local directory instead.") from e
+            f"offline, download the checkpoint elsewhere and pass its local directory instead."
+        ) from e
 
 
 def load_config(ckpt_dir: str | os.PathLike):
@@ -92,16 +96,22 @@ def _iter_tensors(ckpt: Path, weight_map: Mapping[str, str], wanted: set[str]):
     for fname, names in sorted(by_file.items()):
         fpath = ckpt / fname
         if not fpath.exists():
-            raise CheckpointError(f"shard {fpath} (holding {names[0]} and {len(names) - 1} more) is missing")
+            raise CheckpointError(
+                f"shard {fpath} (holding {names[0]} and {len(names) - 1} more) is missing"
+            )
         try:
             handle = safe_open(str(fpath), framework="numpy")
         except Exception as e:
-            raise CheckpointError(f"shard {fpath}: corrupt or truncated safetensors file ({e})") from e
+            raise CheckpointError(
+                f"shard {fpath}: corrupt or truncated safetensors file ({e})"
+            ) from e
         with handle as f:
             present = set(f.keys())
             for name in names:
                 if name not in present:
-                    raise CheckpointError(f"{name}: the index names {fname} but that shard lacks it")
+                    raise CheckpointError(
+                        f"{name}: the index names {fname} but that shard lacks it"
+                    )
                 try:
                     yield name, f.get_tensor(name)
                 except Exception as e:
@@ -115,8 +125,9 @@ def _is_quantizable(name: str, skip_modules: tuple[str, ...]) -> bool:
     return module not in skip_modules
 
 
-def params_from_flat(flat: Mapping[str, Any], cfg, *, dtype=jnp.bfloat16, source: str = "checkpoint",
-                     quantize=None) -> dict:
+def params_from_flat(
+    flat: Mapping[str, Any], cfg, *, dtype=jnp.bfloat16, source: str = "checkpoint", quantize=None
+) -> dict:
     """HF-named tensors -> the stacked device param tree, validating names and shapes against ``cfg``.
 
     ``flat`` maps names to arrays (numpy or jax) or is an iterator of ``(name, array)`` pairs (consumed one
@@ -131,9 +142,13 @@ def params_from_flat(flat: Mapping[str, Any], cfg, *, dtype=jnp.bfloat16, source
             continue
         shape = tuple(value.shape)
         if shape != tuple(expected[name]):
-            raise CheckpointError(f"{name} in {source}: shape {shape} does not match the config's "
-                                  f"{tuple(expected[name])}")
-        arr = jnp.asarray(np.asarray(value) if not isinstance(value, jax.Array) else value, dtype=dtype)
+            raise CheckpointError(
+                f"{name} in {source}: shape {shape} does not match the config's "
+                f"{tuple(expected[name])}"
+            )
+        arr = jnp.asarray(
+            np.asarray(value) if not isinstance(value, jax.Array) else value, dtype=dtype
+        )
         if quantize is not None:
             q = quantize(name, arr)
             if q is not None:
@@ -141,8 +156,10 @@ def params_from_flat(flat: Mapping[str, Any], cfg, *, dtype=jnp.bfloat16, source
         loaded[name] = arr
     missing = sorted(set(expected) - set(loaded))
     if missing:
-        raise CheckpointError(f"{source}: missing tensor {missing[0]}" +
-                              (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        raise CheckpointError(
+            f"{source}: missing tensor {missing[0]}"
+            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+        )
     return fam.stack_layers(loaded, cfg.num_hidden_layers)
 
 
@@ -150,7 +167,9 @@ def _make_quantizer(quant_config):
     from fastjax import quant
 
     qc = quant_config or quant.QuantConfig()
-    qfn = jax.jit(lambda w: quant.quantize_nf4(w, block_size=qc.block_size, double_quant=qc.double_quant))
+    qfn = jax.jit(
+        lambda w: quant.quantize_nf4(w, block_size=qc.block_size, double_quant=qc.double_quant)
+    )
 
     def quantize(name, arr):
         return qfn(arr) if _is_quantizable(name, tuple(qc.skip_modules)) else None
@@ -158,8 +177,15 @@ def _make_quantizer(quant_config):
     return quantize
 
 
-def from_pretrained(path_or_repo_id: str | os.PathLike, *, dtype=jnp.bfloat16, max_seq_length: int | None = None,
-                    load_in_4bit: bool = False, quant_config=None, load_tokenizer: bool = True):
+def from_pretrained(
+    path_or_repo_id: str | os.PathLike,
+    *,
+    dtype=jnp.bfloat16,
+    max_seq_length: int | None = None,
+    load_in_4bit: bool = False,
+    quant_config=None,
+    load_tokenizer: bool = True,
+):
     """Load an HF checkpoint (directory, hub repo id, or a ``.gguf`` file) -> ``(params, cfg, tokenizer)``.
 
     ``max_seq_length`` (optional) is checked against the config's ``max_position_embeddings`` and recorded
@@ -175,22 +201,42 @@ def from_pretrained(path_or_repo_id: str | os.PathLike, *, dtype=jnp.bfloat16, m
     ckpt = _resolve_dir(path_or_repo_id)
     cfg = load_config(ckpt)
     if max_seq_length is not None and max_seq_length > cfg.max_position_embeddings:
-        log.warning("max_seq_length=%d exceeds the model's max_position_embeddings=%d", max_seq_length,
-                    cfg.max_position_embeddings)
+        log.warning(
+            "max_seq_length=%d exceeds the model's max_position_embeddings=%d",
+            max_seq_length,
+            cfg.max_position_embeddings,
+        )
     weight_map = _weight_map(ckpt)
     expected = registry.family_of(cfg).param_shapes(cfg)
-    extra = [n for n in weight_map if n not in expected and not n.endswith(_IGNORED_SUFFIXES)
-             and not (cfg.tie_word_embeddings and n == "lm_head.weight")]
+    extra = [
+        n
+        for n in weight_map
+        if n not in expected
+        and not n.endswith(_IGNORED_SUFFIXES)
+        and not (cfg.tie_word_embeddings and n == "lm_head.weight")
+    ]
     if extra:
-        log.warning("%s: ignoring %d tensors the %s architecture does not use (e.g. %s)", ckpt, len(extra),
-                    cfg.model_type, extra[0])
+        log.warning(
+            "%s: ignoring %d tensors the %s architecture does not use (e.g. %s)",
+            ckpt,
+            len(extra),
+            cfg.model_type,
+            extra[0],
+        )
     missing = sorted(set(expected) - set(weight_map))
     if missing:
-        raise CheckpointError(f"{ckpt}: missing tensor {missing[0]}" +
-                              (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        raise CheckpointError(
+            f"{ckpt}: missing tensor {missing[0]}"
+            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+        )
     quantize = _make_quantizer(quant_config) if load_in_4bit else None
-    params = params_from_flat(_iter_tensors(ckpt, weight_map, set(expected)), cfg, dtype=dtype,
-                              source=str(ckpt), quantize=quantize)
+    params = params_from_flat(
+        _iter_tensors(ckpt, weight_map, set(expected)),
+        cfg,
+        dtype=dtype,
+        source=str(ckpt),
+        quantize=quantize,
+    )
     tokenizer = None
     if load_tokenizer and (ckpt / "tokenizer.json").exists():
         from fastjax.tokenizer import Tokenizer
@@ -221,12 +267,16 @@ def _parse_size(size: int | str) -> int:
     return int(s)
 
 
-_DTYPE_NAMES = {jnp.dtype(jnp.bfloat16): "bfloat16", jnp.dtype(jnp.float16): "float16",
-                jnp.dtype(jnp.float32): "float32"}
+_DTYPE_NAMES = {
+    jnp.dtype(jnp.bfloat16): "bfloat16",
+    jnp.dtype(jnp.float16): "float16",
+    jnp.dtype(jnp.float32): "float32",
+}
 
 
-def write_safetensors(flat: Mapping[str, Any], out: Path, *, max_shard_size: int | str = "5GB",
-                      dtype=None) -> None:
+def write_safetensors(
+    flat: Mapping[str, Any], out: Path, *, max_shard_size: int | str = "5GB", dtype=None
+) -> None:
     """Write HF-named tensors as (sharded) safetensors + index into directory ``out``."""
     from safetensors.numpy import save_file
 
@@ -252,7 +302,9 @@ def write_safetensors(flat: Mapping[str, Any], out: Path, *, max_shard_size: int
         fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
         save_file(shard, str(out / fname), metadata={"format": "pt"})
         weight_map.update({name: fname for name in shard})
-    write_json(out / SAFETENSORS_INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
+    write_json(
+        out / SAFETENSORS_INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map}
+    )
 
 
 def write_config_files(cfg, out: Path, *, dtype_name: str | None) -> None:
@@ -260,19 +312,31 @@ def write_config_files(cfg, out: Path, *, dtype_name: str | None) -> None:
     if dtype_name:
         config["torch_dtype"] = dtype_name
     write_json(out / "config.json", config)
-    gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": config.get("eos_token_id"),
-           "pad_token_id": cfg.pad_token_id}
+    gen = {
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": config.get("eos_token_id"),
+        "pad_token_id": cfg.pad_token_id,
+    }
     write_json(out / "generation_config.json", {k: v for k, v in gen.items() if v is not None})
 
 
-def save_pretrained(params: Mapping, cfg, tokenizer, out_dir: str | os.PathLike, *, dtype=None,
-                    max_shard_size: int | str = "5GB") -> Path:
+def save_pretrained(
+    params: Mapping,
+    cfg,
+    tokenizer,
+    out_dir: str | os.PathLike,
+    *,
+    dtype=None,
+    max_shard_size: int | str = "5GB",
+) -> Path:
     """Save in HF layout (safetensors shards + index, config.json, generation_config.json, tokenizer
     files), atomically: ``out_dir`` is replaced as a whole or not at all. Returns the directory."""
     flat = flat_from_params(params, cfg)
     if any(not isinstance(v, (jax.Array, np.ndarray)) for v in flat.values()):
-        raise TypeError("save_pretrained needs 16/32-bit weights; for a quantized model use "
-                        "fastjax.export.save_pretrained_merged, which dequantizes")
+        raise TypeError(
+            "save_pretrained needs 16/32-bit weights; for a quantized model use "
+            "fastjax.export.save_pretrained_merged, which dequantizes"
+        )
     if dtype is not None:
         dtype_name = _DTYPE_NAMES[jnp.dtype(dtype)]
     else:

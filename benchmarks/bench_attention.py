@@ -1,0 +1,417 @@
+"""Attention benchmark: Pallas flash attention vs cuDNN vs the XLA reference, plus compiled correctness.
+
+Usage (GPU machine, repo root)::
+
+    python3 benchmarks/bench_attention.py --modes check,sweep,bench --out $OUT --deadline 280
+    python3 benchmarks/bench_attention.py --to-md benchmarks/results/attention_h200.jsonl   # table
+
+Modes:
+- ``check``: compiled kernels vs ``attention_reference`` (fp32, HIGHEST) at small odd shapes, every feature.
+- ``sweep``: block sizes per head_dim at B=4, T=4096, KV=8, causal, bf16 (forward first, then backward).
+- ``bench``: TFLOP/s and wall time, fwd and fwd+bwd, T in {2048, 8192, 32768} (B*T = 32k tokens),
+  D in {128, 256}, causal, without and with 4-8 packed segments per row; ``xla`` only at T=2048.
+  Packed rows are also compared with running the same sequences as a padded batch (cuDNN and Pallas)
+  and with cuDNN's packed layout (private jax API, needs a static max segment count).
+
+FLOPs count only allowed (query, key) pairs: forward ``4 * H * D * pairs``, fwd+bwd 3.5x that
+(the backward's five matmuls against the forward's two). Every row goes to ``<out>/attention.jsonl``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+import traceback
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from benchmarks.common import emit, record  # noqa: E402
+from fastjax.pallas_kernels import attention as A  # noqa: E402
+
+T0 = time.time()
+DEADLINE = [1e9]
+OUT = [None]
+
+
+def left() -> float:
+    return DEADLINE[0] - (time.time() - T0)
+
+
+def timeit(fn, *args, budget: float = 0.4) -> float:
+    """Median seconds per call after compile + one warm-up; repeats fill ``budget`` seconds (3..25)."""
+    jax.block_until_ready(fn(*args))
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    one = time.perf_counter() - t0
+    n = int(min(25, max(3, budget / max(one, 1e-6))))
+    ts = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        ts.append(time.perf_counter() - t0)
+    return float(np.median(ts))
+
+
+def out_row(**kw):
+    emit(record(**kw), os.path.join(OUT[0], "attention.jsonl") if OUT[0] else None)
+
+
+def rel(a, b) -> float:
+    a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
+    return float(jnp.linalg.norm(a - b) / (jnp.linalg.norm(b) + 1e-30))
+
+
+def make_inputs(key, b, t, h, kv, d, dtype):
+    ks = jax.random.split(key, 4)
+    q = jax.random.normal(ks[0], (b, t, h, d), dtype)
+    k = jax.random.normal(ks[1], (b, t, kv, d), dtype)
+    v = jax.random.normal(ks[2], (b, t, kv, d), dtype)
+    do = jax.random.normal(ks[3], (b, t, h, d), dtype)
+    return q, k, v, do
+
+
+def packed_lengths(rng, b, t, n_min=4, n_max=8, pad_frac=0.03):
+    """Per row: 4-8 random segment lengths summing to ~97% of T (the rest is padding, id 0)."""
+    rows = []
+    for _ in range(b):
+        n = int(rng.integers(n_min, n_max + 1))
+        real = int(t * (1 - pad_frac))
+        w = rng.dirichlet(np.full(n, 2.0))
+        lens = np.maximum(16, np.floor(w * real).astype(int))
+        lens[-1] = max(16, real - lens[:-1].sum())
+        rows.append([int(x) for x in lens])
+    return rows
+
+
+def segment_ids_from(rows, t):
+    seg = np.zeros((len(rows), t), np.int32)
+    for r, lens in enumerate(rows):
+        pos = 0
+        for i, n in enumerate(lens):
+            seg[r, pos:pos + n] = i + 1
+            pos += n
+    return jnp.asarray(seg)
+
+
+def pairs(rows=None, *, b=1, t=0, causal=True) -> int:
+    if rows is None:
+        return b * (t * (t + 1) // 2 if causal else t * t)
+    return sum(n * (n + 1) // 2 for lens in rows for n in lens)
+
+
+def fns(impl, *, bs=None, seg=None, causal=True, window=None, softcap=None):
+    def f(q, k, v):
+        return A.attention(q, k, v, segment_ids=seg, causal=causal, window=window, softcap=softcap,
+                           impl=impl, block_sizes=bs)
+
+    def fb(q, k, v, do):
+        o, vjp = jax.vjp(f, q, k, v)
+        return vjp(do)
+
+    def fob(q, k, v, do):
+        o, vjp = jax.vjp(f, q, k, v)
+        return (o, *vjp(do))
+
+    return jax.jit(f), jax.jit(fb), jax.jit(fob)
+
+
+# ----------------------------------------------------------------------------------------------------
+
+
+CHECK_CASES = [  # (B, T, H, KV, D, dtype, causal, segments, window, softcap)
+    (2, 300, 8, 2, 128, "bfloat16", True, False, None, None),
+    (2, 300, 8, 2, 128, "bfloat16", True, True, 100, 30.0),
+    (1, 257, 8, 8, 64, "bfloat16", False, True, None, None),
+    (2, 200, 4, 1, 256, "bfloat16", True, True, None, 50.0),
+    (1, 130, 4, 2, 128, "float16", True, False, 64, None),
+    (1, 100, 4, 4, 64, "float32", True, True, None, None),
+]
+
+
+def mode_check():
+    rng = np.random.default_rng(0)
+    worst = 0.0
+    for i, (b, t, h, kv, d, dt, causal, use_seg, window, softcap) in enumerate(CHECK_CASES):
+        dtype = jnp.dtype(dt)
+        q, k, v, do = make_inputs(jax.random.key(100 + i), b, t, h, kv, d, dtype)
+        seg = segment_ids_from(packed_lengths(rng, b, t, 1, 4, 0.05), t) if use_seg else None
+        kw = dict(seg=seg, causal=causal, window=window, softcap=softcap)
+        try:
+            got = fns("pallas", **kw)[2](q, k, v, do)
+            want = fns("xla", **kw)[2](q, k, v, do)
+            errs = [rel(a, w) for a, w in zip(got, want)]
+            nan = bool(any(jnp.isnan(x).any() for x in got))
+            err = None
+        except Exception as e:  # noqa: BLE001 - report and keep going
+            errs, nan, err = [float("nan")] * 4, True, f"{type(e).__name__}: {str(e)[:400]}"
+            traceback.print_exc()
+        tol = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 3e-2}[dt]
+        ok = (not nan) and max(errs) < tol
+        worst = max(worst, max(errs))
+        out_row(kind="check", impl="pallas", B=b, T=t, H=h, KV=kv, D=d, dtype=dt, causal=causal,
+                segments=use_seg, window=window, softcap=softcap, rel_err_out=errs[0],
+                rel_err_dq=errs[1], rel_err_dk=errs[2], rel_err_dv=errs[3], ok=ok, error=err)
+    # cuDNN on the same odd shape, window included (its sliding window must equal ours).
+    q, k, v, do = make_inputs(jax.random.key(7), 1, 300, 8, 2, 128, jnp.bfloat16)
+    try:
+        e = rel(fns("cudnn", window=100)[0](q, k, v), fns("xla", window=100)[0](q, k, v))
+        err = None
+    except Exception as ex:  # noqa: BLE001
+        e, err = float("nan"), f"{type(ex).__name__}: {str(ex)[:300]}"
+    out_row(kind="check", impl="cudnn", B=1, T=300, H=8, KV=2, D=128, dtype="bfloat16", causal=True,
+            window=100, rel_err_out=e, ok=bool(e < 3e-2), error=err)
+    print(f"check: worst rel err {worst:.2e}")
+
+
+# ----------------------------------------------------------------------------------------------------
+
+SWEEP_FWD = {  # (block_q, block_k, num_warps, num_stages)
+    64: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 4, 4)],
+    128: [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 4, 3), (128, 32, 4, 4)],
+    256: [(64, 64, 8, 2), (128, 64, 8, 2), (64, 32, 4, 2), (64, 64, 4, 3)],
+}
+SWEEP_BWD = {  # dk/dv (block_q, block_k, warps, stages), dq (block_q, block_k, warps, stages)
+    64: [((32, 128, 4, 3), (128, 32, 4, 3)), ((64, 64, 4, 3), (64, 64, 4, 3)),
+         ((64, 128, 8, 3), (128, 64, 8, 3))],
+    128: [((32, 128, 4, 3), (128, 32, 4, 3)), ((64, 64, 4, 2), (64, 64, 4, 2)),
+          ((64, 128, 8, 2), (128, 64, 8, 2)), ((32, 64, 4, 3), (64, 32, 4, 3)),
+          ((64, 64, 8, 3), (64, 64, 8, 3))],
+    256: [((32, 64, 4, 2), (64, 32, 4, 2)), ((64, 64, 8, 2), (64, 64, 8, 2)),
+          ((16, 64, 4, 2), (64, 16, 4, 2)), ((32, 64, 8, 2), (64, 32, 8, 2))],
+}
+SWEEP_HEADS = {64: (32, 8), 128: (32, 8), 256: (16, 8)}
+BEST: dict[int, A.BlockSizes] = {}
+
+
+def _bs(base: A.BlockSizes, fwd=None, bwd=None) -> A.BlockSizes:
+    kw = {}
+    if fwd:
+        kw.update(block_q=fwd[0], block_k=fwd[1], num_warps=fwd[2], num_stages=fwd[3])
+    if bwd:
+        (a, b_, c, d), (e, f, g, h) = bwd
+        kw.update(block_q_dkv=a, block_k_dkv=b_, num_warps_dkv=c, num_stages_dkv=d,
+                  block_q_dq=e, block_k_dq=f, num_warps_dq=g, num_stages_dq=h)
+    return dataclasses.replace(base, **kw)
+
+
+def mode_sweep(dims, b=4, t=4096):
+    for d in dims:
+        h, kv = SWEEP_HEADS[d]
+        q, k, v, do = make_inputs(jax.random.key(d), b, t, h, kv, d, jnp.bfloat16)
+        fl = 4 * h * d * pairs(b=b, t=t)
+        base = A.pick_block_sizes(d)
+        best_f, best_t = None, 1e9
+        for cfg in SWEEP_FWD[d]:
+            if left() < 25:
+                break
+            bs = _bs(base, fwd=cfg)
+            try:
+                s = timeit(fns("pallas", bs=bs)[0], q, k, v)
+                err = None
+            except Exception as e:  # noqa: BLE001
+                s, err = float("nan"), f"{type(e).__name__}: {str(e)[:300]}"
+            out_row(kind="sweep_fwd", D=d, B=b, T=t, H=h, KV=kv, cfg=cfg, ms=s * 1e3,
+                    tflops=fl / s / 1e12, error=err)
+            if s < best_t:
+                best_f, best_t = cfg, s
+        base = _bs(base, fwd=best_f)
+        best_b, best_tb = None, 1e9
+        for cfg in SWEEP_BWD[d]:
+            if left() < 25:
+                break
+            bs = _bs(base, bwd=cfg)
+            try:
+                s = timeit(fns("pallas", bs=bs)[1], q, k, v, do)
+                err = None
+            except Exception as e:  # noqa: BLE001
+                s, err = float("nan"), f"{type(e).__name__}: {str(e)[:300]}"
+            out_row(kind="sweep_bwd", D=d, B=b, T=t, H=h, KV=kv, cfg=cfg, ms=s * 1e3,
+                    tflops=3.5 * fl / s / 1e12, error=err)
+            if s < best_tb:
+                best_b, best_tb = cfg, s
+        BEST[d] = _bs(base, bwd=best_b)
+        out_row(kind="sweep_best", D=d, blocks=dataclasses.asdict(BEST[d]),
+                fwd_tflops=fl / best_t / 1e12, fwd_bwd_tflops=3.5 * fl / best_tb / 1e12)
+        # cuDNN at the same shape: the number the brief quotes (432 TFLOP/s fwd+bwd at D=128).
+        for tag, i_fn in (("fwd", 0), ("fwd_bwd", 1)):
+            try:
+                f = fns("cudnn")[i_fn]
+                s = timeit(f, q, k, v) if i_fn == 0 else timeit(f, q, k, v, do)
+                err = None
+            except Exception as e:  # noqa: BLE001
+                s, err = float("nan"), f"{type(e).__name__}: {str(e)[:300]}"
+            mult = 1.0 if i_fn == 0 else 3.5
+            out_row(kind="sweep_cudnn", D=d, B=b, T=t, H=h, KV=kv, pass_=tag, ms=s * 1e3,
+                    tflops=mult * fl / s / 1e12, error=err)
+        del q, k, v, do
+
+
+# ----------------------------------------------------------------------------------------------------
+
+
+def _cudnn_packed_fns(rows, t, sm_scale):
+    """cuDNN's packed (THD) layout through jax's private API; needs a static max segment count M."""
+    from jax._src.cudnn import fused_attention_stablehlo as fa
+
+    m = max(len(r) for r in rows)
+    lens = np.full((len(rows), m), -1, np.int32)
+    offs = np.full((len(rows), m + 1), -1, np.int32)
+    for i, r in enumerate(rows):
+        lens[i, : len(r)] = r
+        offs[i, : len(r)] = np.concatenate([[0], np.cumsum(r)[:-1]])
+    lens, offs = jnp.asarray(lens), jnp.asarray(offs)
+
+    def f(q, k, v):
+        return fa.dot_product_attention(q, k, v, q_seqlen=lens, kv_seqlen=lens, q_offsets=offs,
+                                        kv_offsets=offs, scale=sm_scale,
+                                        mask_type=fa.MaskType.PADDING_CAUSAL)
+
+    def fb(q, k, v, do):
+        o, vjp = jax.vjp(f, q, k, v)
+        return vjp(do)
+
+    return jax.jit(f), jax.jit(fb)
+
+
+def _time_pair(tag, fpair, args_f, args_b, flops, **kw):
+    for pass_, fn, args, mult in (("fwd", fpair[0], args_f, 1.0), ("fwd_bwd", fpair[1], args_b, 3.5)):
+        if left() < 15:
+            out_row(kind="bench", impl=tag, pass_=pass_, skipped="deadline", **kw)
+            continue
+        try:
+            s = timeit(fn, *args)
+            err = None
+        except Exception as e:  # noqa: BLE001
+            s, err = float("nan"), f"{type(e).__name__}: {str(e)[:300]}"
+        out_row(kind="bench", impl=tag, pass_=pass_, ms=s * 1e3, tflops=mult * flops / s / 1e12,
+                error=err, **kw)
+
+
+def mode_bench(ts, dims, with_padded=True):
+    rng = np.random.default_rng(1)
+    for t in ts:
+        b = max(1, 32768 // t)
+        for d in dims:
+            h, kv = SWEEP_HEADS[d]
+            bs = BEST.get(d)
+            q, k, v, do = make_inputs(jax.random.key(t + d), b, t, h, kv, d, jnp.bfloat16)
+            shape = dict(B=b, T=t, H=h, KV=kv, D=d, causal=True)
+            fl = 4 * h * d * pairs(b=b, t=t)
+            impls = ["pallas", "cudnn"] + (["xla"] if t <= 2048 else [])
+            for impl in impls:
+                _time_pair(impl, fns(impl, bs=bs if impl == "pallas" else None)[:2], (q, k, v),
+                           (q, k, v, do), fl, segments=0, **shape)
+            rows = packed_lengths(rng, b, t)
+            seg = segment_ids_from(rows, t)
+            flp = 4 * h * d * pairs(rows)
+            nseg = sum(len(r) for r in rows)
+            packed = dict(segments=nseg, **shape)
+            _time_pair("pallas", fns("pallas", bs=bs, seg=seg)[:2], (q, k, v), (q, k, v, do), flp,
+                       **packed)
+            if t <= 2048:
+                _time_pair("xla", fns("xla", seg=seg)[:2], (q, k, v), (q, k, v, do), flp, **packed)
+            try:
+                _time_pair("cudnn_packed_private", _cudnn_packed_fns(rows, t, 1 / math.sqrt(d)),
+                           (q, k, v), (q, k, v, do), flp, **packed)
+            except Exception as e:  # noqa: BLE001
+                out_row(kind="bench", impl="cudnn_packed_private", error=str(e)[:300], **packed)
+            if with_padded:  # the same sequences as a padded batch [n_seq, max_len], plain causal
+                lmax = -(-max(max(r) for r in rows) // 64) * 64
+                qp, kp, vp, dop = make_inputs(jax.random.key(5), nseg, lmax, h, kv, d, jnp.bfloat16)
+                padded = dict(segments=nseg, padded_to=[nseg, lmax], **shape)
+                for impl in ("cudnn", "pallas"):
+                    _time_pair(f"{impl}_padded_batch",
+                               fns(impl, bs=bs if impl == "pallas" else None)[:2],
+                               (qp, kp, vp), (qp, kp, vp, dop), flp, **padded)
+                del qp, kp, vp, dop
+            del q, k, v, do
+
+
+# ----------------------------------------------------------------------------------------------------
+
+
+def to_md(path):
+    rows = [json.loads(x) for x in open(path) if x.strip()]
+    bench = [r for r in rows if r.get("kind") == "bench" and "ms" in r]
+    cmd = next((r.get("command") for r in rows if r.get("command")), "")
+    gpu = next((r.get("gpu") for r in rows if r.get("gpu")), "")
+    print(f"# Attention on {gpu}\n\nCommand: `{cmd}`\n")
+    print("TFLOP/s count allowed (query, key) pairs only; fwd+bwd = 3.5x forward FLOPs. bf16, "
+          "causal, B*T = 32k tokens.\n")
+    print("| T | D | B | H/KV | segments | impl | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    key = {}
+    for r in bench:
+        k = (r["T"], r["D"], r["B"], f"{r['H']}/{r['KV']}", r.get("segments", 0), r["impl"])
+        key.setdefault(k, {})[r["pass_"]] = r
+    for k in sorted(key, key=lambda x: (x[1], x[0], x[4] > 0, x[5])):
+        f, fb = key[k].get("fwd", {}), key[k].get("fwd_bwd", {})
+
+        def c(x, f_):
+            v = x.get(f_)
+            return "n/a" if v is None or v != v else f"{v:.1f}" if f_ == "tflops" else f"{v:.2f}"
+
+        print(f"| {k[0]} | {k[1]} | {k[2]} | {k[3]} | {k[4]} | {k[5]} | {c(f, 'ms')} | "
+              f"{c(f, 'tflops')} | {c(fb, 'ms')} | {c(fb, 'tflops')} |")
+    sweep = [r for r in rows if r.get("kind", "").startswith("sweep")]
+    if sweep:
+        print("\n## Block-size sweep (B=4, T=4096, causal, bf16)\n")
+        print("| kind | D | cfg | ms | TFLOP/s |\n|---|---|---|---|---|")
+        for r in sweep:
+            if "ms" in r:
+                cfg = r.get("cfg", r.get("pass_", ""))
+                print(f"| {r['kind']} | {r['D']} | {cfg} | {r['ms']:.2f} | {r['tflops']:.1f} |")
+    checks = [r for r in rows if r.get("kind") == "check"]
+    if checks:
+        print("\n## Compiled correctness (rel. L2 error vs fp32 reference)\n")
+        print("| impl | shape | dtype | causal | seg | window | softcap | out | dq | dk | dv | ok |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for r in checks:
+            errs = [r.get(f"rel_err_{x}") for x in ("out", "dq", "dk", "dv")]
+            es = " | ".join("-" if e is None else f"{e:.1e}" for e in errs)
+            print(f"| {r['impl']} | {r['B']}x{r['T']}x{r['H']}/{r['KV']}x{r['D']} | {r['dtype']} | "
+                  f"{r['causal']} | {r.get('segments')} | {r.get('window')} | {r.get('softcap')} | "
+                  f"{es} | {r['ok']} |")
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--modes", default="check,sweep,bench")
+    p.add_argument("--out", default=None)
+    p.add_argument("--deadline", type=float, default=1e9, help="seconds; later items are skipped")
+    p.add_argument("--ts", default="2048,8192,32768")
+    p.add_argument("--dims", default="128,256")
+    p.add_argument("--sweep-dims", default="128,256,64")
+    p.add_argument("--sweep-bt", default="4,4096")
+    p.add_argument("--to-md", default=None)
+    a = p.parse_args()
+    if a.to_md:
+        to_md(a.to_md)
+        return
+    DEADLINE[0], OUT[0] = a.deadline, a.out
+    if a.out:
+        os.makedirs(a.out, exist_ok=True)
+    print(jax.devices(), jax.__version__, flush=True)
+    modes = a.modes.split(",")
+    if "check" in modes:
+        mode_check()
+    if "sweep" in modes:
+        b, t = (int(x) for x in a.sweep_bt.split(","))
+        mode_sweep([int(x) for x in a.sweep_dims.split(",")], b, t)
+    if "bench" in modes:
+        mode_bench([int(x) for x in a.ts.split(",")], [int(x) for x in a.dims.split(",")])
+    print(f"done in {time.time() - T0:.0f}s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
