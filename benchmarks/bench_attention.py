@@ -297,10 +297,10 @@ def _time_pair(tag, fpair, args_f, args_b, flops, **kw):
                 error=err, **kw)
 
 
-def mode_bench(ts, dims, with_padded=True):
+def mode_bench(ts, dims, tokens=32768, with_padded=True):
     rng = np.random.default_rng(1)
     for t in ts:
-        b = max(1, 32768 // t)
+        b = max(1, tokens // t)
         for d in dims:
             h, kv = SWEEP_HEADS[d]
             bs = BEST.get(d)
@@ -393,6 +393,7 @@ def main():
     p.add_argument("--dims", default="128,256")
     p.add_argument("--sweep-dims", default="128,256,64")
     p.add_argument("--sweep-bt", default="4,4096")
+    p.add_argument("--tokens", type=int, default=32768, help="B * T per bench shape")
     p.add_argument("--to-md", default=None)
     a = p.parse_args()
     if a.to_md:
@@ -409,7 +410,8 @@ def main():
         b, t = (int(x) for x in a.sweep_bt.split(","))
         mode_sweep([int(x) for x in a.sweep_dims.split(",")], b, t)
     if "bench" in modes:
-        mode_bench([int(x) for x in a.ts.split(",")], [int(x) for x in a.dims.split(",")])
+        mode_bench([int(x) for x in a.ts.split(",")], [int(x) for x in a.dims.split(",")],
+                   a.tokens)
     print(f"done in {time.time() - T0:.0f}s", flush=True)
 
 

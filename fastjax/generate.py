@@ -184,3 +184,53 @@ def generate(
                 break
         result.append(toks)
     return result
+
+
+def generate_arrays(
+    params: Mapping,
+    cfg,
+    tokens: jax.Array,
+    mask: jax.Array,
+    *,
+    key: jax.Array,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    eos_token_id: int | Sequence[int] | None = None,
+    lora: Mapping | None = None,
+    lora_scale: float = 1.0,
+    ops: Ops | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """``generate`` for prompts already left-padded on the device, returning device arrays (for RL).
+
+    ``tokens``/``mask`` ``[B, P]`` int32 (mask 1 = real prompt token; rows left-padded); ``key`` a
+    ``jax.random.key``. Returns ``(completion, completion_mask)``, both ``[B, max_new_tokens]`` int32:
+    the sampled tokens (0 after a row's end) and 1 for every generated token up to and including the
+    row's first end-of-sequence token. Nothing leaves the device, so no host round trip per call.
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"generate_arrays: {max_new_tokens=} must be >= 1")
+    if tokens.ndim != 2 or tokens.shape != mask.shape:
+        raise ValueError(f"generate_arrays: {tokens.shape=} and {mask.shape=} must be one [B, P] shape")
+    if eos_token_id is None:
+        eos_ids = tuple(cfg.eos_token_ids)
+    elif isinstance(eos_token_id, (int, np.integer)):
+        eos_ids = (int(eos_token_id),)
+    else:
+        eos_ids = tuple(int(e) for e in eos_token_id)
+    out = _generate(
+        params,
+        lora,
+        jnp.float32(lora_scale),
+        jnp.asarray(tokens, jnp.int32),
+        jnp.asarray(mask, jnp.int32),
+        key,
+        jnp.float32(temperature),
+        jnp.float32(top_p),
+        cfg=cfg,
+        max_new_tokens=int(max_new_tokens),
+        eos_ids=eos_ids,
+        ops=ops or Ops(),
+    )
+    completion_mask = (out >= 0).astype(jnp.int32)
+    return jnp.maximum(out, 0), completion_mask

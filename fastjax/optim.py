@@ -1,0 +1,122 @@
+"""Optimizers: 8-bit AdamW (bitsandbytes' blockwise 8-bit Adam) as an optax ``GradientTransformation``.
+
+``adamw_8bit`` has ``optax.adamw``'s structure (``scale_by_adam`` -> ``add_decayed_weights`` ->
+``scale_by_learning_rate``) with the Adam moments stored in 8 bits:
+
+* tensors with at least ``min_8bit_size=4096`` elements keep each moment as ``QuantizedMoment``: the
+  flattened tensor, zero-padded to a multiple of 256, in blocks of 256 values; per block an fp32 absmax and
+  uint8 codes of ``value / absmax`` snapped to the nearest entry of bitsandbytes' dynamic map (signed for the
+  first moment, unsigned for the second; ``fastjax.quant.create_dynamic_map``);
+* smaller tensors (biases, norms, LoRA factors of tiny models) keep fp32 moments.
+
+Each step dequantizes, does the fp32 Adam update (the step itself uses the fresh fp32 moments, as bitsandbytes
+does), and requantizes; XLA fuses this into a few elementwise/reduce passes. State is a pytree of arrays only
+(``ScaleByAdam8bitState`` of count + two trees mirroring the params), so orbax and safetensors can save it.
+
+State bytes per quantized parameter: 2 (codes) + 8/256 (absmaxes) ~= 2.03, against fp32 AdamW's 8.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from fastjax.quant import (DYNAMIC_MAP_SIGNED, DYNAMIC_MAP_UNSIGNED, blockwise_dequantize_8bit,
+                           blockwise_quantize_8bit)
+
+BLOCK = 256
+
+
+class QuantizedMoment(NamedTuple):
+    """One moment of one tensor in 8 bits: ``codes`` uint8 ``[nb, 256]``, ``absmax`` fp32 ``[nb]``."""
+
+    codes: jax.Array
+    absmax: jax.Array
+
+
+class ScaleByAdam8bitState(NamedTuple):
+    count: jax.Array  # int32 []
+    mu: Any  # params-shaped tree of fp32 arrays / QuantizedMoment
+    nu: Any
+
+
+def _quantize(x: jax.Array, code: np.ndarray) -> QuantizedMoment:
+    flat = x.reshape(-1)
+    pad = -flat.size % BLOCK
+    if pad:
+        flat = jnp.pad(flat, (0, pad))
+    codes, absmax = blockwise_quantize_8bit(flat, code, BLOCK)
+    return QuantizedMoment(codes.reshape(-1, BLOCK), absmax)
+
+
+def _dequantize(q: QuantizedMoment, code: np.ndarray, shape: tuple[int, ...]) -> jax.Array:
+    flat = blockwise_dequantize_8bit(q.codes.reshape(-1), q.absmax, code)
+    return flat[: int(np.prod(shape))].reshape(shape)
+
+
+def _zeros_moment(p: jax.Array, min_8bit_size: int):
+    if p.size >= min_8bit_size:
+        nb = -(-p.size // BLOCK)
+        return QuantizedMoment(jnp.zeros((nb, BLOCK), jnp.uint8), jnp.zeros((nb,), jnp.float32))
+    return jnp.zeros(p.shape, jnp.float32)
+
+
+def _is_moment(x) -> bool:
+    return isinstance(x, QuantizedMoment)
+
+
+def scale_by_adam_8bit(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, *,
+                       min_8bit_size: int = 4096) -> optax.GradientTransformation:
+    """``optax.scale_by_adam`` with blockwise 8-bit moments (module docstring)."""
+
+    def init_fn(params):
+        mu = jax.tree.map(lambda p: _zeros_moment(p, min_8bit_size), params)
+        nu = jax.tree.map(lambda p: _zeros_moment(p, min_8bit_size), params)
+        return ScaleByAdam8bitState(jnp.zeros([], jnp.int32), mu, nu)
+
+    def update_fn(updates, state, params=None):
+        del params
+        count = optax.safe_int32_increment(state.count)
+        bc1 = 1.0 - jnp.asarray(b1, jnp.float32) ** count
+        bc2 = 1.0 - jnp.asarray(b2, jnp.float32) ** count
+        leaves, treedef = jax.tree.flatten(updates)
+        mus = treedef.flatten_up_to(state.mu)
+        nus = treedef.flatten_up_to(state.nu)
+        new_u, new_mu, new_nu = [], [], []
+        for g, m_s, v_s in zip(leaves, mus, nus):
+            quantized = _is_moment(m_s)
+            m = _dequantize(m_s, DYNAMIC_MAP_SIGNED, g.shape) if quantized else m_s
+            v = _dequantize(v_s, DYNAMIC_MAP_UNSIGNED, g.shape) if quantized else v_s
+            g32 = g.astype(jnp.float32)
+            m = b1 * m + (1.0 - b1) * g32
+            v = b2 * v + (1.0 - b2) * jnp.square(g32)
+            new_u.append(((m / bc1) / (jnp.sqrt(v / bc2) + eps)).astype(g.dtype))
+            if quantized:
+                m, v = _quantize(m, DYNAMIC_MAP_SIGNED), _quantize(v, DYNAMIC_MAP_UNSIGNED)
+            new_mu.append(m)
+            new_nu.append(v)
+        return (treedef.unflatten(new_u),
+                ScaleByAdam8bitState(count, treedef.unflatten(new_mu), treedef.unflatten(new_nu)))
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def adamw_8bit(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999,
+               eps: float = 1e-8, weight_decay: float = 0.01, mask: Any = None, *,
+               min_8bit_size: int = 4096) -> optax.GradientTransformation:
+    """Drop-in for ``optax.adamw`` with 8-bit Adam moments (same chain, same defaults but the moments)."""
+    return optax.chain(
+        scale_by_adam_8bit(b1, b2, eps, min_8bit_size=min_8bit_size),
+        optax.add_decayed_weights(weight_decay, mask),
+        optax.scale_by_learning_rate(learning_rate),
+    )
+
+
+def state_nbytes(state: Any) -> int:
+    """Bytes held by the array leaves of an optimizer state."""
+    return sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(state)
+               if hasattr(x, "dtype"))

@@ -1,0 +1,485 @@
+"""The decoder every family shares: parameters, the pure forward, KV-cache decoding.
+
+A family (``models/llama.py``, ``mistral.py``, ``qwen2.py``, ``qwen3.py``, ``gemma2.py``, ``gemma3.py``,
+``phi3.py``) is a config class (``models/config.py``: HF fields + ``arch()``) plus these functions, which it
+re-exports; everything family-specific is read from ``cfg.arch()``. One layer::
+
+    h = norm(x);  q, k, v = proj(h)  (fused qkv_proj: split)  [q, k = norm_head(q), norm_head(k)]
+    q, k = rope(q, k)  (the layer kind's table; partial rotary rotates the leading rotary_dim dims)
+    a = o_proj(attention(q, k, v; window, softcap, sm_scale))  [a = norm(a)]        x = x + a
+    h = norm(x);  m = down(act(gate(h)) * up(h))  (fused gate_up_proj: split)  [m = norm(m)]  x = x + m
+
+(brackets: Qwen3/Gemma 3 q/k norms, Gemma's "sandwich" norms). Gemma scales the embedding by
+sqrt(hidden) in the activation dtype and uses ``(1 + w)`` norms; Gemma 2 softcaps attention scores and
+final logits.
+
+Parameters (``docs/ARCHITECTURE.md``): a nested dict whose paths are HF safetensors names with the layer
+index moved to a leading stacked axis: ``params["model"]["layers"]["self_attn"]["q_proj"]["weight"]`` has
+shape ``[L, out, in]``; weights keep HF's ``[out, in]`` layout and fused HF tensors stay fused (Phi-3's
+``qkv_proj``/``gate_up_proj``), so checkpoints round-trip without tables.
+
+Layers with different attention (Gemma 2 alternates sliding/global, Gemma 3 also switches RoPE base,
+Qwen2 with ``max_window_layers``): the attention op needs a static window, so each distinct layer kind is a
+branch of ``lax.switch`` inside the one scanned layer, indexed by a per-layer int scanned alongside the
+weights. Only RoPE + attention sit in the switch (projections, norms and MLP are shared code). Why not
+scan over (local, global) groups: that needs ``num_hidden_layers % period == 0`` to be free, and Gemma 3
+1B/4B/27B (26/34/62 layers, period 6) are not, so the remainder would need a sliced (copied) weight stack;
+the switch runs one branch per layer, keeps one stacked weight tree for every family, and its backward
+stores one shared set of residuals (``lax.cond`` merges same-shaped residuals across branches).
+
+Dtype policy: activations run in the embedding's dtype (bf16 for training, fp32 for parity tests); matmuls
+accumulate in fp32; norms and softmax compute in fp32; logits are returned in fp32.
+"""
+
+from __future__ import annotations
+
+import functools
+import zlib
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.ad_checkpoint import checkpoint_name
+
+from fastjax import remat
+from fastjax.models import ops as O
+
+LAYER_PREFIX = "model.layers."
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Parameters: names, shapes, the stack/unstack rule, random init
+# --------------------------------------------------------------------------------------------------------------
+
+def linear_modules(cfg) -> dict[str, tuple[int, int]]:
+    """Per-layer linear modules: path inside ``model.layers.{i}.`` -> ``(in_features, out_features)``.
+
+    These are exactly the ``nn.Linear`` modules of the HF layer (what PEFT's ``all-linear`` targets inside
+    the decoder; fused ``qkv_proj``/``gate_up_proj`` are single modules, as in HF and PEFT).
+    """
+    arch = cfg.arch()
+    D, F, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
+    mods: dict[str, tuple[int, int]] = {}
+    if arch.fused_qkv:
+        mods["self_attn.qkv_proj"] = (D, q + 2 * kv)
+    else:
+        mods.update({"self_attn.q_proj": (D, q), "self_attn.k_proj": (D, kv), "self_attn.v_proj": (D, kv)})
+    mods["self_attn.o_proj"] = (q, D)
+    if arch.fused_gate_up:
+        mods["mlp.gate_up_proj"] = (D, 2 * F)
+    else:
+        mods.update({"mlp.gate_proj": (D, F), "mlp.up_proj": (D, F)})
+    mods["mlp.down_proj"] = (F, D)
+    return mods
+
+
+def layer_param_shapes(cfg) -> dict[str, tuple[int, ...]]:
+    """Per-layer tensors: name inside ``model.layers.{i}.`` -> shape (HF ``[out, in]``)."""
+    arch = cfg.arch()
+    D = cfg.hidden_size
+    shapes: dict[str, tuple[int, ...]] = {"input_layernorm.weight": (D,), "post_attention_layernorm.weight": (D,)}
+    if arch.sandwich_norms:
+        shapes.update({"pre_feedforward_layernorm.weight": (D,), "post_feedforward_layernorm.weight": (D,)})
+    mods = linear_modules(cfg)
+    for mod, (n_in, n_out) in mods.items():
+        shapes[f"{mod}.weight"] = (n_out, n_in)
+    if arch.qk_norm:
+        shapes.update({"self_attn.q_norm.weight": (cfg.head_dim,), "self_attn.k_norm.weight": (cfg.head_dim,)})
+    biased = []
+    if arch.qkv_bias:
+        biased += [m for m in mods if m.startswith("self_attn.") and m != "self_attn.o_proj"]
+    if arch.o_bias:
+        biased.append("self_attn.o_proj")
+    if arch.mlp_bias:
+        biased += [m for m in mods if m.startswith("mlp.")]
+    for mod in biased:
+        shapes[f"{mod}.bias"] = (mods[mod][1],)
+    return shapes
+
+
+def param_shapes(cfg) -> dict[str, tuple[int, ...]]:
+    """Every HF tensor name of the checkpoint -> shape (unstacked, as in safetensors files)."""
+    shapes = {"model.embed_tokens.weight": (cfg.vocab_size, cfg.hidden_size),
+              "model.norm.weight": (cfg.hidden_size,)}
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head.weight"] = (cfg.vocab_size, cfg.hidden_size)
+    for i in range(cfg.num_hidden_layers):
+        for name, shape in layer_param_shapes(cfg).items():
+            shapes[f"{LAYER_PREFIX}{i}.{name}"] = shape
+    return shapes
+
+
+def _set_path(tree: dict, path: list[str], value: Any) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def stack_layers(flat: Mapping[str, Any], num_layers: int) -> dict:
+    """Flat HF names -> nested tree, per-layer tensors stacked on a new leading axis (``np.stack``).
+
+    ``model.layers.{i}.<rest>`` for i in 0..L-1 becomes ``tree["model"]["layers"][<rest split on ".">]`` of
+    shape ``[L, ...]``; every other name becomes ``tree[<name split on ".">]``.
+    """
+    tree: dict = {}
+    per_layer: dict[str, list] = {}
+    for name, value in flat.items():
+        if name.startswith(LAYER_PREFIX):
+            idx, rest = name[len(LAYER_PREFIX):].split(".", 1)
+            per_layer.setdefault(rest, [None] * num_layers)[int(idx)] = value
+        else:
+            _set_path(tree, name.split("."), value)
+    for rest, values in per_layer.items():
+        missing = [i for i, v in enumerate(values) if v is None]
+        if missing:
+            raise KeyError(f"{LAYER_PREFIX}{missing[0]}.{rest} is missing")
+        stack = jnp.stack if isinstance(values[0], jax.Array) else np.stack
+        _set_path(tree, ["model", "layers"] + rest.split("."), stack(values))
+    return tree
+
+
+def unstack_layers(tree: Mapping) -> dict[str, Any]:
+    """Inverse of ``stack_layers``: nested tree -> flat HF names (per-layer leaves split on axis 0)."""
+    flat: dict[str, Any] = {}
+
+    def walk(node, prefix):
+        if isinstance(node, Mapping):
+            for k, v in node.items():
+                walk(v, prefix + [k])
+            return
+        name = ".".join(prefix)
+        if prefix[:2] == ["model", "layers"]:
+            rest = ".".join(prefix[2:])
+            for i in range(node.shape[0]):
+                flat[f"{LAYER_PREFIX}{i}.{rest}"] = node[i]
+        else:
+            flat[name] = node
+
+    walk(tree, [])
+    return flat
+
+
+def init_params(cfg, key: jax.Array, dtype=jnp.float32, std: float = 0.02) -> dict:
+    """Random parameters (normal(0, std) matrices, identity norms, zero biases), stacked."""
+    arch = cfg.arch()
+    D = cfg.hidden_size
+    L = cfg.num_hidden_layers
+    flat = {"model.embed_tokens.weight": (cfg.vocab_size, D), "model.norm.weight": (D,)}
+    if not cfg.tie_word_embeddings:
+        flat["lm_head.weight"] = (cfg.vocab_size, D)
+    for name, shape in layer_param_shapes(cfg).items():
+        flat[f"{LAYER_PREFIX}*.{name}"] = (L, *shape)
+    keys = iter(jax.random.split(key, len(flat)))
+    tree: dict = {}
+    for name, shape in flat.items():
+        k = next(keys)
+        if name.endswith("norm.weight"):  # identity: w = 1, or w = 0 for Gemma's (1 + w)
+            value = jnp.full(shape, 1.0 - arch.norm_offset, dtype)
+        elif name.endswith(".bias"):
+            value = jnp.zeros(shape, dtype)
+        else:
+            value = (std * jax.random.normal(k, shape, jnp.float32)).astype(dtype)
+        _set_path(tree, name.replace(f"{LAYER_PREFIX}*.", "model.layers.").split("."), value)
+    return tree
+
+
+def lm_head(params: Mapping, cfg) -> jax.Array:
+    """The output projection ``[V, D]`` (the embedding when tied)."""
+    if cfg.tie_word_embeddings:
+        return params["model"]["embed_tokens"]["weight"]
+    return params["lm_head"]["weight"]
+
+
+def final_logit_softcap(cfg) -> float | None:
+    """``c`` of the final ``c * tanh(logits / c)`` (Gemma 2), else None. ``forward`` applies it to logits;
+    a loss computed from ``return_hidden=True`` must pass it to ``ops.cross_entropy(softcap=...)``."""
+    return cfg.arch().final_softcap
+
+
+# --------------------------------------------------------------------------------------------------------------
+# One layer
+# --------------------------------------------------------------------------------------------------------------
+
+def _proj(h, p, lp, module: str, name: str, ctx) -> jax.Array:
+    mod = p[module][name]
+    lora = None if lp is None else lp.get(module, {}).get(name)
+    rng = None
+    if lora is not None and ctx["dropout_rng"] is not None:
+        rng = jax.random.fold_in(ctx["dropout_rng"], zlib.crc32(f"{module}.{name}".encode()) % (2**31))
+    return O.linear(h, mod["weight"], bias=mod.get("bias"), lora=lora, lora_scale=ctx["lora_scale"],
+                    dropout_rng=rng, lora_dropout=ctx["lora_dropout"], ops=ctx["ops"])
+
+
+def _norm(x, w, cfg, ctx):
+    return O.rms_norm(x, w, eps=cfg.rms_norm_eps, offset=ctx["arch"].norm_offset, ops=ctx["ops"])
+
+
+def _rope_tables(arch, positions) -> list[tuple[jax.Array, float, int]]:
+    """Per layer kind: (inv_freq, attention_scaling, rotary_dim). Longrope picks its long table when
+    ``max(positions) + 1`` exceeds ``original_max_position_embeddings``, as transformers does."""
+    tables = []
+    for kind in arch.kinds:
+        inv, long_inv, scaling = kind.rope.inv_freqs()
+        if long_inv is not None:
+            use_long = jnp.max(positions) + 1 > kind.rope.original_max_position_embeddings
+            inv = jnp.where(use_long, jnp.asarray(long_inv), jnp.asarray(inv))
+        tables.append((inv, scaling, kind.rope.rotary_dim))
+    return tables
+
+
+def _rope(q, k, positions, table, ops):
+    inv_freq, scaling, rd = table
+    if rd == q.shape[-1]:
+        return O.rope(q, k, positions, inv_freq, attention_scaling=scaling, ops=ops)
+    qr, kr = O.rope(q[..., :rd], k[..., :rd], positions, inv_freq, attention_scaling=scaling, ops=ops)
+    return (jnp.concatenate([qr, q[..., rd:]], axis=-1), jnp.concatenate([kr, k[..., rd:]], axis=-1))
+
+
+def _by_kind(arch, kind_idx, fn, *args):
+    """``fn(kind_index, *args)`` for this layer's kind: a plain call when every layer is alike, else a
+    ``lax.switch`` over the kinds (each branch sees its window and RoPE table as static values)."""
+    if len(arch.kinds) == 1:
+        return fn(0, *args)
+    return jax.lax.switch(kind_idx, [functools.partial(fn, i) for i in range(len(arch.kinds))], *args)
+
+
+def _layer(x, p, lp, kind_idx, cfg, ctx, core):
+    """One decoder layer. ``core(kind, q, k, v) -> (attn [B, T, H, hd], extra)`` runs the attention."""
+    arch = ctx["arch"]
+    B, T, _ = x.shape
+    H, KV, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    h = _norm(x, p["input_layernorm"]["weight"], cfg, ctx)
+    if arch.fused_qkv:
+        qkv = _proj(h, p, lp, "self_attn", "qkv_proj", ctx)
+        q, k, v = jnp.split(qkv, [H * hd, (H + KV) * hd], axis=-1)
+    else:
+        q, k, v = (_proj(h, p, lp, "self_attn", n, ctx) for n in ("q_proj", "k_proj", "v_proj"))
+    q, k, v = q.reshape(B, T, H, hd), k.reshape(B, T, KV, hd), v.reshape(B, T, KV, hd)
+    if arch.qk_norm:
+        q = _norm(q, p["self_attn"]["q_norm"]["weight"], cfg, ctx)
+        k = _norm(k, p["self_attn"]["k_norm"]["weight"], cfg, ctx)
+
+    def attend(i, q, k, v):
+        q, k = _rope(q, k, ctx["positions"], ctx["rope_tables"][i], ctx["ops"])
+        q, k, v = (checkpoint_name(t, "qkv") for t in (q, k, v))
+        return core(arch.kinds[i], q, k, v)
+
+    a, extra = _by_kind(arch, kind_idx, attend, q, k, v)
+    a = checkpoint_name(a.reshape(B, T, H * hd), "attn_out")
+    a = _proj(a, p, lp, "self_attn", "o_proj", ctx)
+    if arch.sandwich_norms:
+        a = _norm(a, p["post_attention_layernorm"]["weight"], cfg, ctx)
+    x = x + a
+
+    norm_name = "pre_feedforward_layernorm" if arch.sandwich_norms else "post_attention_layernorm"
+    h = _norm(x, p[norm_name]["weight"], cfg, ctx)
+    if arch.fused_gate_up:
+        gate, up = jnp.split(checkpoint_name(_proj(h, p, lp, "mlp", "gate_up_proj", ctx), "mlp_up"), 2, -1)
+    else:
+        gate = checkpoint_name(_proj(h, p, lp, "mlp", "gate_proj", ctx), "mlp_up")
+        up = checkpoint_name(_proj(h, p, lp, "mlp", "up_proj", ctx), "mlp_up")
+    m = O.glu(gate, up, activation=arch.activation, ops=ctx["ops"])
+    m = checkpoint_name(_proj(m, p, lp, "mlp", "down_proj", ctx), "mlp_out")
+    if arch.sandwich_norms:
+        m = _norm(m, p["post_feedforward_layernorm"]["weight"], cfg, ctx)
+    return x + m, extra
+
+
+def _layer_lora(lora: Mapping | None) -> Mapping | None:
+    if lora is None:
+        return None
+    return lora.get("model", {}).get("layers")
+
+
+def _embed(params, input_ids, arch):
+    embed = params["model"]["embed_tokens"]["weight"]
+    if input_ids.ndim != 2:
+        raise ValueError(f"input_ids must be [batch, tokens], got {input_ids.shape=}")
+    x = jnp.take(embed, input_ids, axis=0)
+    if arch.embed_scale is not None:  # HF: embed * tensor(sqrt(D)).to(weight dtype)
+        x = x * jnp.asarray(arch.embed_scale, x.dtype)
+    return x
+
+
+def _logits(x, params, cfg, arch):
+    head = lm_head(params, cfg)
+    logits = jnp.einsum("btd,vd->btv", x, head.astype(x.dtype), preferred_element_type=jnp.float32)
+    if arch.final_softcap is not None:
+        logits = arch.final_softcap * jnp.tanh(logits / arch.final_softcap)
+    return logits
+
+
+def _context(cfg, arch, positions, ops, lora_scale, lora_dropout):
+    return dict(arch=arch, positions=positions, rope_tables=_rope_tables(arch, positions), ops=ops,
+                lora_scale=lora_scale, lora_dropout=lora_dropout, dropout_rng=None)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Forward
+# --------------------------------------------------------------------------------------------------------------
+
+def forward(params: Mapping, input_ids: jax.Array, *, cfg, positions: jax.Array | None = None,
+            segment_ids: jax.Array | None = None, lora: Mapping | None = None, lora_scale: float = 1.0,
+            lora_dropout: float = 0.0, dropout_rng: jax.Array | None = None, remat_policy: str = "none",
+            ops: O.Ops | None = None, return_hidden: bool = False) -> jax.Array:
+    """Logits ``[B, T, V]`` (fp32, final softcap applied), or the final normed hidden states ``[B, T, D]``
+    with ``return_hidden``.
+
+    ``positions``/``segment_ids`` ``[B, T]``: packed rows restart positions at 0 per segment and a token
+    attends only to earlier tokens of its own segment (id 0 = padding). ``lora`` is an adapter tree
+    (``fastjax.lora``) added to every linear it names, scaled by ``lora_scale``.
+    """
+    ops = ops or O.Ops()
+    arch = cfg.arch()
+    B, T = input_ids.shape
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    if segment_ids is None:
+        segment_ids = jnp.ones((B, T), jnp.int32)
+    x = _embed(params, input_ids, arch)
+    ctx = _context(cfg, arch, positions, ops, lora_scale, lora_dropout)
+
+    def core(kind, q, k, v):
+        out = O.attention(q, k, v, segment_ids=segment_ids, causal=True, window=kind.window,
+                          softcap=arch.attn_softcap, sm_scale=arch.sm_scale, ops=ops)
+        return out, None
+
+    def body(x, xs):
+        p, lp, rng, kind_idx = xs
+        x = checkpoint_name(x, "layer_input")
+        x, _ = _layer(x, p, lp, kind_idx, cfg, dict(ctx, dropout_rng=rng), core)
+        return x, None
+
+    rngs = None if dropout_rng is None else jax.random.split(dropout_rng, cfg.num_hidden_layers)
+    kind_ids = jnp.asarray(arch.layer_kind, jnp.int32)
+    x, _ = jax.lax.scan(remat.wrap(body, remat_policy), x,
+                        (params["model"]["layers"], _layer_lora(lora), rngs, kind_ids))
+    x = _norm(x, params["model"]["norm"]["weight"], cfg, ctx)
+    if return_hidden:
+        return x
+    return _logits(x, params, cfg, arch)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# KV-cache decoding (generation): slots are absolute cache indices shared by every row (left padding)
+# --------------------------------------------------------------------------------------------------------------
+
+def init_cache(cfg, batch: int, max_len: int, dtype) -> dict:
+    shape = (cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+def cached_attention_reference(q, k_cache, v_cache, q_slots, kv_valid, *, sm_scale, softcap=None,
+                               window=None, q_positions=None, kv_positions=None):
+    """Attention of new queries ``[B, T, H, D]`` over a cache ``[B, S, KV, D]``.
+
+    Query t (at cache slot ``q_slots[t]``) sees slot j when ``j <= q_slots[t]`` and ``kv_valid[b, j]``;
+    with ``window``, also ``q_positions - kv_positions < window``. fp32 math.
+    """
+    B, T, H, D = q.shape
+    S, KV = k_cache.shape[1], k_cache.shape[2]
+    G = H // KV
+    qg = q.astype(jnp.float32).reshape(B, T, KV, G, D)
+    s = jnp.einsum("btkgd,bskd->bkgts", qg, k_cache.astype(jnp.float32)) * sm_scale
+    if softcap is not None:
+        s = softcap * jnp.tanh(s / softcap)
+    mask = (jnp.arange(S)[None, :] <= q_slots[:, None])[None] & kv_valid[:, None, :]  # [B, T, S]
+    if window is not None:
+        mask &= (q_positions[:, :, None] - kv_positions[:, None, :]) < window
+    s = jnp.where(mask[:, None, None], s, -jnp.inf)
+    p = jax.nn.softmax(s, axis=-1)
+    p = jnp.where(mask[:, None, None], p, 0.0)
+    o = jnp.einsum("bkgts,bskd->btkgd", p, v_cache.astype(jnp.float32))
+    return o.reshape(B, T, H, D).astype(q.dtype)
+
+
+def forward_cached(params: Mapping, input_ids: jax.Array, cache: dict, *, cfg, positions: jax.Array,
+                   cache_index: jax.Array, kv_valid: jax.Array, lora: Mapping | None = None,
+                   lora_scale: float = 1.0, ops: O.Ops | None = None):
+    """Run ``input_ids [B, T]`` whose k/v go to cache slots ``cache_index .. cache_index+T-1``.
+
+    Returns (logits of the last position ``[B, V]`` fp32, updated cache). ``kv_valid [B, S]`` marks slots
+    holding real tokens (including the new ones); valid slots of a row are contiguous (left padding), so a
+    slot's position is its rank among the row's valid slots (used by sliding-window layers).
+    """
+    ops = ops or O.Ops()
+    arch = cfg.arch()
+    B, T = input_ids.shape
+    x = _embed(params, input_ids, arch)
+    q_slots = cache_index + jnp.arange(T)
+    kv_positions = jnp.cumsum(kv_valid.astype(jnp.int32), axis=1) - 1
+    ctx = _context(cfg, arch, positions, ops, lora_scale, 0.0)
+
+    def body(x, xs):
+        p, lp, k_cache, v_cache, kind_idx = xs
+
+        def core(kind, q, k, v):
+            kc = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), cache_index, 1)
+            vc = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), cache_index, 1)
+            out = cached_attention_reference(q, kc, vc, q_slots, kv_valid, sm_scale=arch.sm_scale,
+                                             softcap=arch.attn_softcap, window=kind.window,
+                                             q_positions=positions, kv_positions=kv_positions)
+            return out, (kc, vc)
+
+        return _layer(x, p, lp, kind_idx, cfg, ctx, core)
+
+    kind_ids = jnp.asarray(arch.layer_kind, jnp.int32)
+    x, (k_new, v_new) = jax.lax.scan(body, x, (params["model"]["layers"], _layer_lora(lora),
+                                               cache["k"], cache["v"], kind_ids))
+    x = _norm(x[:, -1:], params["model"]["norm"]["weight"], cfg, ctx)
+    return _logits(x, params, cfg, arch)[:, 0], {"k": k_new, "v": v_new}
+
+
+def flops_per_token(cfg, seq_len: int) -> float:
+    """Forward FLOPs per token: 2 * matmul params + causal attention (half the T x T scores, or the
+    window's share of them on sliding-window layers)."""
+    D, F, L, hd = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.head_dim
+    q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
+    mm = L * (D * q + 2 * D * kv + q * D + 3 * D * F) + cfg.vocab_size * D
+    arch = cfg.arch()
+    attn = 0.0
+    for i in arch.layer_kind:
+        w = arch.kinds[i].window
+        keys = seq_len / 2 if w is None or w >= seq_len else w * (1 - w / (2 * seq_len))
+        attn += 2 * 2 * q * keys
+    return 2 * mm + attn
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Flax
+# --------------------------------------------------------------------------------------------------------------
+
+class CausalLM:
+    """A thin Flax (linen) module over ``forward``, for Flax programs that embed the model.
+
+    ``module.init(key, input_ids)`` creates the parameters under ``{"params": {"model": ...}}`` with the same
+    tree as ``init_params``; ``module.apply(variables, input_ids, positions=..., segment_ids=...)`` runs
+    ``forward``. Loaded weights plug in as ``{"params": params}``.
+    """
+
+    def __new__(cls, config, **forward_kwargs):
+        return _flax_module()(config=config, forward_kwargs=tuple(sorted(forward_kwargs.items())))
+
+
+@functools.cache
+def _flax_module():
+    import flax.linen as nn
+
+    class _DecoderModule(nn.Module):
+        config: Any
+        forward_kwargs: tuple = ()
+
+        @nn.compact
+        def __call__(self, input_ids, positions=None, segment_ids=None, lora=None):
+            cfg = self.config
+            tree = {}
+            template = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+            for name in template:
+                tree[name] = self.param(name, lambda key, n=name: init_params(cfg, key)[n])
+            return forward(tree, input_ids, cfg=cfg, positions=positions, segment_ids=segment_ids,
+                           lora=lora, **dict(self.forward_kwargs))
+
+    return _DecoderModule

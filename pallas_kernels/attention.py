@@ -1,0 +1,556 @@
+"""Flash attention (Pallas-Triton) with segment ids, GQA, sliding window and logit softcap.
+
+Math, per batch row b and query head h (kv head ``h // (H // KV)``)::
+
+    s[i, j] = sm_scale * q[i] . k[j]                       (sm_scale defaults to 1/sqrt(D))
+    s[i, j] = softcap * tanh(s[i, j] / softcap)            (Gemma 2 logit softcap, if set, before masking)
+    allowed(i, j) = (not causal or j <= i)
+                    and (window is None or j > i - window)
+                    and (segment_ids is None or seg[i] == seg[j] != 0)
+    out[i] = sum_j softmax_j(s[i, j] over allowed j) v[j]   (0 for a row with no allowed key)
+
+``window`` is HF's ``sliding_window``: ``transformers.masking_utils.sliding_window_overlay`` keeps
+``kv_idx > q_idx - sliding_window`` on top of ``causal_mask_function`` (``kv_idx <= q_idx``), so a query
+attends to itself and the ``window - 1`` keys before it. It is defined for causal attention only. cuDNN's
+``sliding_window_length`` ((pos - W, pos]) is the same window. Segment id 0 marks padding: a padding query
+attends to nothing, its output is 0 and it sends no gradient anywhere.
+
+Layouts: q ``[B, T, H, D]``, k/v ``[B, S, KV, D]`` (HF / ``jax.nn.dot_product_attention``), segment_ids
+``[B, T]`` int32 (non-negative; needs S == T, as do causal and window). K/V are never repeated for GQA:
+a q head reads its kv head through the BlockSpec index map (forward, dq) and the dk/dv kernel loops over
+the group's q heads inside the kernel, so dk/dv cost ``[B, S, KV, D]`` and nothing per q head.
+
+Dtype policy: bf16 / fp16 / fp32 inputs, matmuls accumulate in fp32, softmax statistics in fp32
+(log2 domain), outputs cast to the input dtype on store.
+
+Forward saves (q, k, v, segment_ids, out, lse) with lse ``[B, H, T]`` fp32; the backward recomputes the
+probabilities block by block (FlashAttention-2): one kernel for dk/dv (loop over q blocks), one for dq
+(loop over kv blocks), plus ``delta = rowsum(out * dout)`` in XLA.
+
+Block skipping: before each kernel, XLA builds a tiny per-(q block, kv block) table from causal/window
+bounds and per-block segment ranges (min/max of the non-padding ids). A kv block whose range cannot meet
+the q block's is never loaded; block pairs that need no mask at all (strictly inside the causal/window
+band, one shared segment, no padding) run a mask-free loop body. See ``_block_ranges``.
+
+Ragged lengths are padded to the block size in the wrapper (padding keys masked, padding queries sliced
+off). head_dim 64/128/256 run as is; other head dims are zero-padded to the next power of two.
+
+The backward kernels live in ``attention_bwd.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+
+from fastjax.pallas_kernels import _common
+
+LOG2E = math.log2(math.e)
+_M_INIT = -1e30  # finite start for the running max: a fully masked block never gives inf - inf
+IMPLS = ("auto", "pallas", "cudnn", "xla")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reference
+# ----------------------------------------------------------------------------------------------------
+
+
+def allowed_mask(t: int, s: int, segment_ids: jax.Array | None, *, causal: bool,
+                 window: int | None) -> jax.Array:
+    """Boolean mask ``[B or 1, T, S]``: which key each query may attend to (the module docstring's rule)."""
+    i = jnp.arange(t)[:, None]
+    j = jnp.arange(s)[None, :]
+    mask = jnp.ones((t, s), bool)
+    if causal:
+        mask &= j <= i
+    if window is not None:
+        mask &= j > i - window
+    mask = mask[None]
+    if segment_ids is not None:
+        seg = segment_ids.astype(jnp.int32)
+        mask = mask & (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] != 0)
+    return mask
+
+
+def attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, *,
+                        segment_ids: jax.Array | None = None, causal: bool = True,
+                        window: int | None = None, softcap: float | None = None,
+                        sm_scale: float | None = None) -> jax.Array:
+    """Pure-jnp fp32 attention; the definition of correct and the CPU path.
+
+    GQA without repeating K/V: q is viewed as ``[B, T, KV, G, D]``. Memory is one fp32 score tensor
+    ``[B, KV, G, T, S]``. Rows with no allowed key give 0 (never NaN), and so do their gradients.
+    """
+    _check_args(q, k, v, segment_ids, causal, window, softcap)
+    b, t, h, d = q.shape
+    s_len, kv = k.shape[1], k.shape[2]
+    g = h // kv
+    sm_scale = 1.0 / math.sqrt(d) if sm_scale is None else float(sm_scale)
+    hi = lax.Precision.HIGHEST
+    qf = q.astype(jnp.float32).reshape(b, t, kv, g, d)
+    s = jnp.einsum("btkgd,bskd->bkgts", qf, k.astype(jnp.float32), precision=hi) * sm_scale
+    if softcap is not None:
+        s = softcap * jnp.tanh(s / softcap)
+    mask = allowed_mask(t, s_len, segment_ids, causal=causal, window=window)[:, None, None]
+    s = jnp.where(mask, s, -jnp.inf)
+    m = lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True))
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    e = jnp.exp(s - m)
+    den = jnp.sum(e, axis=-1, keepdims=True)
+    p = e / jnp.where(den == 0.0, 1.0, den)
+    o = jnp.einsum("bkgts,bskd->btkgd", p, v.astype(jnp.float32), precision=hi)
+    return o.reshape(b, t, h, d).astype(q.dtype)
+
+
+def _check_args(q, k, v, segment_ids, causal, window, softcap) -> None:
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError(f"expected q [B,T,H,D], k/v [B,S,KV,D]; got {q.shape=} {k.shape=} {v.shape=}")
+    if k.shape != v.shape:
+        raise ValueError(f"{k.shape=} and {v.shape=} differ")
+    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"{q.shape=} and {k.shape=} disagree on batch or head_dim")
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"q heads {q.shape[2]} not a multiple of kv heads {k.shape[2]}")
+    if q.dtype != k.dtype or q.dtype != v.dtype:
+        raise ValueError(f"dtypes differ: {q.dtype=} {k.dtype=} {v.dtype=}")
+    needs_self = causal or window is not None or segment_ids is not None
+    if needs_self and q.shape[1] != k.shape[1]:
+        raise ValueError(f"causal/window/segment_ids need S == T; got T={q.shape[1]}, S={k.shape[1]}")
+    if segment_ids is not None and segment_ids.shape != q.shape[:2]:
+        raise ValueError(f"{segment_ids.shape=} must be [B, T] = {q.shape[:2]}")
+    if window is not None and (not causal or int(window) < 1):
+        raise ValueError(f"window={window} needs causal=True and window >= 1 (HF sliding_window)")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap={softcap} must be > 0")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Kernel pieces shared by the forward and backward kernels
+# ----------------------------------------------------------------------------------------------------
+
+
+def dot_f32(a: jax.Array, b: jax.Array, *, trans_a: bool = False, trans_b: bool = False) -> jax.Array:
+    """``a @ b`` (optionally transposed) accumulated in fp32 (Triton would accumulate fp16 in fp16)."""
+    dims = (((0,) if trans_a else (1,), (1,) if trans_b else (0,)), ((), ()))
+    return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+
+
+def log2_scores(s: jax.Array, *, sm_scale: float, softcap: float | None):
+    """Raw ``q.k`` -> scores in the log2 domain, and ``tanh`` (for the softcap backward) or None."""
+    if softcap is None:
+        return s * (sm_scale * LOG2E), None
+    t = jnp.tanh(s * (sm_scale / softcap))
+    return t * (softcap * LOG2E), t
+
+
+def kernel_mask(qpos, kpos, qseg, kseg, *, causal: bool, window: int | None, kv_len: int | None):
+    """Allowed-pairs mask from broadcastable position / segment vectors (either orientation).
+
+    ``qseg`` uses -1 for padding queries and ``kseg`` 0 for padding keys, so equality alone excludes padding.
+    ``kv_len`` (static) masks the keys added by padding S up to the block size.
+    """
+    mask = None
+
+    def _and(m, x):
+        return x if m is None else m & x
+
+    if kv_len is not None:
+        mask = _and(mask, kpos < kv_len)
+    if causal:
+        mask = _and(mask, kpos <= qpos)
+    if window is not None:
+        mask = _and(mask, kpos > qpos - window)
+    if qseg is not None:
+        mask = _and(mask, qseg == kseg)
+    return mask
+
+
+def masked_loops(body, ranges, carry, needs_mask: bool):
+    """Run ``body(j, carry, masked)`` over ``[lo, hi)``: masked edges, a mask-free middle ``[flo, fhi)``."""
+    lo, flo, fhi, hi = ranges
+    if not needs_mask:
+        return lax.fori_loop(lo, hi, functools.partial(body, masked=False), carry)
+    carry = lax.fori_loop(lo, flo, functools.partial(body, masked=True), carry)
+    carry = lax.fori_loop(flo, fhi, functools.partial(body, masked=False), carry)
+    return lax.fori_loop(fhi, hi, functools.partial(body, masked=True), carry)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Forward kernel
+# ----------------------------------------------------------------------------------------------------
+
+
+def _attention_fwd_kernel(*refs, has_seg: bool, sm_scale: float, softcap: float | None, causal: bool,
+                          window: int | None, kv_len: int | None, needs_mask: bool, num_q_blocks: int,
+                          block_q: int, block_k: int):
+    if has_seg:
+        tab_ref, qseg_ref, kseg_ref, q_ref, k_ref, v_ref, o_ref, lse_ref = refs
+    else:
+        tab_ref, q_ref, k_ref, v_ref, o_ref, lse_ref = refs
+        qseg_ref = kseg_ref = None
+    i = num_q_blocks - 1 - pl.program_id(0)  # heaviest causal rows first: a shorter tail
+    q = q_ref[...]  # [block_q, D]
+    qpos = (i * block_q + jnp.arange(block_q))[:, None]
+    qseg = None if qseg_ref is None else qseg_ref[...][:, None]
+
+    def body(j, carry, masked):
+        acc, m_prev, l_prev = carry
+        k = k_ref[pl.ds(j * block_k, block_k), :]
+        v = v_ref[pl.ds(j * block_k, block_k), :]
+        s, _ = log2_scores(dot_f32(q, k, trans_b=True), sm_scale=sm_scale, softcap=softcap)
+        if masked:
+            kpos = (j * block_k + jnp.arange(block_k))[None, :]
+            kseg = None if kseg_ref is None else kseg_ref[pl.ds(j * block_k, block_k)][None, :]
+            mask = kernel_mask(qpos, kpos, qseg, kseg, causal=causal, window=window, kv_len=kv_len)
+            s = jnp.where(mask, s, -jnp.inf)
+        m_new = jnp.maximum(m_prev, jnp.max(s, axis=1))
+        alpha = jnp.exp2(m_prev - m_new)
+        p = jnp.exp2(s - m_new[:, None])
+        l_new = l_prev * alpha + jnp.sum(p, axis=1)
+        acc = acc * alpha[:, None] + dot_f32(p.astype(v.dtype), v)
+        return acc, m_new, l_new
+
+    d = q.shape[-1]
+    carry = (jnp.zeros((block_q, d), jnp.float32), jnp.full((block_q,), _M_INIT, jnp.float32),
+             jnp.zeros((block_q,), jnp.float32))
+    ranges = tuple(tab_ref[c] for c in range(4))
+    acc, m, l = masked_loops(body, ranges, carry, needs_mask)
+    empty = l == 0.0  # no allowed key (padding): output 0, lse +inf so the backward's p is 0
+    o_ref[...] = (acc / jnp.where(empty, 1.0, l)[:, None]).astype(o_ref.dtype)
+    lse_ref[...] = jnp.where(empty, jnp.inf, m + jnp.log2(jnp.where(empty, 1.0, l)))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Block sizes
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Tiles and Triton launch params of the three kernels (forward, dk/dv, dq). Powers of two >= 16."""
+
+    block_q: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+    block_q_dkv: int
+    block_k_dkv: int
+    num_warps_dkv: int
+    num_stages_dkv: int
+    block_q_dq: int
+    block_k_dq: int
+    num_warps_dq: int
+    num_stages_dq: int
+
+    def __post_init__(self):
+        for f in ("block_q", "block_k", "block_q_dkv", "block_k_dkv", "block_q_dq", "block_k_dq"):
+            x = getattr(self, f)
+            if x < 16 or x & (x - 1):
+                raise ValueError(f"BlockSizes.{f}={x} must be a power of two >= 16")
+
+    def clamp(self, t: int, s: int) -> BlockSizes:
+        """Shrink tiles for short sequences (never below 16, Triton's smallest dot)."""
+        cq, ck = max(16, pl.next_power_of_2(t)), max(16, pl.next_power_of_2(s))
+        return dataclasses.replace(
+            self, block_q=min(self.block_q, cq), block_k=min(self.block_k, ck),
+            block_q_dkv=min(self.block_q_dkv, cq), block_k_dkv=min(self.block_k_dkv, ck),
+            block_q_dq=min(self.block_q_dq, cq), block_k_dq=min(self.block_k_dq, ck))
+
+
+# One entry per head_dim; the numbers come from the sweep in benchmarks/bench_attention.py
+# (H200, bf16, B*T = 32k tokens, causal; see benchmarks/results/attention_h200.jsonl).
+_BLOCKS_BY_HEAD_DIM: dict[int, BlockSizes] = {
+    64: BlockSizes(128, 64, 4, 3, 64, 64, 4, 3, 64, 64, 4, 3),
+    128: BlockSizes(128, 64, 8, 3, 64, 64, 8, 2, 64, 64, 8, 2),
+    256: BlockSizes(64, 64, 8, 2, 32, 64, 8, 2, 64, 32, 8, 2),
+}
+
+
+def pick_block_sizes(head_dim: int) -> BlockSizes:
+    """The block sizes for a (padded, power-of-two) head_dim: the one heuristic, a table lookup."""
+    d = max(16, pl.next_power_of_2(head_dim))
+    if d in _BLOCKS_BY_HEAD_DIM:
+        return _BLOCKS_BY_HEAD_DIM[d]
+    return _BLOCKS_BY_HEAD_DIM[64] if d < 64 else _BLOCKS_BY_HEAD_DIM[256]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Block-skipping tables (XLA, O(B * T/bq * S/bk) int work)
+# ----------------------------------------------------------------------------------------------------
+
+
+def _seg_block_stats(seg, block):
+    """Per block of ``seg`` [B, N*block] (0 = padding): min/max non-padding id and "all real"."""
+    b, n = seg.shape
+    sb = seg.reshape(b, n // block, block)
+    real = sb > 0
+    big = jnp.iinfo(jnp.int32).max
+    lo = jnp.min(jnp.where(real, sb, big), axis=-1)
+    hi = jnp.max(jnp.where(real, sb, 0), axis=-1)
+    return lo, hi, jnp.all(real, axis=-1)
+
+
+def _ranges(live, full):
+    """Along the last axis: ``[lo, flo, fhi, hi]`` with [flo, fhi) mask-free and live blocks in [lo, hi)."""
+    n = live.shape[-1]
+    idx = jnp.arange(n)
+    lo = jnp.min(jnp.where(live, idx, n), axis=-1)
+    hi = jnp.max(jnp.where(live, idx + 1, 0), axis=-1)
+    lo = jnp.minimum(lo, hi)  # nothing live: an empty [hi, hi)
+    any_full = jnp.any(full, axis=-1)
+    flo = jnp.min(jnp.where(full, idx, n), axis=-1)
+    brk = jnp.min(jnp.where((idx >= flo[..., None]) & ~full, idx, n), axis=-1)
+    fhi = jnp.minimum(brk, hi)
+    flo = jnp.where(any_full, flo, hi)
+    fhi = jnp.where(any_full, fhi, hi)
+    return jnp.stack([lo, flo, fhi, hi], axis=-1).astype(jnp.int32)
+
+
+def _block_ranges(t_pad: int, s_pad: int, block_q: int, block_k: int, *, causal: bool,
+                  window: int | None, kv_len: int, seg_pad: jax.Array | None, by: str) -> jax.Array:
+    """Loop ranges per block: ``by="q"`` -> ``[Bt, nq, 4]`` kv-block ranges; ``by="k"`` -> ``[Bt, nk, 4]``.
+
+    A (q block, kv block) pair is *live* when some pair inside may be allowed and *full* when every pair
+    is allowed (no mask needed). ``seg_pad`` is ``[B, T_pad]`` with 0 for padding (or None).
+    """
+    nq, nk = t_pad // block_q, s_pad // block_k
+    q0 = np.arange(nq)[:, None] * block_q
+    q1 = q0 + block_q - 1
+    k0 = np.arange(nk)[None, :] * block_k
+    k1 = k0 + block_k - 1
+    live = np.broadcast_to(k0 < kv_len, (nq, nk))
+    full = np.broadcast_to(k1 < kv_len, (nq, nk))
+    if causal:
+        live, full = live & (k0 <= q1), full & (k1 <= q0)
+    if window is not None:
+        live, full = live & (k1 > q0 - window), full & (k0 > q1 - window)
+    live, full = jnp.asarray(live)[None], jnp.asarray(full)[None]
+    if seg_pad is not None:
+        qmin, qmax, qreal = _seg_block_stats(seg_pad, block_q)
+        kmin, kmax, kreal = _seg_block_stats(seg_pad[:, :s_pad], block_k)
+        live = live & (kmax[:, None, :] >= qmin[:, :, None]) & (kmin[:, None, :] <= qmax[:, :, None])
+        one = (qmin == qmax) & qreal
+        same = (qmin[:, :, None] == kmin[:, None, :]) & (kmin == kmax)[:, None, :]
+        full = full & one[:, :, None] & same & kreal[:, None, :]
+    full = full & live
+    if by == "k":
+        live, full = jnp.swapaxes(live, 1, 2), jnp.swapaxes(full, 1, 2)
+    return _ranges(live, full)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Forward pallas_call and custom_vjp wiring
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    """Everything static about one call: masking, scaling, tiles, and the true (unpadded) sizes."""
+
+    causal: bool
+    window: int | None
+    softcap: float | None
+    sm_scale: float
+    blocks: BlockSizes
+    interpret: bool
+    t: int
+    kv_len: int
+    head_dim: int
+
+
+def _pad_to(x, axis, size, value=0):
+    if x.shape[axis] == size:
+        return x
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, size - x.shape[axis])
+    return jnp.pad(x, pad, constant_values=value)
+
+
+def padded_lengths(t: int, s: int, bs: BlockSizes) -> tuple[int, int]:
+    """T and S rounded up to every kernel's tiles (kept equal for self-attention)."""
+    mq = max(bs.block_q, bs.block_q_dkv, bs.block_q_dq)
+    mk = max(bs.block_k, bs.block_k_dkv, bs.block_k_dq)
+    if t == s:
+        m = max(mq, mk)
+        return _common.cdiv(t, m) * m, _common.cdiv(t, m) * m
+    return _common.cdiv(t, mq) * mq, _common.cdiv(s, mk) * mk
+
+
+def kernel_segments(segment_ids, t_pad):
+    """``(seg_pad, qseg, kseg)``: padded ids (0 = padding), query form (-1 = padding), key form."""
+    if segment_ids is None:
+        return None, None, None
+    seg = _pad_to(segment_ids.astype(jnp.int32), 1, t_pad)
+    return seg, jnp.where(seg == 0, -1, seg), seg
+
+
+def _fwd_impl(q, k, v, segment_ids, st: _Static):
+    """Padded inputs in, ``(out [B, Tp, H, D], lse [B, H, Tp])`` out."""
+    b, t_pad, h, d = q.shape
+    s_pad, kv = k.shape[1], k.shape[2]
+    groups = h // kv
+    bs = st.blocks
+    bq, bk = bs.block_q, bs.block_k
+    nq = t_pad // bq
+    kv_len = st.kv_len
+    seg_pad, qseg, kseg = kernel_segments(segment_ids, t_pad)
+    tab = _block_ranges(t_pad, s_pad, bq, bk, causal=st.causal, window=st.window, kv_len=kv_len,
+                        seg_pad=seg_pad, by="q")
+    tb = tab.shape[0]
+    needs_mask = st.causal or st.window is not None or seg_pad is not None or kv_len != s_pad
+    kernel = functools.partial(
+        _attention_fwd_kernel, has_seg=seg_pad is not None, sm_scale=st.sm_scale, softcap=st.softcap,
+        causal=st.causal, window=st.window, kv_len=kv_len if kv_len != s_pad else None,
+        needs_mask=needs_mask, num_q_blocks=nq, block_q=bq, block_k=bk)
+    rev = lambda i: nq - 1 - i  # noqa: E731  (matches the kernel's reversed q-block order)
+    in_specs = [pl.BlockSpec((None, None, 4), lambda i, hh, bb: (bb if tb > 1 else 0, rev(i), 0))]
+    args = [tab]
+    if seg_pad is not None:
+        in_specs += [pl.BlockSpec((None, bq), lambda i, hh, bb: (bb, rev(i))),
+                     pl.BlockSpec((None, s_pad), lambda i, hh, bb: (bb, 0))]
+        args += [qseg, kseg]
+    in_specs += [
+        pl.BlockSpec((None, bq, None, d), lambda i, hh, bb: (bb, rev(i), hh, 0)),
+        pl.BlockSpec((None, s_pad, None, d), lambda i, hh, bb: (bb, 0, hh // groups, 0)),
+        pl.BlockSpec((None, s_pad, None, d), lambda i, hh, bb: (bb, 0, hh // groups, 0)),
+    ]
+    args += [q, k, v]
+    out, lse = pl.pallas_call(
+        kernel,
+        grid=(nq, h, b),
+        in_specs=in_specs,
+        out_specs=[pl.BlockSpec((None, bq, None, d), lambda i, hh, bb: (bb, rev(i), hh, 0)),
+                   pl.BlockSpec((None, None, bq), lambda i, hh, bb: (bb, hh, rev(i)))],
+        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
+                   jax.ShapeDtypeStruct((b, h, t_pad), jnp.float32)],
+        name="fastjax_attention_fwd",
+        **_common.pallas_call_kwargs(st.interpret, bs.num_warps, bs.num_stages),
+    )(*args)
+    return out, lse
+
+
+def _pad_inputs(q, k, v, st: _Static):
+    t_pad, s_pad = padded_lengths(q.shape[1], k.shape[1], st.blocks)
+    dp = max(16, pl.next_power_of_2(st.head_dim))
+    q = _pad_to(_pad_to(q, 1, t_pad), 3, dp)
+    k = _pad_to(_pad_to(k, 1, s_pad), 3, dp)
+    v = _pad_to(_pad_to(v, 1, s_pad), 3, dp)
+    return q, k, v
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _flash(q, k, v, segment_ids, st: _Static):
+    return _flash_fwd(q, k, v, segment_ids, st)[0]
+
+
+def _flash_fwd(q, k, v, segment_ids, st: _Static):
+    qp, kp, vp = _pad_inputs(q, k, v, st)
+    out, lse = _fwd_impl(qp, kp, vp, segment_ids, st)
+    out = out[:, : st.t, :, : st.head_dim]
+    return out, (q, k, v, segment_ids, out, lse)
+
+
+def _flash_bwd(st: _Static, res, do):
+    from fastjax.pallas_kernels import attention_bwd  # the backward imports this module's kernel pieces
+
+    q, k, v, segment_ids, out, lse = res
+    qp, kp, vp = _pad_inputs(q, k, v, st)
+    t_pad = qp.shape[1]
+    dp = qp.shape[3]
+    op = _pad_to(_pad_to(out, 1, t_pad), 3, dp)
+    dop = _pad_to(_pad_to(do.astype(q.dtype), 1, t_pad), 3, dp)
+    dq, dk, dv = attention_bwd.flash_bwd(qp, kp, vp, segment_ids, op, dop, lse, st)
+    t, s, d = st.t, st.kv_len, st.head_dim
+    return dq[:, :t, :, :d], dk[:, :s, :, :d], dv[:, :s, :, :d], None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Dispatch
+# ----------------------------------------------------------------------------------------------------
+
+
+def _cudnn_unsupported(q, segment_ids, softcap) -> str | None:
+    """Why ``jax.nn.dot_product_attention(implementation="cudnn")`` cannot serve this case, or None."""
+    if not _common.on_gpu():
+        return "cuDNN needs a GPU"
+    if q.dtype not in (jnp.bfloat16, jnp.float16):
+        return f"cuDNN flash attention takes bf16/fp16, not {q.dtype}"
+    if segment_ids is not None:
+        return "jax.nn.dot_product_attention has no segment ids (packed rows)"
+    if softcap is not None:
+        return "cuDNN through jax has no logit softcap"
+    if q.shape[-1] % 8 or q.shape[-1] > 256:
+        return f"cuDNN needs head_dim % 8 == 0 and <= 256, got {q.shape[-1]}"
+    return None
+
+
+# The `auto` decision, first matching row wins. Evidence: benchmarks/results/attention_h200.md
+# (H200, jax 0.11.2, bf16 fwd+bwd). Filled in from measurements; see that file for the numbers.
+AUTO_TABLE: tuple[tuple[str, str, str], ...] = (
+    ("not on a GPU", "xla", "Pallas-Triton only compiles for GPUs; cuDNN too"),
+    ("cuDNN cannot serve the case", "pallas", "segment ids / softcap / fp32: only Pallas does them"),
+    ("otherwise", "cudnn", "cuDNN is the fastest where it applies (see attention_h200.md)"),
+)
+
+
+def choose_impl(q: jax.Array, segment_ids: jax.Array | None = None,
+                softcap: float | None = None) -> str:
+    """Apply ``AUTO_TABLE`` to one call's arguments."""
+    if not _common.on_gpu():
+        return "xla"
+    if _cudnn_unsupported(q, segment_ids, softcap) is not None:
+        return "pallas"
+    return "cudnn"
+
+
+def _cudnn_attention(q, k, v, *, causal, window, sm_scale):
+    # cuDNN's sliding_window_length W keeps (i - W, i]; jax maps local_window_size=(W - 1, 0) to it.
+    lws = None if window is None else (int(window) - 1, 0)
+    return jax.nn.dot_product_attention(q, k, v, scale=sm_scale, is_causal=causal,
+                                        local_window_size=lws, implementation="cudnn")
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, segment_ids: jax.Array | None = None,
+              causal: bool = True, window: int | None = None, softcap: float | None = None,
+              sm_scale: float | None = None, impl: str = "auto", interpret: bool | None = None,
+              block_sizes: BlockSizes | None = None) -> jax.Array:
+    """Attention ``[B, T, H, D] x [B, S, KV, D] -> [B, T, H, D]`` (see the module docstring).
+
+    ``impl``: ``"pallas"`` (this module's kernels; interpret mode without a GPU), ``"cudnn"``
+    (``jax.nn.dot_product_attention``; no segment ids / softcap / fp32), ``"xla"`` (the reference) or
+    ``"auto"`` (``AUTO_TABLE``). ``block_sizes`` overrides ``pick_block_sizes`` for the Pallas kernels.
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"impl={impl!r}; expected one of {IMPLS}")
+    _check_args(q, k, v, segment_ids, causal, window, softcap)
+    d = q.shape[-1]
+    sm_scale = 1.0 / math.sqrt(d) if sm_scale is None else float(sm_scale)
+    window = None if window is None else int(window)
+    softcap = None if softcap is None else float(softcap)
+    if impl == "auto":
+        impl = choose_impl(q, segment_ids, softcap)
+    if impl == "xla":
+        return attention_reference(q, k, v, segment_ids=segment_ids, causal=causal, window=window,
+                                   softcap=softcap, sm_scale=sm_scale)
+    if impl == "cudnn":
+        why = _cudnn_unsupported(q, segment_ids, softcap)
+        if why is not None:
+            raise ValueError(f"impl='cudnn': {why}")
+        return _cudnn_attention(q, k, v, causal=causal, window=window, sm_scale=sm_scale)
+    bs = (block_sizes or pick_block_sizes(d)).clamp(q.shape[1], k.shape[1])
+    st = _Static(causal=causal, window=window, softcap=softcap, sm_scale=sm_scale, blocks=bs,
+               interpret=_common.resolve_interpret(interpret), t=q.shape[1], kv_len=k.shape[1],
+               head_dim=d)
+    if segment_ids is not None:
+        segment_ids = segment_ids.astype(jnp.int32)
+    return _flash(q, k, v, segment_ids, st)

@@ -1,0 +1,429 @@
+"""Fused linear + cross-entropy: the loss from final hidden states without a ``[T, V]`` logits array.
+
+Math, per token t with label y_t (``ignore_index`` tokens count for nothing)::
+
+    z_tv   = hidden_t . head_v                       (fp32 accumulation)
+    z_tv   = softcap * tanh(z_tv / softcap)           (optional, Gemma 2 final-logit softcapping)
+    lse_t  = logsumexp_v z_tv                        (online: running max m and sum l over vocab tiles)
+    loss_t = lse_t - z_{t, y_t} + z_loss * lse_t^2    (0 for ignored tokens)
+    weighted: loss_t *= weights_t;  "sum": sum_t loss_t;  "mean": sum / #counted tokens;  "none": loss_t
+
+``count`` is the number of tokens whose label is not ``ignore_index`` (weights do not change it, so signed
+RL weights are fine); ``cross_entropy_sum_and_count`` returns ``(sum, count)`` for exact gradient
+accumulation over micro-batches (divide the summed sums by the summed counts).
+
+Backward, for a per-token cotangent g_t (the reductions above are plain JAX around one custom_vjp)::
+
+    p_tv   = exp(z_tv - lse_t)
+    dz_tv  = g_t * (p_tv * (1 + 2 z_loss lse_t) - [v == y_t]) * (1 - tanh^2)   (last factor with softcap only)
+    d_hidden = dz @ head;   d_head = dz^T @ hidden
+
+Layouts: hidden ``[T, D]`` (or ``[..., D]``), head ``[V, D]`` (HF ``lm_head.weight`` / tied embedding),
+labels ``[T]`` int32, weights ``[T]`` fp32. hidden and head share one dtype (the compute dtype).
+Dtype policy: matmul operands in the input dtype with fp32 accumulation, all softmax math in fp32; ``dz``
+is rounded to the compute dtype before the two gradient matmuls (as torch autograd does with bf16 logits);
+d_hidden is accumulated in fp32 and cast on store.
+Saved for backward: hidden, head, labels and ``lse [T]`` fp32; logits are recomputed tile by tile.
+
+Implementations (``impl``):
+* ``"pallas"``: forward = one Pallas Triton kernel, a tiled GEMM whose epilogue keeps an online
+  logsumexp; programs own (token block, vocab split) pairs and emit ``[splits, T]`` partial (max, sum)
+  combined by XLA. The target logit is a row gather of head and a fp32 dot (O(T*D)). Backward = a loop over
+  vocab chunks of width C: a Pallas kernel recomputes the logits tile by tile and writes ``dz`` for the
+  chunk (``[T, C]``, compute dtype), then two XLA (cuBLAS) matmuls add the chunk's share to d_hidden (fp32
+  carry) and write its rows of d_head. Extra memory: O(T*C + T*D + V*D), independent of V beyond the output.
+* ``"xla_chunked"``: ``lax.map`` over token chunks of width c with the same custom_vjp; extra memory
+  O(c*V) logits plus an fp32 ``[V, D]`` d_head accumulator. Runs anywhere (CPU too).
+* ``"xla"``: :func:`cross_entropy_reference`, full ``[T, V]`` fp32 logits, autodiff backward.
+
+d_head: computed unless ``head_trainable=False`` (a static flag): then the backward returns a symbolic
+zero for head and skips both the matmul and the ``[V, D]`` buffer (frozen head under LoRA).
+Numerics: every logsumexp subtracts the running max, so a single huge logit does not overflow; with all
+tokens ignored the loss and every gradient are exactly 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+from fastjax.pallas_kernels._common import cdiv, on_gpu, pallas_call_kwargs, resolve_interpret
+
+__all__ = ["BlockSizes", "IMPLS", "cross_entropy", "cross_entropy_reference",
+           "cross_entropy_sum_and_count"]
+
+IMPLS = ("pallas", "xla_chunked", "xla")
+REDUCTIONS = ("mean", "sum", "none")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reference
+# ----------------------------------------------------------------------------------------------------------
+def _precision(dtype):
+    """Full fp32 matmuls for fp32 operands (TF32 would lose 13 mantissa bits); default otherwise."""
+    return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+
+
+def _reduce(loss_t, labels, weights, reduction: str, ignore_index: int):
+    if weights is not None:
+        loss_t = loss_t * weights.astype(jnp.float32)
+    if reduction == "none":
+        return loss_t
+    total = jnp.sum(loss_t)
+    if reduction == "sum":
+        return total
+    count = jnp.sum(labels != ignore_index)
+    return total / jnp.maximum(count, 1).astype(jnp.float32)
+
+
+def cross_entropy_reference(hidden: jax.Array, head: jax.Array, labels: jax.Array, *,
+                            weights: jax.Array | None = None, softcap: float | None = None,
+                            z_loss: float = 0.0, reduction: str = "mean",
+                            ignore_index: int = -100) -> jax.Array:
+    """Pure-jnp loss with full fp32 logits ``[T, V]``: the definition of correct (see module docstring)."""
+    z = jnp.einsum("td,vd->tv", hidden, head, preferred_element_type=jnp.float32,
+                   precision=_precision(hidden.dtype))
+    if softcap is not None:
+        z = softcap * jnp.tanh(z / softcap)
+    lse = jax.nn.logsumexp(z, axis=-1)
+    valid = labels != ignore_index
+    target = jnp.take_along_axis(z, jnp.where(valid, labels, 0)[:, None], axis=-1)[:, 0]
+    loss_t = jnp.where(valid, lse - target + z_loss * lse * lse, 0.0)
+    return _reduce(loss_t, labels, weights, reduction, ignore_index)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------------------
+def _logits_tile(h_ref, w_ref, rows, cols, *, dim: int, block_k: int):
+    """fp32 ``[len(rows), len(cols)]`` tile of ``hidden @ head.T``; rows/cols are in-range (clamped)."""
+    def body(kk, acc):
+        ks = kk * block_k + jnp.arange(block_k)
+        kmask = (ks < dim)[None, :] if dim % block_k else None
+        a = plt.load(h_ref.at[rows[:, None], ks[None, :]], mask=kmask, other=0.0)
+        b = plt.load(w_ref.at[cols[:, None], ks[None, :]], mask=kmask, other=0.0)
+        return acc + lax.dot_general(a, b, (((1,), (1,)), ((), ())),
+                                     preferred_element_type=jnp.float32)
+
+    acc = jnp.zeros((rows.shape[0], cols.shape[0]), jnp.float32)
+    return lax.fori_loop(0, cdiv(dim, block_k), body, acc)
+
+
+def _ce_lse_kernel(h_ref, w_ref, m_ref, l_ref, *, n_tok: int, vocab: int, dim: int, block_t: int,
+                   block_v: int, block_k: int, tiles_per_split: int, softcap: float | None):
+    pid_s, pid_t = pl.program_id(0), pl.program_id(1)  # splits vary fastest: concurrent programs share
+    raw_rows = pid_t * block_t + jnp.arange(block_t)  # hidden blocks in L2
+    rows = jnp.minimum(raw_rows, n_tok - 1)
+    first = pid_s * tiles_per_split
+    # Splits are sized so that each starts inside the vocabulary: m is finite after its first tile.
+    n_here = jnp.minimum(tiles_per_split, cdiv(vocab, block_v) - first)
+
+    def body(j, carry):
+        m, l = carry
+        raw_cols = (first + j) * block_v + jnp.arange(block_v)
+        z = _logits_tile(h_ref, w_ref, rows, jnp.minimum(raw_cols, vocab - 1), dim=dim,
+                         block_k=block_k)
+        if softcap is not None:
+            z = softcap * jnp.tanh(z / softcap)
+        if vocab % block_v:
+            z = jnp.where((raw_cols < vocab)[None, :], z, -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(z, axis=1))
+        l = l * jnp.exp(m - m_new) + jnp.sum(jnp.exp(z - m_new[:, None]), axis=1)
+        return m_new, l
+
+    init = (jnp.full((block_t,), -jnp.inf, jnp.float32), jnp.zeros((block_t,), jnp.float32))
+    m, l = lax.fori_loop(0, n_here, body, init)
+    rmask = raw_rows < n_tok if n_tok % block_t else None
+    plt.store(m_ref.at[pid_s, raw_rows], m, mask=rmask)
+    plt.store(l_ref.at[pid_s, raw_rows], l, mask=rmask)
+
+
+def _ce_dlogits_kernel(off_ref, h_ref, w_ref, lse_ref, g_ref, lab_ref, dz_ref, *, n_tok: int,
+                       vocab: int, chunk: int, dim: int, block_t: int, block_v: int, block_k: int,
+                       softcap: float | None, z_loss: float):
+    pid_v, pid_t = pl.program_id(0), pl.program_id(1)
+    raw_rows = pid_t * block_t + jnp.arange(block_t)
+    rows = jnp.minimum(raw_rows, n_tok - 1)
+    local = pid_v * block_v + jnp.arange(block_v)
+    cols = off_ref[0] + local  # [chunk offset, +chunk) lies inside the vocabulary
+    z = _logits_tile(h_ref, w_ref, rows, jnp.minimum(cols, vocab - 1), dim=dim, block_k=block_k)
+    if softcap is not None:
+        t = jnp.tanh(z / softcap)
+        z = softcap * t
+    lse = plt.load(lse_ref.at[rows])
+    g = plt.load(g_ref.at[rows])  # 0 for ignored tokens
+    lab = plt.load(lab_ref.at[rows])
+    p = jnp.exp(z - lse[:, None])
+    if z_loss:
+        p = p * (1.0 + 2.0 * z_loss * lse)[:, None]
+    dz = g[:, None] * (p - (cols[None, :] == lab[:, None]).astype(jnp.float32))
+    if softcap is not None:
+        dz = dz * (1.0 - t * t)
+    mask = None
+    if n_tok % block_t:
+        mask = (raw_rows < n_tok)[:, None]
+    if chunk % block_v:
+        cmask = (local < chunk)[None, :]
+        mask = cmask if mask is None else mask & cmask
+    plt.store(dz_ref.at[raw_rows[:, None], local[None, :]], dz.astype(dz_ref.dtype), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Block sizes
+# ----------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Tiles of the Pallas GEMMs (powers of 2: block_t tokens x block_v vocab, block_k deep), Triton warps
+    and pipeline stages; vocab_splits: vocab ranges per token block in the forward; bwd_vocab_chunk: vocab
+    width C of one backward ``dz [T, C]`` chunk; token_chunk: tokens per ``lax.map`` step of xla_chunked."""
+
+    block_t: int = 128
+    block_v: int = 128
+    block_k: int = 64
+    num_warps: int = 8
+    num_stages: int = 3
+    vocab_splits: int = 16
+    bwd_vocab_chunk: int = 8192
+    token_chunk: int = 512
+
+    def __post_init__(self):
+        for name in ("block_t", "block_v", "block_k"):
+            v = getattr(self, name)
+            if v < 16 or v & (v - 1):
+                raise ValueError(f"{name}={v} must be a power of 2 >= 16 (Triton dot)")
+        for name in ("vocab_splits", "bwd_vocab_chunk", "token_chunk"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+
+
+def _num_sms() -> int:
+    if on_gpu():
+        return int(getattr(jax.devices()[0], "core_count", 0) or 132)
+    return 132
+
+
+def pick_block_sizes(n_tok: int, vocab: int, dim: int, dtype) -> BlockSizes:
+    """128x128x64 tiles, 8 warps, 3 stages (Hopper wgmma-sized); ~8 forward programs per SM; backward
+    ``dz`` chunk and xla_chunked logits chunk of ~256 MiB each."""
+    block_t = max(16, min(128, pl.next_power_of_2(n_tok)))
+    block_v = 128
+    block_k = max(16, min(64, pl.next_power_of_2(dim)))
+    n_tblocks = cdiv(n_tok, block_t)
+    splits = max(1, min(cdiv(vocab, block_v), cdiv(8 * _num_sms(), n_tblocks)))
+    itemsize = jnp.dtype(dtype).itemsize
+    chunk = 1 << max(10, min(14, ((2**28) // max(1, n_tok * itemsize)).bit_length() - 1))
+    token_chunk = 1 << max(4, min(12, ((2**28) // (4 * vocab)).bit_length() - 1))
+    return BlockSizes(block_t=block_t, block_v=block_v, block_k=block_k, num_warps=8, num_stages=3,
+                      vocab_splits=splits, bwd_vocab_chunk=chunk, token_chunk=token_chunk)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Forward / backward building blocks
+# ----------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    impl: str
+    softcap: float | None
+    z_loss: float
+    ignore_index: int
+    head_trainable: bool
+    block_sizes: BlockSizes
+    interpret: bool
+
+
+def _softcap(z, softcap):
+    return z if softcap is None else softcap * jnp.tanh(z / softcap)
+
+
+def _target_logits(h, w, labels, cfg: _Config):
+    """z_{t, y_t} from a row gather of head: O(T*D), exact bf16 products, fp32 sum."""
+    rows = jnp.take(w, jnp.clip(labels, 0, w.shape[0] - 1), axis=0)
+    z = jnp.sum(h.astype(jnp.float32) * rows.astype(jnp.float32), axis=-1)
+    return _softcap(z, cfg.softcap)
+
+
+def _lse_pallas(h, w, cfg: _Config):
+    (n_tok, dim), vocab = h.shape, w.shape[0]
+    bs = cfg.block_sizes
+    n_vtiles = cdiv(vocab, bs.block_v)
+    per_split = cdiv(n_vtiles, min(bs.vocab_splits, n_vtiles))
+    splits = cdiv(n_vtiles, per_split)  # every split starts inside the vocabulary
+    kernel = functools.partial(_ce_lse_kernel, n_tok=n_tok, vocab=vocab, dim=dim,
+                               block_t=bs.block_t, block_v=bs.block_v, block_k=bs.block_k,
+                               tiles_per_split=per_split, softcap=cfg.softcap)
+    part = jax.ShapeDtypeStruct((splits, n_tok), jnp.float32)
+    m, l = pl.pallas_call(kernel, out_shape=[part, part], grid=(splits, cdiv(n_tok, bs.block_t)),
+                          name="cross_entropy_lse",
+                          **pallas_call_kwargs(cfg.interpret, bs.num_warps, bs.num_stages))(h, w)
+    m_max = jnp.max(m, axis=0)
+    return m_max + jnp.log(jnp.sum(l * jnp.exp(m - m_max[None, :]), axis=0))
+
+
+def _dlogits_pallas(offset, width: int, h, w, lse, g, labels, cfg: _Config):
+    (n_tok, dim), vocab = h.shape, w.shape[0]
+    bs = cfg.block_sizes
+    kernel = functools.partial(_ce_dlogits_kernel, n_tok=n_tok, vocab=vocab, chunk=width, dim=dim,
+                               block_t=bs.block_t, block_v=bs.block_v, block_k=bs.block_k,
+                               softcap=cfg.softcap, z_loss=cfg.z_loss)
+    return pl.pallas_call(
+        kernel, out_shape=jax.ShapeDtypeStruct((n_tok, width), h.dtype),
+        grid=(cdiv(width, bs.block_v), cdiv(n_tok, bs.block_t)), name="cross_entropy_dlogits",
+        **pallas_call_kwargs(cfg.interpret, bs.num_warps, bs.num_stages),
+    )(jnp.reshape(offset, (1,)).astype(jnp.int32), h, w, lse, g, labels)
+
+
+def _grads_pallas(h, w, labels, lse, g, cfg: _Config):
+    vocab, prec = w.shape[0], _precision(h.dtype)
+    width = min(cfg.block_sizes.bwd_vocab_chunk, vocab)
+    n_full, rem = divmod(vocab, width)
+
+    def chunk(offset, width, carry):
+        dh, dw = carry
+        dz = _dlogits_pallas(offset, width, h, w, lse, g, labels, cfg)  # [T, width]
+        w_c = lax.dynamic_slice_in_dim(w, offset, width, axis=0)
+        dh = dh + jnp.dot(dz, w_c, preferred_element_type=jnp.float32, precision=prec)
+        if dw is not None:
+            dw_c = lax.dot_general(dz, h, (((0,), (0,)), ((), ())), precision=prec,
+                                   preferred_element_type=jnp.float32)
+            dw = lax.dynamic_update_slice_in_dim(dw, dw_c.astype(w.dtype), offset, axis=0)
+        return dh, dw
+
+    carry = (jnp.zeros(h.shape, jnp.float32), jnp.zeros_like(w) if cfg.head_trainable else None)
+    carry = lax.fori_loop(0, n_full, lambda i, c: chunk(i * width, width, c), carry)
+    if rem:
+        carry = chunk(n_full * width, rem, carry)
+    return carry
+
+
+def _token_chunks(x, c: int):
+    """``[T, ...] -> [T/c, c, ...]`` (zero padded)."""
+    pad = (-x.shape[0]) % c
+    x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
+    return x.reshape(-1, c, *x.shape[1:])
+
+
+def _lse_chunked(h, w, cfg: _Config):
+    c = min(cfg.block_sizes.token_chunk, h.shape[0])
+
+    def one(hc):
+        z = jnp.einsum("td,vd->tv", hc, w, preferred_element_type=jnp.float32,
+                       precision=_precision(h.dtype))
+        return jax.nn.logsumexp(_softcap(z, cfg.softcap), axis=-1)
+
+    return lax.map(one, _token_chunks(h, c)).reshape(-1)[: h.shape[0]]
+
+
+def _grads_chunked(h, w, labels, lse, g, cfg: _Config):
+    n_tok, c, prec = h.shape[0], min(cfg.block_sizes.token_chunk, h.shape[0]), _precision(h.dtype)
+
+    def step(dw, xs):
+        hc, lab, lse_c, g_c = xs
+        z = jnp.einsum("td,vd->tv", hc, w, preferred_element_type=jnp.float32, precision=prec)
+        if cfg.softcap is not None:
+            t = jnp.tanh(z / cfg.softcap)
+            z = cfg.softcap * t
+        p = jnp.exp(z - lse_c[:, None]) * (1.0 + 2.0 * cfg.z_loss * lse_c)[:, None]
+        dz = g_c[:, None] * (p - jax.nn.one_hot(lab, w.shape[0], dtype=jnp.float32))
+        if cfg.softcap is not None:
+            dz = dz * (1.0 - t * t)
+        dz = dz.astype(h.dtype)
+        dh = jnp.dot(dz, w, preferred_element_type=jnp.float32, precision=prec)
+        if dw is not None:
+            dw = dw + lax.dot_general(dz, hc, (((0,), (0,)), ((), ())), precision=prec,
+                                      preferred_element_type=jnp.float32)
+        return dw, dh
+
+    dw0 = jnp.zeros(w.shape, jnp.float32) if cfg.head_trainable else None
+    xs = tuple(_token_chunks(x, c) for x in (h, labels, lse, g))
+    dw, dh = lax.scan(step, dw0, xs)
+    return dh.reshape(-1, h.shape[1])[:n_tok], None if dw is None else dw.astype(w.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# custom_vjp wiring: per-token loss; reductions and weights are plain JAX around it
+# ----------------------------------------------------------------------------------------------------------
+def _per_token_fwd(h, w, labels, cfg: _Config):
+    lse = (_lse_pallas if cfg.impl == "pallas" else _lse_chunked)(h, w, cfg)
+    target = _target_logits(h, w, labels, cfg)
+    loss = jnp.where(labels != cfg.ignore_index, lse - target + cfg.z_loss * lse * lse, 0.0)
+    return loss, (h, w, labels, lse)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _per_token(h, w, labels, cfg: _Config):
+    return _per_token_fwd(h, w, labels, cfg)[0]
+
+
+def _per_token_bwd(cfg: _Config, res, g):
+    h, w, labels, lse = res
+    g = jnp.where(labels != cfg.ignore_index, g, 0.0).astype(jnp.float32)
+    grads = _grads_pallas if cfg.impl == "pallas" else _grads_chunked
+    dh, dw = grads(h, w, labels, lse, g, cfg)
+    return dh.astype(h.dtype), dw, None
+
+
+_per_token.defvjp(_per_token_fwd, _per_token_bwd)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------------------------------------
+def cross_entropy(hidden: jax.Array, head: jax.Array, labels: jax.Array, *,
+                  weights: jax.Array | None = None, softcap: float | None = None,
+                  z_loss: float = 0.0, reduction: str = "mean", ignore_index: int = -100,
+                  head_trainable: bool = True, impl: str = "pallas", interpret: bool | None = None,
+                  block_sizes: BlockSizes | None = None) -> jax.Array:
+    """Cross-entropy of ``hidden @ head.T`` against ``labels`` without materializing the logits.
+
+    hidden ``[..., D]``, head ``[V, D]`` (same dtype), labels ``[...]`` int (``ignore_index`` skipped),
+    weights ``[...]`` fp32 per-token multipliers. ``reduction``: "mean" (over counted tokens; 0 when
+    none), "sum", or "none" (per-token loss of labels' shape, 0 at ignored tokens; ``-loss`` is the
+    token log-prob when ``z_loss == 0``). ``softcap``: Gemma-2 final-logit cap; ``z_loss``: coefficient
+    of ``lse^2``. ``head_trainable=False`` skips d_head (returns zero cotangent for head).
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"impl={impl!r}: expected one of {IMPLS}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction={reduction!r}: expected one of {REDUCTIONS}")
+    if head.ndim != 2 or hidden.shape[-1] != head.shape[1]:
+        raise ValueError(f"{hidden.shape=} and {head.shape=}: expected [..., D] and [V, D]")
+    if hidden.dtype != head.dtype:
+        raise ValueError(f"{hidden.dtype=} and {head.dtype=} must match (cast one first)")
+    if labels.shape != hidden.shape[:-1]:
+        raise ValueError(f"{labels.shape=} must be hidden's leading shape {hidden.shape[:-1]}")
+    if weights is not None and weights.shape != labels.shape:
+        raise ValueError(f"{weights.shape=} must equal {labels.shape=}")
+    if softcap is not None and softcap <= 0:
+        raise ValueError(f"softcap={softcap} must be positive (or None)")
+    shape = labels.shape
+    h = hidden.reshape(-1, hidden.shape[-1])
+    labels = labels.reshape(-1).astype(jnp.int32)
+    weights = None if weights is None else weights.reshape(-1)
+    if impl == "xla" or h.shape[0] == 0:
+        out = cross_entropy_reference(h, head, labels, weights=weights, softcap=softcap,
+                                      z_loss=z_loss, reduction=reduction, ignore_index=ignore_index)
+    else:
+        bs = block_sizes or pick_block_sizes(h.shape[0], head.shape[0], h.shape[1], h.dtype)
+        cfg = _Config(impl=impl, softcap=None if softcap is None else float(softcap),
+                      z_loss=float(z_loss), ignore_index=int(ignore_index),
+                      head_trainable=bool(head_trainable), block_sizes=bs,
+                      interpret=resolve_interpret(interpret))  # resolved now: caches key on it
+        out = _reduce(_per_token(h, head, labels, cfg), labels, weights, reduction, ignore_index)
+    return out.reshape(shape) if reduction == "none" else out
+
+
+def cross_entropy_sum_and_count(hidden: jax.Array, head: jax.Array, labels: jax.Array,
+                                **kwargs) -> tuple[jax.Array, jax.Array]:
+    """``(sum of (weighted) per-token losses, number of counted tokens int32)`` for gradient accumulation:
+    the mean over micro-batches is ``sum(sums) / sum(counts)``. kwargs as :func:`cross_entropy`."""
+    if "reduction" in kwargs:
+        raise TypeError("cross_entropy_sum_and_count always uses reduction='sum'")
+    total = cross_entropy(hidden, head, labels, reduction="sum", **kwargs)
+    count = jnp.sum(labels != kwargs.get("ignore_index", -100)).astype(jnp.int32)
+    return total, count

@@ -1,0 +1,233 @@
+"""Rotary position embedding (HF Llama "rotate-half" layout) for q and k in one Pallas Triton kernel.
+
+Math, per token t with position p_t (``positions [B, T]`` int32; packed segments restart at 0) and
+``j in [0, Dh/2)``::
+
+    theta_tj = p_t * inv_freq_j                          (fp32, as HF: ``inv_freq @ position_ids``)
+    c = cos(theta) * attention_scaling,  s = sin(theta) * attention_scaling
+    out[..., j]        = x[..., j] * c_j - x[..., j + Dh/2] * s_j
+    out[..., j + Dh/2] = x[..., j + Dh/2] * c_j + x[..., j] * s_j
+
+which is HF's ``x * cos + rotate_half(x) * sin`` with ``cos``/``sin`` duplicated over both halves.
+The backward is the rotation by ``-theta`` (``s -> -s``) applied to the cotangents: the same kernel.
+``positions`` and ``inv_freq`` get no gradient.
+
+Layouts: q ``[B, T, H, Dh]``, k ``[B, T, KV, Dh]`` (viewed as ``[B*T, heads, Dh]``), inv_freq ``[Dh/2]`` fp32.
+Dtype policy: cos/sin and the rotation in fp32, cast on store. HF instead casts cos/sin to the activation
+dtype and does the two products and the sum in that dtype (three bf16 roundings); we round once, so bf16
+outputs differ from HF by at most about one bf16 ulp and are closer to the exact value.
+Saved for backward: nothing but positions and inv_freq; cos/sin are recomputed on the fly inside the kernel
+from positions and inv_freq (no ``[T, Dh]`` table ever lives in HBM).
+
+Kernel: one program handles ``block_t`` tokens, all heads of q and k (heads and half head-dim padded to
+powers of two and masked), computing each token's ``Dh/2`` cos/sin once and sharing them across heads.
+
+``rope_inv_freq`` reproduces transformers' default / ``linear`` / ``llama3`` inverse frequencies in fp32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+from fastjax.pallas_kernels._common import cdiv, pallas_call_kwargs, resolve_interpret
+
+__all__ = ["BlockSizes", "rope", "rope_inv_freq", "rope_reference"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Inverse frequencies (transformers' modeling_rope_utils, fp32 like torch)
+# ----------------------------------------------------------------------------------------------------------
+def rope_inv_freq(head_dim: int, theta: float, rope_scaling: dict | None = None) -> np.ndarray:
+    """fp32 ``[head_dim // 2]`` inverse frequencies.
+
+    ``rope_scaling``: None (or ``rope_type`` "default"), ``{"rope_type": "linear", "factor"}`` or
+    ``{"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
+    "original_max_position_embeddings"}``; the old key ``"type"`` is accepted for ``"rope_type"``.
+    """
+    if head_dim % 2:
+        raise ValueError(f"head_dim={head_dim} must be even for rotate-half RoPE")
+    exponent = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
+    inv_freq = (np.float32(1.0) / np.power(np.float32(theta), exponent)).astype(np.float32)
+    if not rope_scaling:
+        return inv_freq
+    rope_type = rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
+    if rope_type == "default":
+        return inv_freq
+    if rope_type == "linear":
+        return (inv_freq / np.float32(rope_scaling["factor"])).astype(np.float32)
+    if rope_type == "llama3":
+        factor = np.float32(rope_scaling["factor"])
+        low, high = rope_scaling["low_freq_factor"], rope_scaling["high_freq_factor"]
+        old_ctx = rope_scaling["original_max_position_embeddings"]
+        low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+        wavelen = np.float32(2 * math.pi) / inv_freq
+        out = np.where(wavelen > low_wavelen, inv_freq / factor, inv_freq).astype(np.float32)
+        smooth = ((np.float32(old_ctx) / wavelen - np.float32(low))
+                  / np.float32(high - low)).astype(np.float32)
+        smoothed = (np.float32(1) - smooth) * out / factor + smooth * out
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        return np.where(medium, smoothed, out).astype(np.float32)
+    raise ValueError(f"rope_scaling rope_type={rope_type!r} is not supported "
+                     "(supported: None/'default', 'linear', 'llama3')")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reference
+# ----------------------------------------------------------------------------------------------------------
+def _rotate_reference(x, cos, sin):
+    half = x.shape[-1] // 2
+    xf = x.astype(jnp.float32)
+    x1, x2 = xf[..., :half], xf[..., half:]
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def rope_reference(q: jax.Array, k: jax.Array, positions: jax.Array, inv_freq: jax.Array, *,
+                   attention_scaling: float = 1.0) -> tuple[jax.Array, jax.Array]:
+    """Pure-jnp fp32 rotate-half RoPE. q ``[B, T, H, Dh]``, k ``[B, T, KV, Dh]``, positions ``[B, T]``."""
+    theta = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
+    cos = (jnp.cos(theta) * attention_scaling)[:, :, None, :]  # [B, T, 1, Dh/2]
+    sin = (jnp.sin(theta) * attention_scaling)[:, :, None, :]
+    return _rotate_reference(q, cos, sin), _rotate_reference(k, cos, sin)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Kernel
+# ----------------------------------------------------------------------------------------------------------
+def _rope_kernel(pos_ref, inv_ref, q_ref, k_ref, qo_ref, ko_ref, *, n_tok: int, half: int,
+                 block_t: int, block_half: int, heads: tuple[int, int], block_heads: tuple[int, int],
+                 sign: float, scaling: float):
+    toks = pl.program_id(0) * block_t + jnp.arange(block_t)
+    j = jnp.arange(block_half)
+    tmask = toks < n_tok if n_tok % block_t else None
+    jmask = j < half if half != block_half else None
+    pos = plt.load(pos_ref.at[toks], mask=tmask, other=0).astype(jnp.float32)
+    inv = plt.load(inv_ref.at[j], mask=jmask, other=0.0)
+    theta = pos[:, None] * inv[None, :]  # [bt, bh]
+    cos = (jnp.cos(theta) * scaling)[:, None, :]
+    sin = (jnp.sin(theta) * (scaling * sign))[:, None, :]
+    for x_ref, o_ref, n_heads, block_h in ((q_ref, qo_ref, heads[0], block_heads[0]),
+                                           (k_ref, ko_ref, heads[1], block_heads[1])):
+        h = jnp.arange(block_h)
+        mask = None
+        for m, shape in ((tmask, (block_t, 1, 1)), (h < n_heads if n_heads != block_h else None,
+                                                     (1, block_h, 1)),
+                         (jmask, (1, 1, block_half))):
+            if m is not None:
+                m = m.reshape(shape)
+                mask = m if mask is None else mask & m
+        t3, h3, j3 = toks[:, None, None], h[None, :, None], j[None, None, :]
+        x1 = plt.load(x_ref.at[t3, h3, j3], mask=mask, other=0.0).astype(jnp.float32)
+        x2 = plt.load(x_ref.at[t3, h3, j3 + half], mask=mask, other=0.0).astype(jnp.float32)
+        plt.store(o_ref.at[t3, h3, j3], (x1 * cos - x2 * sin).astype(o_ref.dtype), mask=mask)
+        plt.store(o_ref.at[t3, h3, j3 + half], (x2 * cos + x1 * sin).astype(o_ref.dtype), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Block sizes
+# ----------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """block_t: tokens per program (power of 2); num_warps: Triton warps."""
+
+    block_t: int
+    num_warps: int
+
+    def __post_init__(self):
+        if self.block_t < 1 or self.block_t & (self.block_t - 1):
+            raise ValueError(f"block_t={self.block_t} must be a power of 2 (Triton)")
+
+
+def pick_block_sizes(n_tok: int, n_heads: int, n_kv_heads: int, head_dim: int) -> BlockSizes:
+    """About 8K q+k elements a program (Llama-3-8B: 2 tokens x 40 heads x 128)."""
+    per_tok = (pl.next_power_of_2(n_heads) + pl.next_power_of_2(n_kv_heads)) * pl.next_power_of_2(
+        head_dim)
+    block_t = max(1, min(pl.next_power_of_2(n_tok), 8192 // per_tok))
+    block_t = 1 << (block_t.bit_length() - 1)  # round down to a power of 2
+    num_warps = 8 if block_t * per_tok >= 8192 else 4
+    return BlockSizes(block_t=block_t, num_warps=num_warps)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# custom_vjp wiring
+# ----------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    attention_scaling: float
+    block_sizes: BlockSizes
+    interpret: bool
+
+
+def _rope_call(q3, k3, pos, inv_freq, cfg: _Config, sign: float):
+    n_tok, n_heads, head_dim = q3.shape
+    n_kv = k3.shape[1]
+    half = head_dim // 2
+    bs = cfg.block_sizes
+    kernel = functools.partial(
+        _rope_kernel, n_tok=n_tok, half=half, block_t=bs.block_t,
+        block_half=pl.next_power_of_2(half), heads=(n_heads, n_kv),
+        block_heads=(pl.next_power_of_2(n_heads), pl.next_power_of_2(n_kv)), sign=sign,
+        scaling=cfg.attention_scaling)
+    return pl.pallas_call(
+        kernel, out_shape=[jax.ShapeDtypeStruct(q3.shape, q3.dtype),
+                           jax.ShapeDtypeStruct(k3.shape, k3.dtype)],
+        grid=(cdiv(n_tok, bs.block_t),), name="rope_fwd" if sign > 0 else "rope_bwd",
+        **pallas_call_kwargs(cfg.interpret, num_warps=bs.num_warps))(pos, inv_freq, q3, k3)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _rope(q3, k3, pos, inv_freq, cfg: _Config):
+    return tuple(_rope_call(q3, k3, pos, inv_freq, cfg, 1.0))
+
+
+def _rope_fwd(q3, k3, pos, inv_freq, cfg):
+    return _rope(q3, k3, pos, inv_freq, cfg), (pos, inv_freq)
+
+
+def _rope_bwd(cfg, res, cts):
+    pos, inv_freq = res
+    dq, dk = _rope_call(cts[0], cts[1], pos, inv_freq, cfg, -1.0)
+    return dq, dk, None, None
+
+
+_rope.defvjp(_rope_fwd, _rope_bwd)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------------------------------------
+def rope(q: jax.Array, k: jax.Array, positions: jax.Array, inv_freq: jax.Array | np.ndarray, *,
+         attention_scaling: float = 1.0, impl: str = "pallas", interpret: bool | None = None,
+         block_sizes: BlockSizes | None = None) -> tuple[jax.Array, jax.Array]:
+    """Rotate q ``[B, T, H, Dh]`` and k ``[B, T, KV, Dh]`` by ``positions [B, T]`` -> ``(q_rot, k_rot)``.
+
+    ``inv_freq``: ``[Dh/2]`` from :func:`rope_inv_freq`. ``attention_scaling`` multiplies cos and sin.
+    ``impl="xla"`` runs :func:`rope_reference`.
+    """
+    if impl not in ("pallas", "xla"):
+        raise ValueError(f"impl={impl!r}: expected 'pallas' or 'xla'")
+    if q.ndim != 4 or k.ndim != 4 or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"{q.shape=} and {k.shape=}: expected [B, T, H, Dh] and [B, T, KV, Dh]")
+    if positions.shape != q.shape[:2]:
+        raise ValueError(f"{positions.shape=} must be [B, T] = {q.shape[:2]}")
+    if q.shape[3] % 2 or inv_freq.shape != (q.shape[3] // 2,):
+        raise ValueError(f"{inv_freq.shape=} must be [Dh/2] for head_dim {q.shape[3]} (even)")
+    inv_freq = jnp.asarray(inv_freq, jnp.float32)
+    if impl == "xla":
+        return rope_reference(q, k, positions, inv_freq, attention_scaling=attention_scaling)
+    b, t, h, d = q.shape
+    if b * t == 0:
+        return q, k
+    bs = block_sizes or pick_block_sizes(b * t, h, k.shape[2], d)
+    cfg = _Config(attention_scaling=float(attention_scaling), block_sizes=bs,
+                  interpret=resolve_interpret(interpret))  # resolved now: trace caches key on it
+    q_rot, k_rot = _rope(q.reshape(b * t, h, d), k.reshape(b * t, k.shape[2], d),
+                         positions.reshape(b * t).astype(jnp.int32), inv_freq, cfg)
+    return q_rot.reshape(q.shape), k_rot.reshape(k.shape)

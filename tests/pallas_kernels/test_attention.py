@@ -1,0 +1,292 @@
+"""Flash attention: reference vs a naive dense formula, Pallas (interpret mode) vs reference, fwd + vjp.
+
+Every case draws fresh random inputs and a random cotangent. Errors are relative L2 norms
+``|got - want| / |want|`` against ``attention_reference`` run on the same (low-precision) inputs.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fastjax.pallas_kernels import _common
+from fastjax.pallas_kernels import attention as A
+
+TOL = {jnp.float32: 1e-5, jnp.float16: 5e-3, jnp.bfloat16: 2e-2}  # relative L2 error, per input dtype
+FAST_XLA = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+SMALL16 = A.BlockSizes(16, 16, 4, 2, 16, 16, 4, 2, 16, 16, 4, 2)
+SMALL32 = A.BlockSizes(32, 16, 4, 2, 16, 32, 4, 2, 32, 16, 4, 2)
+
+
+def _key(*tag) -> jax.Array:
+    return jax.random.key(zlib.crc32(repr(tag).encode()))
+
+
+def _inputs(tag, b, t, h, kv, d, dtype):
+    ks = jax.random.split(_key(*tag), 4)
+    q = jax.random.normal(ks[0], (b, t, h, d), jnp.float32).astype(dtype)
+    k = jax.random.normal(ks[1], (b, t, kv, d), jnp.float32).astype(dtype)
+    v = jax.random.normal(ks[2], (b, t, kv, d), jnp.float32).astype(dtype)
+    do = jax.random.normal(ks[3], (b, t, h, d), jnp.float32).astype(dtype)
+    return q, k, v, do
+
+
+def _segments(tag, b, t, n_max, *, pad: bool = True) -> jax.Array:
+    """Per row 1..n_max segments with random boundaries and increasing ids, then a padding tail (0)."""
+    rng = np.random.default_rng(zlib.crc32(repr(tag).encode()))
+    seg = np.zeros((b, t), np.int32)
+    for r in range(b):
+        real = t - (int(rng.integers(0, max(1, t // 6) + 1)) if pad else 0)
+        n = int(rng.integers(1, n_max + 1))
+        cuts = np.sort(rng.choice(np.arange(1, max(2, real)), size=min(n - 1, max(0, real - 1)),
+                                  replace=False))
+        ids = np.cumsum(rng.integers(1, 3, size=len(cuts) + 1))
+        seg[r, :real] = ids[np.searchsorted(cuts, np.arange(real), side="right")]
+    return jnp.asarray(seg)
+
+
+def _rel(got, want) -> float:
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
+
+
+def _fwd_vjp(fn, q, k, v, do):
+    def run(q, k, v, do):
+        o, vjp = jax.vjp(fn, q, k, v)
+        return (o, *vjp(do))
+
+    return jax.jit(run).lower(q, k, v, do).compile(compiler_options=FAST_XLA)(q, k, v, do)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The reference against a naive formula built differently (float64 numpy, repeated K/V, dense mask)
+# ----------------------------------------------------------------------------------------------------
+
+
+def _naive_np(q, k, v, seg, causal, window, softcap, sm_scale):
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    b, t, h, d = q.shape
+    s_len, g = k.shape[1], h // k.shape[2]
+    k, v = np.repeat(k, g, axis=2), np.repeat(v, g, axis=2)
+    out = np.zeros_like(q)
+    for bi in range(b):
+        for i in range(t):
+            allowed = []
+            for j in range(s_len):
+                ok = (not causal or j <= i) and (window is None or i - j < window)
+                if seg is not None:
+                    ok = ok and seg[bi, i] != 0 and seg[bi, i] == seg[bi, j]
+                allowed.append(ok)
+            idx = np.nonzero(allowed)[0]
+            if idx.size == 0:
+                continue
+            for hi in range(h):
+                s = sm_scale * k[bi, idx, hi] @ q[bi, i, hi]
+                if softcap is not None:
+                    s = softcap * np.tanh(s / softcap)
+                p = np.exp(s - s.max())
+                out[bi, i, hi] = (p / p.sum()) @ v[bi, idx, hi]
+    return out
+
+
+def _naive_jnp(q, k, v, seg, causal, window, softcap, sm_scale):
+    """Dense-mask softmax on repeated K/V, in jnp so its gradient can be taken."""
+    g = q.shape[2] // k.shape[2]
+    k, v = jnp.repeat(k, g, axis=2), jnp.repeat(v, g, axis=2)
+    s = jnp.einsum("bihd,bjhd->bhij", q, k, precision="highest") * sm_scale
+    if softcap is not None:
+        s = softcap * jnp.tanh(s / softcap)
+    i, j = np.arange(q.shape[1])[:, None], np.arange(k.shape[1])[None, :]
+    mask = np.ones((q.shape[1], k.shape[1]), bool)
+    mask &= (j <= i) if causal else True
+    mask &= (i - j < window) if window is not None else True
+    mask = jnp.asarray(mask)[None, None]
+    if seg is not None:
+        mask = mask & ((seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] > 0))[:, None]
+    p = jax.nn.softmax(jnp.where(mask, s, -1e30), axis=-1) * mask
+    o = jnp.einsum("bhij,bjhd->bihd", p, v, precision="highest")
+    return o * jnp.any(mask, axis=-1).transpose(0, 2, 1)[..., None]
+
+
+REF_CASES = [  # (B, T, H, KV, causal, segments, window, softcap)
+    (2, 1, 4, 4, True, 0, None, None),
+    (1, 17, 4, 1, False, 0, None, None),
+    (2, 23, 8, 2, True, 3, None, None),
+    (1, 30, 4, 2, True, 2, 5, 3.0),
+    (1, 19, 6, 3, False, 3, None, 2.0),
+    (1, 25, 4, 4, True, 0, 1, None),
+]
+
+
+@pytest.mark.parametrize("case", REF_CASES, ids=str)
+def test_reference_matches_naive(case):
+    b, t, h, kv, causal, nseg, window, softcap = case
+    q, k, v, do = _inputs(("ref",) + case, b, t, h, kv, 16, jnp.float32)
+    seg = _segments(("ref",) + case, b, t, nseg) if nseg else None
+    sm = 0.3
+    kw = dict(segment_ids=seg, causal=causal, window=window, softcap=softcap, sm_scale=sm)
+    got, *grads = _fwd_vjp(lambda q, k, v: A.attention_reference(q, k, v, **kw), q, k, v, do)
+    want = _naive_np(q, k, v, None if seg is None else np.asarray(seg), causal, window, softcap, sm)
+    assert _rel(got, want) < 1e-5
+    naive = lambda q, k, v: _naive_jnp(q, k, v, seg, causal, window, softcap, sm)  # noqa: E731
+    _, *want_grads = _fwd_vjp(naive, q, k, v, do)
+    for g_, w_ in zip(grads, want_grads):
+        assert np.isfinite(np.asarray(g_)).all()
+        assert _rel(g_, w_) < 1e-5
+
+
+def test_reference_sliding_window_matches_transformers():
+    """HF's sliding-window causal mask (masking_utils) is exactly ``allowed_mask``'s window."""
+    torch = pytest.importorskip("torch")
+    mu = pytest.importorskip("transformers.masking_utils")
+    t, w = 12, 4
+    fn = mu.sliding_window_causal_mask_function(w)
+    zero = torch.tensor(0)
+    hf = fn(zero, zero, torch.arange(t)[:, None], torch.arange(t)[None, :]).numpy()
+    ours = np.asarray(A.allowed_mask(t, t, None, causal=True, window=w)[0])
+    np.testing.assert_array_equal(ours, hf)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Pallas kernels (interpret mode on CPU) against the reference
+# ----------------------------------------------------------------------------------------------------
+
+PALLAS_CASES = [  # (B, T, H, KV, D, dtype, causal, segments, window, softcap, blocks)
+    (1, 1, 4, 4, 64, jnp.float32, True, 0, None, None, None),
+    (1, 17, 8, 2, 128, jnp.bfloat16, False, 0, None, None, None),
+    (2, 128, 8, 1, 64, jnp.float32, True, 4, None, None, SMALL16),
+    (1, 300, 4, 1, 64, jnp.float32, True, 0, 37, None, SMALL32),
+    (1, 128, 4, 2, 256, jnp.bfloat16, True, 3, 50, 20.0, SMALL32),
+    (1, 17, 4, 1, 128, jnp.float32, True, 2, None, 5.0, None),
+    (2, 33, 2, 2, 64, jnp.float16, False, 2, None, None, SMALL16),
+    (1, 40, 4, 4, 72, jnp.float32, True, 0, None, None, None),
+    (1, 300, 8, 8, 128, jnp.bfloat16, True, 1, None, 30.0, None),
+]
+
+
+def _case_id(c):
+    b, t, h, kv, d, dt, causal, nseg, w, cap, bs = c
+    return (f"B{b}T{t}H{h}KV{kv}D{d}-{jnp.dtype(dt).name}-{'causal' if causal else 'full'}"
+            f"-seg{nseg}-w{w}-cap{cap}-{'small' if bs else 'auto'}")
+
+
+@pytest.mark.parametrize("case", PALLAS_CASES, ids=_case_id)
+def test_pallas_matches_reference(case):
+    b, t, h, kv, d, dtype, causal, nseg, window, softcap, bs = case
+    q, k, v, do = _inputs(("pallas",) + case[:5] + (nseg, window), b, t, h, kv, d, dtype)
+    seg = _segments(("pallas", b, t, nseg), b, t, nseg) if nseg else None
+    kw = dict(segment_ids=seg, causal=causal, window=window, softcap=softcap)
+    got = _fwd_vjp(lambda q, k, v: A.attention(q, k, v, impl="pallas", interpret=True,
+                                               block_sizes=bs, **kw), q, k, v, do)
+    want = _fwd_vjp(lambda q, k, v: A.attention_reference(q, k, v, **kw), q, k, v, do)
+    for name, g_, w_ in zip(("out", "dq", "dk", "dv"), got, want):
+        assert g_.dtype == dtype and g_.shape == w_.shape, name
+        assert np.isfinite(np.asarray(g_, np.float32)).all(), name
+        assert _rel(g_, w_) < TOL[dtype], (name, _rel(g_, w_))
+    if seg is not None:  # padding: output 0, no gradient into or out of padding positions
+        pad = np.asarray(seg) == 0
+        for name, x in zip(("out", "dq", "dk", "dv"), got):
+            assert not np.any(np.asarray(x, np.float32)[pad]), name
+
+
+def test_packed_row_equals_separate_sequences():
+    lens, pad, h, kv, d = (5, 11, 13), 3, 4, 2, 64
+    t = sum(lens) + pad
+    q, k, v, do = _inputs(("packed",), 1, t, h, kv, d, jnp.float32)
+    seg = jnp.asarray([sum(([i + 1] * n for i, n in enumerate(lens)), []) + [0] * pad], jnp.int32)
+    fn = lambda seg: lambda q, k, v: A.attention(q, k, v, segment_ids=seg, impl="pallas",  # noqa: E731
+                                                 interpret=True, block_sizes=SMALL16)
+    packed = _fwd_vjp(fn(seg), q, k, v, do)
+    start = 0
+    for n in lens:
+        sl = slice(start, start + n)
+        alone = _fwd_vjp(fn(None), q[:, sl], k[:, sl], v[:, sl], do[:, sl])
+        for p_, a_ in zip(packed, alone):
+            assert _rel(p_[:, sl], a_) < TOL[jnp.float32]
+        start += n
+
+
+# ----------------------------------------------------------------------------------------------------
+# Block skipping tables, dispatch, switches
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("causal,window,nseg,bq,bk", [
+    (True, None, 5, 16, 32), (True, 40, 3, 32, 16), (False, None, 4, 16, 16), (True, 17, 0, 16, 16)])
+def test_block_ranges_cover_exactly_the_mask(causal, window, nseg, bq, bk):
+    t = 160
+    seg = _segments(("tab", causal, window, nseg), 2, t, nseg) if nseg else None
+    allowed = np.asarray(A.allowed_mask(t, t, seg, causal=causal, window=window))
+    allowed = np.broadcast_to(allowed, (2, t, t))
+    for by, tab in (("q", A._block_ranges(t, t, bq, bk, causal=causal, window=window, kv_len=t,
+                                          seg_pad=seg, by="q")),
+                    ("k", A._block_ranges(t, t, bq, bk, causal=causal, window=window, kv_len=t,
+                                          seg_pad=seg, by="k"))):
+        tab = np.broadcast_to(np.asarray(tab), (2,) + tab.shape[1:])
+        blocks = allowed.reshape(2, t // bq, bq, t // bk, bk).transpose(0, 1, 3, 2, 4)
+        if by == "k":
+            blocks = blocks.transpose(0, 2, 1, 4, 3)
+        any_ok, all_ok = blocks.any(axis=(3, 4)), blocks.all(axis=(3, 4))
+        for r in range(2):
+            for i, (lo, flo, fhi, hi) in enumerate(tab[r]):
+                assert lo <= flo <= fhi <= hi
+                live = np.nonzero(any_ok[r, i])[0]
+                assert all(lo <= j < hi for j in live), (by, i, live, (lo, hi))  # nothing dropped
+                assert all_ok[r, i, flo:fhi].all(), (by, i)  # the mask-free range needs no mask
+
+
+def test_block_skipping_skips():
+    """Four packed segments + padding: each q block loops only over its own segment's kv blocks."""
+    t, bq, bk = 160, 16, 16
+    seg = jnp.asarray([[1] * 40 + [2] * 40 + [3] * 32 + [4] * 32 + [0] * 16], jnp.int32)
+    tab = np.asarray(A._block_ranges(t, t, bq, bk, causal=True, window=None, kv_len=t,
+                                     seg_pad=seg, by="q"))[0]
+    np.testing.assert_array_equal(tab[:, 0], [0, 0, 2, 2, 2, 5, 5, 7, 7, 10][: t // bq])
+    assert tab[-1, 0] == tab[-1, 3]  # the all-padding q block computes nothing
+    assert tab[6, 1:3].tolist() == [5, 6]  # q block 6 (segment 3 only): kv block 5 is mask-free
+    causal_only = np.asarray(A._block_ranges(t, t, bq, bk, causal=True, window=None, kv_len=t,
+                                             seg_pad=None, by="q"))[0]
+    assert np.sum(tab[:, 3] - tab[:, 0]) < np.sum(causal_only[:, 3] - causal_only[:, 0]) / 2
+
+
+def test_auto_picks_reference_on_cpu_and_validates():
+    q, k, v, _ = _inputs(("auto",), 1, 8, 2, 1, 16, jnp.float32)
+    assert A.choose_impl(q) == "xla"
+    np.testing.assert_array_equal(A.attention(q, k, v), A.attention_reference(q, k, v))
+    with pytest.raises(ValueError, match="cudnn"):
+        A.attention(q, k, v, impl="cudnn")
+    with pytest.raises(ValueError, match="window"):
+        A.attention(q, k, v, causal=False, window=4)
+    with pytest.raises(ValueError, match="segment_ids"):
+        A.attention(q, k, v, segment_ids=jnp.ones((1, 7), jnp.int32))
+    k3 = jax.random.normal(_key("k3"), (1, 8, 3, 16))
+    with pytest.raises(ValueError, match="multiple"):
+        A.attention(q, k3, k3)
+    with pytest.raises(ValueError, match="impl"):
+        A.attention(q, k, v, impl="triton")
+
+
+def test_block_sizes_picker():
+    for d in (64, 128, 256):
+        bs = A.pick_block_sizes(d)
+        assert bs is A.pick_block_sizes(d)
+        small = bs.clamp(17, 17)
+        assert small.block_q == min(bs.block_q, 32) and small.block_k_dkv == min(bs.block_k_dkv, 32)
+    with pytest.raises(ValueError, match="power of two"):
+        A.BlockSizes(48, 64, 4, 3, 64, 64, 4, 3, 64, 64, 4, 3)
+
+
+def test_interpret_switch_takes_effect(monkeypatch):
+    if _common.on_gpu():
+        pytest.skip("on a GPU interpret=0 compiles the kernel")
+    q, k, v, _ = _inputs(("switch",), 1, 16, 2, 2, 16, jnp.float32)
+    monkeypatch.setenv(_common.ENV_INTERPRET, "0")  # compiled Triton cannot run on a CPU
+    with pytest.raises(Exception):
+        jax.block_until_ready(A.attention(q, k, v, impl="pallas"))
+    monkeypatch.setenv(_common.ENV_INTERPRET, "1")
+    got = A.attention(q, k, v, impl="pallas")
+    assert _rel(got, A.attention_reference(q, k, v)) < TOL[jnp.float32]
