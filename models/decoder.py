@@ -217,25 +217,49 @@ def _norm(x, w, cfg, ctx):
     return O.rms_norm(x, w, eps=cfg.rms_norm_eps, offset=ctx["arch"].norm_offset, ops=ctx["ops"])
 
 
-def _rope_tables(arch, positions) -> list[tuple[jax.Array, float, int]]:
-    """Per layer kind: (inv_freq, attention_scaling, rotary_dim). Longrope picks its long table when
-    ``max(positions) + 1`` exceeds ``original_max_position_embeddings``, as transformers does."""
+def _segment_max_positions(positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
+    """``[B, T]``: the largest position in each token's (row, segment)."""
+    B, T = positions.shape
+    ids = (jnp.arange(B)[:, None] * (T + 1) + jnp.clip(segment_ids, 0, T)).reshape(-1)
+    seg_max = jax.ops.segment_max(positions.reshape(-1), ids, num_segments=B * (T + 1))
+    return seg_max[ids].reshape(B, T)
+
+
+def _rope_tables(arch, positions, segment_ids) -> list[tuple]:
+    """Per layer kind: (inv_freq, long_inv_freq | None, use_long [B, T] | None, attention_scaling,
+    rotary_dim).
+
+    Longrope uses its long table for a sequence whose length (largest position + 1) exceeds
+    ``original_max_position_embeddings``. transformers decides once per call from ``max(position_ids)``
+    over the whole batch; here it is decided per sequence (per packed segment; per row when decoding,
+    where the call's positions are the new tokens' ones, as in transformers), so a sequence gets the
+    same result as transformers running it alone, whatever else is in the batch or the packed row.
+    """
     tables = []
     for kind in arch.kinds:
         inv, long_inv, scaling = kind.rope.inv_freqs()
+        use_long = None
         if long_inv is not None:
-            use_long = jnp.max(positions) + 1 > kind.rope.original_max_position_embeddings
-            inv = jnp.where(use_long, jnp.asarray(long_inv), jnp.asarray(inv))
-        tables.append((inv, scaling, kind.rope.rotary_dim))
+            use_long = _segment_max_positions(positions, segment_ids) + 1 > \
+                kind.rope.original_max_position_embeddings
+        tables.append((inv, long_inv, use_long, scaling, kind.rope.rotary_dim))
     return tables
 
 
 def _rope(q, k, positions, table, ops):
-    inv_freq, scaling, rd = table
-    if rd == q.shape[-1]:
-        return O.rope(q, k, positions, inv_freq, attention_scaling=scaling, ops=ops)
-    qr, kr = O.rope(q[..., :rd], k[..., :rd], positions, inv_freq, attention_scaling=scaling, ops=ops)
-    return (jnp.concatenate([qr, q[..., rd:]], axis=-1), jnp.concatenate([kr, k[..., rd:]], axis=-1))
+    inv_freq, long_inv_freq, use_long, scaling, rd = table
+
+    def rotate(inv):
+        if rd == q.shape[-1]:
+            return O.rope(q, k, positions, inv, attention_scaling=scaling, ops=ops)
+        qr, kr = O.rope(q[..., :rd], k[..., :rd], positions, inv, attention_scaling=scaling, ops=ops)
+        return jnp.concatenate([qr, q[..., rd:]], axis=-1), jnp.concatenate([kr, k[..., rd:]], axis=-1)
+
+    if long_inv_freq is None:
+        return rotate(inv_freq)
+    (qs, ks), (ql, kl) = rotate(inv_freq), rotate(long_inv_freq)
+    pick = use_long[:, :, None, None]
+    return jnp.where(pick, ql, qs), jnp.where(pick, kl, ks)
 
 
 def _by_kind(arch, kind_idx, fn, *args):
@@ -312,9 +336,9 @@ def _logits(x, params, cfg, arch):
     return logits
 
 
-def _context(cfg, arch, positions, ops, lora_scale, lora_dropout):
-    return dict(arch=arch, positions=positions, rope_tables=_rope_tables(arch, positions), ops=ops,
-                lora_scale=lora_scale, lora_dropout=lora_dropout, dropout_rng=None)
+def _context(cfg, arch, positions, segment_ids, ops, lora_scale, lora_dropout):
+    return dict(arch=arch, positions=positions, rope_tables=_rope_tables(arch, positions, segment_ids),
+                ops=ops, lora_scale=lora_scale, lora_dropout=lora_dropout, dropout_rng=None)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -340,7 +364,7 @@ def forward(params: Mapping, input_ids: jax.Array, *, cfg, positions: jax.Array 
     if segment_ids is None:
         segment_ids = jnp.ones((B, T), jnp.int32)
     x = _embed(params, input_ids, arch)
-    ctx = _context(cfg, arch, positions, ops, lora_scale, lora_dropout)
+    ctx = _context(cfg, arch, positions, segment_ids, ops, lora_scale, lora_dropout)
 
     def core(kind, q, k, v):
         out = O.attention(q, k, v, segment_ids=segment_ids, causal=True, window=kind.window,
@@ -367,9 +391,22 @@ def forward(params: Mapping, input_ids: jax.Array, *, cfg, positions: jax.Array 
 # KV-cache decoding (generation): slots are absolute cache indices shared by every row (left padding)
 # --------------------------------------------------------------------------------------------------------------
 
+def _longrope_threshold(arch) -> int | None:
+    """``original_max_position_embeddings`` when a layer kind uses longrope (its cache keeps token ids)."""
+    for kind in arch.kinds:
+        if kind.rope.rope_type == "longrope":
+            return kind.rope.original_max_position_embeddings
+    return None
+
+
 def init_cache(cfg, batch: int, max_len: int, dtype) -> dict:
+    """``{"k", "v": [L, B, S, KV, hd]}``; longrope models also keep the token ids (``"tokens" [B, S]``)
+    to re-encode the sequence when it outgrows the short RoPE table (see ``forward_cached``)."""
     shape = (cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+    cache = {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+    if _longrope_threshold(cfg.arch()) is not None:
+        cache["tokens"] = jnp.zeros((batch, max_len), jnp.int32)
+    return cache
 
 
 def cached_attention_reference(q, k_cache, v_cache, q_slots, kv_valid, *, sm_scale, softcap=None,
@@ -404,33 +441,58 @@ def forward_cached(params: Mapping, input_ids: jax.Array, cache: dict, *, cfg, p
     Returns (logits of the last position ``[B, V]`` fp32, updated cache). ``kv_valid [B, S]`` marks slots
     holding real tokens (including the new ones); valid slots of a row are contiguous (left padding), so a
     slot's position is its rank among the row's valid slots (used by sliding-window layers).
+
+    Longrope (Phi-3 128k): when a row that has a cache grows past ``original_max_position_embeddings``, its
+    cached keys were rotated with the short table; transformers' Phi-3 ``prepare_inputs_for_generation``
+    then drops the cache and re-encodes the whole sequence with the long table. So does this step (for the
+    whole batch, once per crossing row), from the token ids the cache keeps.
     """
     ops = ops or O.Ops()
     arch = cfg.arch()
     B, T = input_ids.shape
-    x = _embed(params, input_ids, arch)
-    q_slots = cache_index + jnp.arange(T)
     kv_positions = jnp.cumsum(kv_valid.astype(jnp.int32), axis=1) - 1
-    ctx = _context(cfg, arch, positions, ops, lora_scale, 0.0)
-
-    def body(x, xs):
-        p, lp, k_cache, v_cache, kind_idx = xs
-
-        def core(kind, q, k, v):
-            kc = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), cache_index, 1)
-            vc = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), cache_index, 1)
-            out = cached_attention_reference(q, kc, vc, q_slots, kv_valid, sm_scale=arch.sm_scale,
-                                             softcap=arch.attn_softcap, window=kind.window,
-                                             q_positions=positions, kv_positions=kv_positions)
-            return out, (kc, vc)
-
-        return _layer(x, p, lp, kind_idx, cfg, ctx, core)
-
     kind_ids = jnp.asarray(arch.layer_kind, jnp.int32)
-    x, (k_new, v_new) = jax.lax.scan(body, x, (params["model"]["layers"], _layer_lora(lora),
-                                               cache["k"], cache["v"], kind_ids))
-    x = _norm(x[:, -1:], params["model"]["norm"]["weight"], cfg, ctx)
-    return _logits(x, params, cfg, arch)[:, 0], {"k": k_new, "v": v_new}
+
+    def run(tokens, q_positions, start, k_cache_all, v_cache_all):
+        """The layers over ``tokens`` at cache slots ``start..``; returns (last hidden, new k, new v)."""
+        x = _embed(params, tokens, arch)
+        q_slots = start + jnp.arange(tokens.shape[1])
+        ctx = _context(cfg, arch, q_positions, jnp.ones_like(q_positions), ops, lora_scale, 0.0)
+
+        def body(x, xs):
+            p, lp, k_cache, v_cache, kind_idx = xs
+
+            def core(kind, q, k, v):
+                kc = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), start, 1)
+                vc = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), start, 1)
+                out = cached_attention_reference(q, kc, vc, q_slots, kv_valid, sm_scale=arch.sm_scale,
+                                                 softcap=arch.attn_softcap, window=kind.window,
+                                                 q_positions=q_positions, kv_positions=kv_positions)
+                return out, (kc, vc)
+
+            return _layer(x, p, lp, kind_idx, cfg, ctx, core)
+
+        x, (k_new, v_new) = jax.lax.scan(body, x, (params["model"]["layers"], _layer_lora(lora),
+                                                   k_cache_all, v_cache_all, kind_ids))
+        last = jax.lax.dynamic_slice_in_dim(x, cache_index + T - 1 - start, 1, axis=1)
+        return _norm(last, params["model"]["norm"]["weight"], cfg, ctx), k_new, v_new
+
+    new_cache = dict(cache)
+    threshold = _longrope_threshold(arch)
+    if threshold is None:
+        x, new_cache["k"], new_cache["v"] = run(input_ids, positions, cache_index, cache["k"], cache["v"])
+    else:
+        tokens = jax.lax.dynamic_update_slice_in_dim(cache["tokens"], input_ids.astype(jnp.int32),
+                                                     cache_index, 1)
+        before = jnp.min(positions, axis=1)  # tokens each row had before this call (0 on prefill)
+        after = jnp.max(positions, axis=1) + 1
+        crossing = jnp.any((before >= 1) & (before <= threshold) & (after > threshold))
+        x, new_cache["k"], new_cache["v"] = jax.lax.cond(
+            crossing,
+            lambda: run(tokens, jnp.maximum(kv_positions, 0), jnp.int32(0), cache["k"], cache["v"]),
+            lambda: run(input_ids, positions, cache_index, cache["k"], cache["v"]))
+        new_cache["tokens"] = tokens
+    return _logits(x, params, cfg, arch)[:, 0], new_cache
 
 
 def flops_per_token(cfg, seq_len: int) -> float:

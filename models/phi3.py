@@ -7,9 +7,11 @@ the params, as in the HF checkpoint, so save/load round-trips and LoRA targets t
 
 RoPE: ``longrope`` (Phi-3-mini-128k, Phi-3.5: ``short_factor``/``long_factor``; the legacy names ``su`` and
 ``yarn`` mean longrope, as in transformers) is implemented as transformers does it: the long factors are used
-when ``max(position) + 1 > original_max_position_embeddings``, and cos/sin are scaled by
+for a sequence whose ``max(position) + 1 > original_max_position_embeddings``, and cos/sin are scaled by
 ``attention_factor`` (default ``sqrt(1 + ln(s) / ln(original))`` with ``s = max_position_embeddings /
-original_max_position_embeddings``). ``partial_rotary_factor`` rotates only the leading dims of each head.
+original_max_position_embeddings``). One deliberate difference: transformers takes that max over the whole
+batch of a call, fastjax per sequence (per packed segment, per row when decoding), so a sequence's result
+equals transformers running it alone. ``partial_rotary_factor`` rotates only the leading dims of each head.
 Other rope types are rejected, as transformers' Phi-3 config does. Residual/embedding dropout
 (``resid_pdrop``, ``embd_pdrop``) is not applied (LoRA dropout is separate).
 """

@@ -47,10 +47,9 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+from fastjax.pallas_kernels import _common
 from jax import lax
 from jax.experimental import pallas as pl
-
-from fastjax.pallas_kernels import _common
 
 LOG2E = math.log2(math.e)
 _M_INIT = -1e30  # finite start for the running max: a fully masked block never gives inf - inf
@@ -409,7 +408,7 @@ def _fwd_impl(q, k, v, segment_ids, st: _Static):
         _attention_fwd_kernel, has_seg=seg_pad is not None, sm_scale=st.sm_scale, softcap=st.softcap,
         causal=st.causal, window=st.window, kv_len=kv_len if kv_len != s_pad else None,
         needs_mask=needs_mask, num_q_blocks=nq, block_q=bq, block_k=bk)
-    rev = lambda i: nq - 1 - i  # noqa: E731  (matches the kernel's reversed q-block order)
+    rev = lambda i: nq - 1 - i
     in_specs = [pl.BlockSpec((None, None, 4), lambda i, hh, bb: (bb if tb > 1 else 0, rev(i), 0))]
     args = [tab]
     if seg_pad is not None:
@@ -458,7 +457,9 @@ def _flash_fwd(q, k, v, segment_ids, st: _Static):
 
 
 def _flash_bwd(st: _Static, res, do):
-    from fastjax.pallas_kernels import attention_bwd  # the backward imports this module's kernel pieces
+    from fastjax.pallas_kernels import (
+        attention_bwd,  # the backward imports this module's kernel pieces
+    )
 
     q, k, v, segment_ids, out, lse = res
     qp, kp, vp = _pad_inputs(q, k, v, st)

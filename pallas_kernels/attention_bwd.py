@@ -21,8 +21,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax.experimental import pallas as pl
-
 from fastjax.pallas_kernels import _common
 from fastjax.pallas_kernels.attention import (
     _block_ranges,
@@ -32,6 +30,7 @@ from fastjax.pallas_kernels.attention import (
     log2_scores,
     masked_loops,
 )
+from jax.experimental import pallas as pl
 
 
 def _attention_dkdv_kernel(*refs, has_seg: bool, sm_scale: float, softcap: float | None, causal: bool,
@@ -171,7 +170,7 @@ def flash_bwd(q, k, v, segment_ids, out, do, lse, st):
     nq = t_pad // bq
     tab = ranges(bq, bk, by="q")
     tb = tab.shape[0]
-    rev = lambda i: nq - 1 - i  # noqa: E731
+    rev = lambda i: nq - 1 - i
     in_specs = [pl.BlockSpec((None, None, 4), lambda i, hh, bb: (bb if tb > 1 else 0, rev(i), 0))]
     args = [tab]
     if has_seg:

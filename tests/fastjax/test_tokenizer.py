@@ -70,8 +70,16 @@ MESSAGES = [
     {"role": "user", "content": "And ünïcödé 🤗?"},
     {"role": "assistant", "content": "Still fine.\n\nBye"},
 ]
-TOOLS = [{"type": "function", "function": {"name": "add", "description": "a<b & c",
-          "parameters": {"type": "object", "properties": {"x": {"type": "number"}}}}}]
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "add",
+            "description": "a<b & c",
+            "parameters": {"type": "object", "properties": {"x": {"type": "number"}}},
+        },
+    }
+]
 
 
 def _train_backend(*, add_bos: bool) -> BackendTokenizer:
@@ -79,13 +87,16 @@ def _train_backend(*, add_bos: bool) -> BackendTokenizer:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        vocab_size=400,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tok.train_from_iterator(SENTENCES * 3, trainer)
     if add_bos:
         tok.post_processor = processors.TemplateProcessing(
-            single="<|im_start|> $A", pair="<|im_start|> $A <|im_start|> $B",
+            single="<|im_start|> $A",
+            pair="<|im_start|> $A <|im_start|> $B",
             special_tokens=[("<|im_start|>", tok.token_to_id("<|im_start|>"))],
         )
     return tok
@@ -93,8 +104,13 @@ def _train_backend(*, add_bos: bool) -> BackendTokenizer:
 
 def _write_dir(path, *, add_bos: bool, template: str | None = CHATML, pad: str | None = None):
     _train_backend(add_bos=add_bos).save(str(path / "tokenizer.json"))
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|im_start|>",
-              "eos_token": "<|im_end|>", "unk_token": None, "model_max_length": 2048}
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<|im_start|>",
+        "eos_token": "<|im_end|>",
+        "unk_token": None,
+        "model_max_length": 2048,
+    }
     if pad is not None:
         config["pad_token"] = pad
     if template is not None:
@@ -112,8 +128,9 @@ def pair(request, tmp_path_factory):
 def test_encode_decode_match_transformers(pair):
     ours, ref, _ = pair
     rng = random.Random(0)
-    texts = TEXTS + ["".join(rng.choice("ab c1\n🤗é<>|") for _ in range(rng.randint(1, 40)))
-                     for _ in range(5)]
+    texts = TEXTS + [
+        "".join(rng.choice("ab c1\n🤗é<>|") for _ in range(rng.randint(1, 40))) for _ in range(5)
+    ]
     for text in texts:
         for special in (True, False):
             want = ref(text, add_special_tokens=special)["input_ids"]
@@ -121,14 +138,15 @@ def test_encode_decode_match_transformers(pair):
         ids = ours.encode(text)
         for skip in (False, True):
             assert ours.decode(ids, skip_special_tokens=skip) == ref.decode(
-                ids, skip_special_tokens=skip), (text, skip)
+                ids, skip_special_tokens=skip
+            ), (text, skip)
     assert ours.encode_batch(texts) == [ref(t)["input_ids"] for t in texts]
 
 
 def test_special_ids_and_sizes(pair):
     ours, ref, _ = pair
     assert (ours.bos_token_id, ours.eos_token_id) == (ref.bos_token_id, ref.eos_token_id)
-    assert ours.pad_token_id == ours.eos_token_id != None  # noqa: E711 (falls back to eos)
+    assert ours.pad_token_id is not None and ours.pad_token_id == ours.eos_token_id  # fallback
     assert ref.pad_token_id is None
     assert ours.vocab_size == ref.vocab_size and len(ours) == len(ref)
     assert ours.add_bos_token == (ref("x")["input_ids"][0] == ref.bos_token_id)
@@ -142,8 +160,9 @@ def test_chat_template_matches_transformers(pair, gen, n):
     msgs = MESSAGES[:n]
     want = ref.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
     assert ours.apply_chat_template(msgs, add_generation_prompt=gen) == want
-    want_ids = ref.apply_chat_template(msgs, tokenize=True, add_generation_prompt=gen,
-                                       return_dict=False)
+    want_ids = ref.apply_chat_template(
+        msgs, tokenize=True, add_generation_prompt=gen, return_dict=False
+    )
     assert ours.apply_chat_template(msgs, add_generation_prompt=gen, tokenize=True) == want_ids
 
 
@@ -151,11 +170,17 @@ def test_fancy_template_tools_tojson_raise(pair):
     ours, ref, _ = pair
     for tools in (None, TOOLS):
         for gen in (False, True):
-            want = ref.apply_chat_template(MESSAGES, tools=tools, tokenize=False,
-                                           add_generation_prompt=gen, chat_template=FANCY,
-                                           custom_flag=1)
-            got = ours.apply_chat_template(MESSAGES, tools=tools, add_generation_prompt=gen,
-                                           chat_template=FANCY, custom_flag=1)
+            want = ref.apply_chat_template(
+                MESSAGES,
+                tools=tools,
+                tokenize=False,
+                add_generation_prompt=gen,
+                chat_template=FANCY,
+                custom_flag=1,
+            )
+            got = ours.apply_chat_template(
+                MESSAGES, tools=tools, add_generation_prompt=gen, chat_template=FANCY, custom_flag=1
+            )
             assert got == want
     assert '"a<b & c"' in ours.apply_chat_template(MESSAGES, tools=TOOLS, chat_template=FANCY)
     bad = [{"role": "robot", "content": "x"}]
@@ -181,8 +206,13 @@ def test_assistant_mask_generation_tag_matches_transformers(pair, n):
     ours, ref, _ = pair
     msgs = MESSAGES[:n]
     ids, mask = ours.apply_chat_template_with_assistant_mask(msgs, chat_template=CHATML_GEN)
-    out = ref.apply_chat_template(msgs, chat_template=CHATML_GEN, tokenize=True, return_dict=True,
-                                  return_assistant_tokens_mask=True)
+    out = ref.apply_chat_template(
+        msgs,
+        chat_template=CHATML_GEN,
+        tokenize=True,
+        return_dict=True,
+        return_assistant_tokens_mask=True,
+    )
     assert ids == out["input_ids"] and mask == out["assistant_masks"]
     want = [m["content"] + "<|im_end|>" for m in msgs if m["role"] == "assistant"]
     assert _assistant_texts(ours, ids, mask) == want
@@ -197,15 +227,18 @@ def test_assistant_mask_by_prefix_diff(pair, n):
     want = [m["content"] + "<|im_end|>" for m in msgs if m["role"] == "assistant"]
     assert _assistant_texts(ours, ids, mask) == want
     # Both methods agree on a template whose {% generation %} covers reply + end marker.
-    assert (ids, mask) == ours.apply_chat_template_with_assistant_mask(msgs,
-                                                                       chat_template=CHATML_GEN)
+    assert (ids, mask) == ours.apply_chat_template_with_assistant_mask(
+        msgs, chat_template=CHATML_GEN
+    )
 
 
 def test_assistant_mask_rejects_non_prefix_stable_template(pair):
     ours, _, _ = pair
     # Drops every assistant turn but the last: rendering a prefix is not a prefix of the whole.
-    t = ("{% for m in messages %}{% if m['role'] != 'assistant' or loop.last %}"
-         "{{ m['role'] + ': ' + m['content'] + '\n' }}{% endif %}{% endfor %}")
+    t = (
+        "{% for m in messages %}{% if m['role'] != 'assistant' or loop.last %}"
+        "{{ m['role'] + ': ' + m['content'] + '\n' }}{% endif %}{% endfor %}"
+    )
     with pytest.raises(ValueError, match="prefix-stable at message 2"):
         ours.apply_chat_template_with_assistant_mask(MESSAGES, chat_template=t)
 
@@ -224,26 +257,43 @@ def test_save_pretrained_round_trip(pair, tmp_path):
     assert hf.apply_chat_template(MESSAGES, tokenize=False) == ours.apply_chat_template(MESSAGES)
     assert (hf.bos_token, hf.eos_token) == (ours.bos_token, ours.eos_token)
     assert again.add_bos_token == ours.add_bos_token and again.model_max_length == 2048
+    # ...and what transformers itself saves (added_tokens_decoder, its chat_template.jinja) loads.
+    ref.save_pretrained(tmp_path / "hf_saved")
+    from_hf = Tokenizer.from_pretrained(tmp_path / "hf_saved")
+    for text in TEXTS:
+        assert from_hf.encode(text) == ref(text)["input_ids"], text
+    assert from_hf.apply_chat_template(MESSAGES, add_generation_prompt=True) == (
+        ref.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
+    )
 
 
 def test_constructor_add_bos_eos_and_named_templates(tmp_path):
     backend = _train_backend(add_bos=False)
-    tok = Tokenizer(backend, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                    add_bos_token=True, add_eos_token=True,
-                    chat_template={"default": CHATML, "tool_use": FANCY})
+    tok = Tokenizer(
+        backend,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        add_bos_token=True,
+        add_eos_token=True,
+        chat_template={"default": CHATML, "tool_use": FANCY},
+    )
     ids = tok.encode("hello world")
     assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id
     assert tok.encode("hello world", add_special_tokens=False) == ids[1:-1]
     assert tok.pad_token_id == backend.token_to_id("<|endoftext|>") != tok.eos_token_id
     assert backend.post_processor is None  # the caller's backend is not mutated
     # A tools call picks the "tool_use" template, as transformers does.
-    assert tok.apply_chat_template(MESSAGES[:2], tools=TOOLS).startswith("<|im_start|>\n    Tools: [")
+    assert tok.apply_chat_template(MESSAGES[:2], tools=TOOLS).startswith(
+        "<|im_start|>\n    Tools: ["
+    )
     tok.save_pretrained(tmp_path)
     assert (tmp_path / "additional_chat_templates" / "tool_use.jinja").read_text() == FANCY
     hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
     assert hf("hello world")["input_ids"] == ids
-    assert hf.apply_chat_template(MESSAGES[:2], tools=TOOLS, tokenize=False) == \
-        tok.apply_chat_template(MESSAGES[:2], tools=TOOLS)
+    assert hf.apply_chat_template(
+        MESSAGES[:2], tools=TOOLS, tokenize=False
+    ) == tok.apply_chat_template(MESSAGES[:2], tools=TOOLS)
     assert Tokenizer.from_pretrained(tmp_path).chat_templates == tok.chat_templates
 
 
