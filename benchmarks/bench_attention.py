@@ -2,16 +2,17 @@
 
 Usage (GPU machine, repo root)::
 
-    python3 benchmarks/bench_attention.py --modes check,sweep,bench --out $OUT --deadline 280
+    python3 benchmarks/bench_attention.py --plan check,sweep:128,bench:8192:128 --out $OUT --deadline 250
     python3 benchmarks/bench_attention.py --to-md benchmarks/results/attention_h200.jsonl   # table
 
-Modes:
+Plan steps, run in order (a step that would start past ``--deadline`` seconds is skipped):
 - ``check``: compiled kernels vs ``attention_reference`` (fp32, HIGHEST) at small odd shapes, every feature.
-- ``sweep``: block sizes per head_dim at B=4, T=4096, KV=8, causal, bf16 (forward first, then backward).
-- ``bench``: TFLOP/s and wall time, fwd and fwd+bwd, T in {2048, 8192, 32768} (B*T = 32k tokens),
-  D in {128, 256}, causal, without and with 4-8 packed segments per row; ``xla`` only at T=2048.
-  Packed rows are also compared with running the same sequences as a padded batch (cuDNN and Pallas)
-  and with cuDNN's packed layout (private jax API, needs a static max segment count).
+- ``check2``: fp32 inputs (IEEE dots) and cuDNN's packed layout (``max_segments``) vs the reference.
+- ``sweep:D``: tiles per kernel at B=4, T=4096, causal, bf16: forward, then dk/dv and dq each timed alone.
+- ``bench:T:D``: fwd and fwd+bwd for pallas / cudnn (/ xla at T=2048, D=128), B*T = 32k tokens, causal,
+  without and with 4-8 packed segments per row, the packed rows also run as a padded batch [n_seq, max_len]
+  through cuDNN and Pallas, and (T=8192) through cuDNN's packed layout.
+- ``pbench:T:D``: only the Pallas rows of ``bench`` (plus cuDNN packed at T=8192), with the swept tiles.
 
 FLOPs count only allowed (query, key) pairs: forward ``4 * H * D * pairs``, fwd+bwd 3.5x that
 (the backward's five matmuls against the forward's two). Every row goes to ``<out>/attention.jsonl``.
@@ -76,13 +77,13 @@ ROWS: list[dict] = []
 
 
 def out_row(**kw):
-    row = record(**kw)
+    row = record(elapsed_s=round(time.time() - T0, 1), **kw)
     ROWS.append(row)
     if OUT[0]:
         with open(os.path.join(OUT[0], "attention.jsonl"), "a") as f:
             f.write(json.dumps(row, sort_keys=True) + "\n")
     short = {k: v for k, v in row.items() if k not in ("command", "date", "gpu", "jax", "jaxlib",
-                                                        "python", "blocks")}
+                                                        "python", "blocks", "block_sizes")}
     print(json.dumps(short, default=str)[:400], flush=True)
 
 
@@ -93,16 +94,17 @@ def summary():
         k = r["kind"]
         if k == "check":
             errs = [r.get(f"rel_err_{x}") for x in ("out", "dq", "dk", "dv")]
-            print(f"check {r['impl']:6s} D{r['D']} {r['dtype']:8s} c={r['causal']} seg={r.get('segments')} "
+            print(f"check {r['impl']:12s} D{r['D']} {r['dtype']:8s} c={r['causal']} seg={r.get('segments')} "
                   f"w={r.get('window')} cap={r.get('softcap')} ok={r['ok']} "
                   + " ".join("-" if e is None else f"{e:.1e}" for e in errs)
                   + (f" ERR {r['error'][:120]}" if r.get("error") else ""))
-        elif k in ("sweep_fwd", "sweep_bwd", "sweep_cudnn"):
+        elif k.startswith("sweep_") and k != "sweep_best":
             print(f"{k:11s} D{r['D']} {r.get('cfg', r.get('pass_'))} {r['ms']:.2f}ms "
                   f"{r['tflops']:.0f}TF" + (f" ERR {r['error'][:100]}" if r.get("error") else ""))
         elif k == "sweep_best":
-            print(f"best D{r['D']} fwd {r['fwd_tflops']:.0f}TF fwd+bwd {r['fwd_bwd_tflops']:.0f}TF "
-                  f"{r['blocks']}")
+            print(f"best D{r['D']} {r['block_sizes']}")
+        elif k == "skipped":
+            print(f"skipped {r['step']}")
         elif k == "bench":
             ms = r.get("ms", float("nan"))
             print(f"bench {r['impl']:22s} {r['pass_']:7s} T{r['T']} D{r['D']} seg={r.get('segments')} "
@@ -153,13 +155,13 @@ def pairs(rows=None, *, b=1, t=0, causal=True) -> int:
     return sum(n * (n + 1) // 2 for lens in rows for n in lens)
 
 
-def fns(impl, *, bs=None, seg=None, causal=True, window=None, softcap=None):
+def fns(impl, *, bs=None, seg=None, causal=True, window=None, softcap=None, max_segments=None):
     def f(q, k, v):
         return A.attention(q, k, v, segment_ids=seg, causal=causal, window=window, softcap=softcap,
-                           impl=impl, block_sizes=bs)
+                           impl=impl, block_sizes=bs, max_segments=max_segments)
 
     def fb(q, k, v, do):
-        o, vjp = jax.vjp(f, q, k, v)
+        _, vjp = jax.vjp(f, q, k, v)
         return vjp(do)
 
     def fob(q, k, v, do):
@@ -219,111 +221,110 @@ def mode_check():
 
 # ----------------------------------------------------------------------------------------------------
 
-SWEEP_FWD = {  # (block_q, block_k, num_warps, num_stages)
-    64: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 4, 4)],
-    128: [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3)],
-    256: [(64, 64, 8, 2), (128, 64, 8, 2), (64, 32, 4, 2)],
-}
-SWEEP_BWD = {  # dk/dv (block_q, block_k, warps, stages), dq (block_q, block_k, warps, stages)
-    64: [((32, 128, 4, 3), (128, 32, 4, 3)), ((64, 64, 4, 3), (64, 64, 4, 3)),
-         ((64, 128, 8, 3), (128, 64, 8, 3))],
-    128: [((32, 128, 4, 3), (128, 32, 4, 3)), ((64, 64, 4, 2), (64, 64, 4, 2)),
-          ((64, 128, 8, 2), (128, 64, 8, 2)), ((64, 64, 8, 3), (64, 64, 8, 3))],
-    256: [((32, 64, 4, 2), (64, 32, 4, 2)), ((64, 64, 8, 2), (64, 64, 8, 2)),
-          ((16, 64, 4, 2), (64, 16, 4, 2))],
-}
 SWEEP_HEADS = {64: (32, 8), 128: (32, 8), 256: (16, 8)}
+SWEEP_FWD = {  # (block_q, block_k, num_warps, num_stages)
+    128: [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2)],
+    256: [(64, 64, 8, 2), (128, 64, 8, 2), (64, 64, 4, 2)],
+}
+SWEEP_DKDV = {  # (block_q, block_k, num_warps, num_stages); block_k is the resident kv tile
+    128: [(64, 64, 8, 2), (64, 128, 8, 2), (32, 128, 8, 3), (64, 128, 8, 3), (32, 128, 4, 3)],
+    256: [(32, 64, 8, 2), (64, 64, 8, 2), (16, 64, 4, 2), (32, 64, 8, 3)],
+}
+SWEEP_DQ = {  # (block_q, block_k, num_warps, num_stages); block_q is the resident q tile
+    128: [(64, 64, 8, 2), (128, 64, 8, 2), (128, 32, 8, 3), (128, 64, 8, 3)],
+    256: [(64, 32, 8, 2), (64, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 3)],
+}
 BEST: dict[int, A.BlockSizes] = {}
 
 
-def _bs(base: A.BlockSizes, fwd=None, bwd=None) -> A.BlockSizes:
-    kw = {}
-    if fwd:
-        kw.update(block_q=fwd[0], block_k=fwd[1], num_warps=fwd[2], num_stages=fwd[3])
-    if bwd:
-        (a, b_, c, d), (e, f, g, h) = bwd
-        kw.update(block_q_dkv=a, block_k_dkv=b_, num_warps_dkv=c, num_stages_dkv=d,
-                  block_q_dq=e, block_k_dq=f, num_warps_dq=g, num_stages_dq=h)
-    return dataclasses.replace(base, **kw)
+def _replace(bs, prefix, cfg):
+    bq, bk, w, st = cfg
+    sfx = {"fwd": "", "dkdv": "_dkv", "dq": "_dq"}[prefix]
+    return dataclasses.replace(bs, **{f"block_q{sfx}": bq, f"block_k{sfx}": bk,
+                                      f"num_warps{sfx}": w, f"num_stages{sfx}": st})
 
 
-def mode_sweep(dims, b=4, t=4096, until=150.0):
-    for d in dims:
-        h, kv = SWEEP_HEADS[d]
-        q, k, v, do = make_inputs(jax.random.key(d), b, t, h, kv, d, jnp.bfloat16)
-        fl = 4 * h * d * pairs(b=b, t=t)
-        base = A.pick_block_sizes(d)
-        best_f, best_t = None, 1e9
-        for cfg in SWEEP_FWD[d]:
-            if left() < 25 or time.time() - T0 > until:
+def _try_time(fn, *args):
+    try:
+        return timeit(fn, *args), None
+    except Exception as e:  # noqa: BLE001 - a config that fails to compile is a data point
+        return float("nan"), f"{type(e).__name__}: {str(e)[:300]}"
+
+
+def step_sweep(d, b=4, t=4096):
+    """Forward tiles, then the dk/dv and dq kernels each timed alone on the forward's residuals."""
+    from fastjax.pallas_kernels import _common
+    from fastjax.pallas_kernels import attention_bwd as AB
+
+    h, kv = SWEEP_HEADS[d]
+    q, k, v, do = make_inputs(jax.random.key(d), b, t, h, kv, d, jnp.bfloat16)
+    fl = 4 * h * d * pairs(b=b, t=t)
+    best = A.pick_block_sizes(d)
+    shape = {"D": d, "B": b, "T": t, "H": h, "KV": kv}
+    res = {}
+    for cfg in SWEEP_FWD[d]:
+        if left() < 20:
+            break
+        s, err = _try_time(fns("pallas", bs=_replace(best, "fwd", cfg))[0], q, k, v)
+        out_row(kind="sweep_fwd", cfg=cfg, ms=s * 1e3, tflops=fl / s / 1e12, error=err, **shape)
+        res[cfg] = s
+    if res:
+        best = _replace(best, "fwd", min(res, key=lambda c: np.nan_to_num(res[c], nan=1e9)))
+    st = A._Static(causal=True, window=None, softcap=None, sm_scale=1 / math.sqrt(d), blocks=best,
+                   interpret=_common.resolve_interpret(None), t=t, kv_len=t, head_dim=d)
+    out, lse = jax.jit(lambda q, k, v: A._fwd_impl(q, k, v, None, st))(q, k, v)
+    delta = jnp.einsum("bthd,bthd->bht", out.astype(jnp.float32), do.astype(jnp.float32))
+    for name, cfgs, call, mult in (("dkdv", SWEEP_DKDV[d], AB.dkdv_call, 2.0),
+                                   ("dq", SWEEP_DQ[d], AB.dq_call, 1.5)):
+        res = {}
+        for cfg in cfgs:
+            if left() < 20:
                 break
-            bs = _bs(base, fwd=cfg)
-            try:
-                s = timeit(fns("pallas", bs=bs)[0], q, k, v)
-                err = None
-            except Exception as e:  # noqa: BLE001
-                s, err = float("nan"), f"{type(e).__name__}: {str(e)[:300]}"
-            out_row(kind="sweep_fwd", D=d, B=b, T=t, H=h, KV=kv, cfg=cfg, ms=s * 1e3,
-                    tflops=fl / s / 1e12, error=err)
-            if s < best_t:
-                best_f, best_t = cfg, s
-        base = _bs(base, fwd=best_f)
-        best_b, best_tb = None, 1e9
-        for cfg in SWEEP_BWD[d]:
-            if left() < 25 or time.time() - T0 > until:
-                break
-            bs = _bs(base, bwd=cfg)
-            try:
-                s = timeit(fns("pallas", bs=bs)[1], q, k, v, do)
-                err = None
-            except Exception as e:  # noqa: BLE001
-                s, err = float("nan"), f"{type(e).__name__}: {str(e)[:300]}"
-            out_row(kind="sweep_bwd", D=d, B=b, T=t, H=h, KV=kv, cfg=cfg, ms=s * 1e3,
-                    tflops=3.5 * fl / s / 1e12, error=err)
-            if s < best_tb:
-                best_b, best_tb = cfg, s
-        BEST[d] = _bs(base, bwd=best_b)
-        out_row(kind="sweep_best", D=d, blocks=dataclasses.asdict(BEST[d]),
-                fwd_tflops=fl / best_t / 1e12, fwd_bwd_tflops=3.5 * fl / best_tb / 1e12)
-        # cuDNN at the same shape: the number the brief quotes (432 TFLOP/s fwd+bwd at D=128).
-        for tag, i_fn in (("fwd", 0), ("fwd_bwd", 1)):
-            try:
-                f = fns("cudnn")[i_fn]
-                s = timeit(f, q, k, v) if i_fn == 0 else timeit(f, q, k, v, do)
-                err = None
-            except Exception as e:  # noqa: BLE001
-                s, err = float("nan"), f"{type(e).__name__}: {str(e)[:300]}"
-            mult = 1.0 if i_fn == 0 else 3.5
-            out_row(kind="sweep_cudnn", D=d, B=b, T=t, H=h, KV=kv, pass_=tag, ms=s * 1e3,
-                    tflops=mult * fl / s / 1e12, error=err)
-        del q, k, v, do
+            st2 = dataclasses.replace(st, blocks=_replace(best, name, cfg))
+            f = jax.jit(lambda q, k, v, do, lse, delta, st2=st2, call=call:
+                        call(q, k, v, None, do, lse, delta, st2))
+            s, err = _try_time(f, q, k, v, do, lse, delta)
+            out_row(kind=f"sweep_{name}", cfg=cfg, ms=s * 1e3, tflops=mult * fl / s / 1e12,
+                    error=err, **shape)
+            res[cfg] = s
+        if res:
+            best = _replace(best, name, min(res, key=lambda c: np.nan_to_num(res[c], nan=1e9)))
+    BEST[d] = best
+    out_row(kind="sweep_best", block_sizes=dataclasses.asdict(best), **shape)
+    del q, k, v, do, out, lse, delta
 
 
-# ----------------------------------------------------------------------------------------------------
-
-
-def _cudnn_packed_fns(rows, t, sm_scale):
-    """cuDNN's packed (THD) layout through jax's private API; needs a static max segment count M."""
-    from jax._src.cudnn import fused_attention_stablehlo as fa
-
-    m = max(len(r) for r in rows)
-    lens = np.full((len(rows), m), -1, np.int32)
-    offs = np.full((len(rows), m + 1), -1, np.int32)
-    for i, r in enumerate(rows):
-        lens[i, : len(r)] = r
-        offs[i, : len(r)] = np.concatenate([[0], np.cumsum(r)[:-1]])
-    lens, offs = jnp.asarray(lens), jnp.asarray(offs)
-
-    def f(q, k, v):
-        return fa.dot_product_attention(q, k, v, q_seqlen=lens, kv_seqlen=lens, q_offsets=offs,
-                                        kv_offsets=offs, scale=sm_scale,
-                                        mask_type=fa.MaskType.PADDING_CAUSAL)
-
-    def fb(q, k, v, do):
-        o, vjp = jax.vjp(f, q, k, v)
-        return vjp(do)
-
-    return jax.jit(f), jax.jit(fb)
+def step_check2():
+    """fp32 inputs (IEEE dots on the GPU) and cuDNN's packed layout against the reference."""
+    rng = np.random.default_rng(3)
+    q, k, v, do = make_inputs(jax.random.key(11), 1, 100, 4, 4, 64, jnp.float32)
+    seg = segment_ids_from(packed_lengths(rng, 1, 100, 1, 4, 0.05), 100)
+    got = fns("pallas", seg=seg)[2](q, k, v, do)
+    want = fns("xla", seg=seg)[2](q, k, v, do)
+    errs = [rel(a, w) for a, w in zip(got, want)]
+    out_row(kind="check", impl="pallas", B=1, T=100, H=4, KV=4, D=64, dtype="float32", causal=True,
+            segments=True, rel_err_out=errs[0], rel_err_dq=errs[1], rel_err_dk=errs[2],
+            rel_err_dv=errs[3], ok=bool(max(errs) < 1e-4))
+    for d, window in ((128, None), (128, 100), (256, None)):
+        b, t, h, kv = 2, 1000, 8, 2
+        q, k, v, do = make_inputs(jax.random.key(12 + d), b, t, h, kv, d, jnp.bfloat16)
+        rows = packed_lengths(rng, b, t, 3, 6, 0.05)
+        seg = segment_ids_from(rows, t)
+        try:
+            got = fns("cudnn", seg=seg, window=window, max_segments=8)[2](q, k, v, do)
+            want = fns("xla", seg=seg, window=window)[2](q, k, v, do)
+            errs = [rel(a, w) for a, w in zip(got, want)]
+            pad = np.asarray(seg) == 0
+            pad_zero = all(not np.any(np.asarray(x, np.float32)[pad]) for x in got[:2])
+            nan = bool(any(jnp.isnan(x).any() for x in got))
+            err = None
+        except Exception as e:  # noqa: BLE001
+            errs, pad_zero, nan = [float("nan")] * 4, False, True
+            err = f"{type(e).__name__}: {str(e)[:300]}"
+        out_row(kind="check", impl="cudnn_packed", B=b, T=t, H=h, KV=kv, D=d, dtype="bfloat16",
+                causal=True, segments=True, window=window, rel_err_out=errs[0], rel_err_dq=errs[1],
+                rel_err_dk=errs[2], rel_err_dv=errs[3], padding_zero=pad_zero,
+                ok=bool(not nan and max(errs) < 3e-2 and pad_zero), error=err)
 
 
 def _time_pair(tag, fpair, args_f, args_b, flops, **kw):
@@ -340,50 +341,41 @@ def _time_pair(tag, fpair, args_f, args_b, flops, **kw):
                 error=err, **kw)
 
 
-BENCH_ORDER = [  # (T, D): most informative first, so a deadline cuts the least useful rows
-    (8192, 128), (8192, 256), (2048, 128), (32768, 128), (2048, 256), (32768, 256)]
-
-
-def mode_bench(ts, dims, tokens=32768):
-    rng = np.random.default_rng(1)
-    order = [(t, d) for t, d in BENCH_ORDER if t in ts and d in dims]
-    for t, d in order:
-        if left() < 20:
-            out_row(kind="bench", impl="*", pass_="*", T=t, D=d, skipped="deadline")
-            continue
-        b = max(1, tokens // t)
-        h, kv = SWEEP_HEADS[d]
-        bs = BEST.get(d)
-        q, k, v, do = make_inputs(jax.random.key(t + d), b, t, h, kv, d, jnp.bfloat16)
-        shape = dict(B=b, T=t, H=h, KV=kv, D=d, causal=True)
-        fl = 4 * h * d * pairs(b=b, t=t)
-        for impl in ["pallas", "cudnn"] + (["xla"] if t <= 2048 and d == 128 else []):
-            _time_pair(impl, fns(impl, bs=bs if impl == "pallas" else None)[:2], (q, k, v),
-                       (q, k, v, do), fl, segments=0, **shape)
-        rows = packed_lengths(rng, b, t)
-        seg = segment_ids_from(rows, t)
-        flp = 4 * h * d * pairs(rows)
-        nseg = sum(len(r) for r in rows)
-        packed = dict(segments=nseg, **shape)
-        _time_pair("pallas", fns("pallas", bs=bs, seg=seg)[:2], (q, k, v), (q, k, v, do), flp,
-                   **packed)
-        if t == 8192:  # cuDNN's packed layout (private jax API), for the auto decision
-            try:
-                _time_pair("cudnn_packed_private", _cudnn_packed_fns(rows, t, 1 / math.sqrt(d)),
-                           (q, k, v), (q, k, v, do), flp, **packed)
-            except Exception as e:  # noqa: BLE001
-                out_row(kind="bench", impl="cudnn_packed_private", pass_="*", error=str(e)[:300],
-                        **packed)
-        if d == 128 or t == 8192:  # the same sequences as a padded batch [n_seq, max_len], causal
-            lmax = -(-max(max(r) for r in rows) // 64) * 64
-            qp, kp, vp, dop = make_inputs(jax.random.key(5), nseg, lmax, h, kv, d, jnp.bfloat16)
-            padded = dict(segments=nseg, padded_to=[nseg, lmax], **shape)
-            for impl in ("cudnn", "pallas"):
-                _time_pair(f"{impl}_padded_batch",
-                           fns(impl, bs=bs if impl == "pallas" else None)[:2],
-                           (qp, kp, vp), (qp, kp, vp, dop), flp, **padded)
-            del qp, kp, vp, dop
-        del q, k, v, do
+def step_bench(t, d, *, pallas_only=False, tokens=32768):
+    rng = np.random.default_rng(1)  # same packed rows for a given (T, D) in every run
+    b = max(1, tokens // t)
+    h, kv = SWEEP_HEADS[d]
+    bs = BEST.get(d, A.pick_block_sizes(d))
+    q, k, v, do = make_inputs(jax.random.key(t + d), b, t, h, kv, d, jnp.bfloat16)
+    shape = {"B": b, "T": t, "H": h, "KV": kv, "D": d, "causal": True}
+    tiles = {"block_sizes": dataclasses.asdict(bs)}
+    fl = 4 * h * d * pairs(b=b, t=t)
+    impls = ["pallas"] if pallas_only else ["pallas", "cudnn"] + (["xla"] if (t, d) == (2048, 128) else [])
+    for impl in impls:
+        _time_pair(impl, fns(impl, bs=bs if impl == "pallas" else None)[:2], (q, k, v),
+                   (q, k, v, do), fl, segments=0, **shape, **(tiles if impl == "pallas" else {}))
+    rows = packed_lengths(rng, b, t)
+    seg = segment_ids_from(rows, t)
+    flp = 4 * h * d * pairs(rows)
+    nseg = sum(len(r) for r in rows)
+    packed = {"segments": nseg, **shape}
+    _time_pair("pallas", fns("pallas", bs=bs, seg=seg)[:2], (q, k, v), (q, k, v, do), flp,
+               **packed, **tiles)
+    if not pallas_only and (t, d) == (2048, 128):
+        _time_pair("xla", fns("xla", seg=seg)[:2], (q, k, v), (q, k, v, do), flp, **packed)
+    if t == 8192:  # cuDNN's packed (THD) layout, static bound on segments per row
+        m = max(len(r) for r in rows)
+        _time_pair("cudnn_packed", fns("cudnn", seg=seg, max_segments=m)[:2], (q, k, v),
+                   (q, k, v, do), flp, **packed)
+    if not pallas_only and (d == 128 or t == 8192):  # the same sequences as a padded batch, causal
+        lmax = -(-max(max(r) for r in rows) // 64) * 64
+        qp, kp, vp, dop = make_inputs(jax.random.key(5), nseg, lmax, h, kv, d, jnp.bfloat16)
+        padded = {"segments": nseg, "padded_to": [nseg, lmax], **shape}
+        for impl in ("cudnn", "pallas"):
+            _time_pair(f"{impl}_padded_batch", fns(impl, bs=bs if impl == "pallas" else None)[:2],
+                       (qp, kp, vp), (qp, kp, vp, dop), flp, **padded)
+        del qp, kp, vp, dop
+    del q, k, v, do
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -435,14 +427,10 @@ def to_md(path):
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--modes", default="check,sweep,bench")
+    p.add_argument("--plan", default="check,sweep:128,sweep:256,bench:8192:128,bench:8192:256,"
+                   "bench:2048:128,bench:32768:128,bench:2048:256,bench:32768:256")
     p.add_argument("--out", default=None)
-    p.add_argument("--deadline", type=float, default=1e9, help="seconds; later items are skipped")
-    p.add_argument("--ts", default="2048,8192,32768")
-    p.add_argument("--dims", default="128,256")
-    p.add_argument("--sweep-dims", default="128,256")
-    p.add_argument("--sweep-bt", default="4,4096")
-    p.add_argument("--sweep-until", type=float, default=150.0, help="stop sweeping after this many s")
+    p.add_argument("--deadline", type=float, default=1e9, help="seconds; later steps are skipped")
     p.add_argument("--tokens", type=int, default=32768, help="B * T per bench shape")
     p.add_argument("--to-md", default=None)
     a = p.parse_args()
@@ -459,15 +447,21 @@ def main():
     except Exception:  # noqa: BLE001 - informational only
         cudnn = None
     print(jax.devices(), jax.__version__, f"cudnn={cudnn}", flush=True)
-    modes = a.modes.split(",")
-    if "check" in modes:
-        mode_check()
-    if "sweep" in modes:
-        b, t = (int(x) for x in a.sweep_bt.split(","))
-        mode_sweep([int(x) for x in a.sweep_dims.split(",")], b, t, a.sweep_until)
-    if "bench" in modes:
-        mode_bench([int(x) for x in a.ts.split(",")], [int(x) for x in a.dims.split(",")],
-                   a.tokens)
+    for step in a.plan.split(","):
+        name, *nums = step.split(":")
+        if left() < 20:
+            out_row(kind="skipped", step=step)
+            continue
+        if name == "check":
+            mode_check()
+        elif name == "check2":
+            step_check2()
+        elif name == "sweep":
+            step_sweep(*(int(x) for x in nums))  # sweep:D or sweep:D:B:T
+        elif name in ("bench", "pbench"):
+            step_bench(int(nums[0]), int(nums[1]), pallas_only=name == "pbench", tokens=a.tokens)
+        else:
+            raise ValueError(f"unknown plan step {step!r}")
     summary()
     print(f"done in {time.time() - T0:.0f}s", flush=True)
 

@@ -24,19 +24,25 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from fastjax import optim, quant
 from fastjax.pallas_kernels import nf4_lora as k
 
-SHAPES = [("q/o 4096->4096", 4096, 4096), ("k/v 4096->1024", 4096, 1024),
-          ("gate/up 4096->14336", 4096, 14336), ("down 14336->4096", 14336, 4096)]
+from fastjax import optim, quant
+
+SHAPES = [
+    ("q/o 4096->4096", 4096, 4096),
+    ("k/v 4096->1024", 4096, 1024),
+    ("gate/up 4096->14336", 4096, 14336),
+    ("down 14336->4096", 14336, 4096),
+]
 RANK, SCALE = 16, 2.0
 TS, SWEEP_T = (2048, 8192, 16, 1), 2048
 T0 = time.time()
 
 
 def log(rec: dict, fh) -> None:
-    rec = {k2: (float(v) if isinstance(v, (np.floating, jnp.ndarray)) else v) for k2, v in rec.items()}
+    rec = {
+        k2: (float(v) if isinstance(v, (np.floating, jnp.ndarray)) else v) for k2, v in rec.items()
+    }
     fh.write(json.dumps(rec) + "\n")
     fh.flush()
 
@@ -68,25 +74,36 @@ def make_sets(n_in, out, t, n_sets, seed=0):
     for i in range(n_sets):
         ks = jax.random.split(jax.random.fold_in(key, i), 5)
         w16 = (jax.random.normal(ks[0], (out, n_in), jnp.float32) * 0.02).astype(jnp.bfloat16)
-        sets.append(dict(
-            x=jax.random.normal(ks[1], (t, n_in), jnp.bfloat16),
-            w=qfn(w16), w16=w16,
-            a=(jax.random.normal(ks[2], (RANK, n_in), jnp.float32) * 0.02).astype(jnp.bfloat16),
-            b=(jax.random.normal(ks[3], (out, RANK), jnp.float32) * 0.02).astype(jnp.bfloat16),
-            dy=jax.random.normal(ks[4], (t, out), jnp.bfloat16)))
+        sets.append(
+            {
+                "x": jax.random.normal(ks[1], (t, n_in), jnp.bfloat16),
+                "w": qfn(w16),
+                "w16": w16,
+                "a": (jax.random.normal(ks[2], (RANK, n_in), jnp.float32) * 0.02).astype(
+                    jnp.bfloat16
+                ),
+                "b": (jax.random.normal(ks[3], (out, RANK), jnp.float32) * 0.02).astype(
+                    jnp.bfloat16
+                ),
+                "dy": jax.random.normal(ks[4], (t, out), jnp.bfloat16),
+            }
+        )
     return sets
 
 
 def dense_lora(x, w16, a, b):
     y = jnp.einsum("ti,oi->to", x, w16, preferred_element_type=jnp.float32).astype(x.dtype)
     xa = jnp.einsum("ti,ri->tr", x, a, preferred_element_type=jnp.float32).astype(x.dtype)
-    return y + (SCALE * jnp.einsum("tr,or->to", xa, b, preferred_element_type=jnp.float32)).astype(x.dtype)
+    return y + (SCALE * jnp.einsum("tr,or->to", xa, b, preferred_element_type=jnp.float32)).astype(
+        x.dtype
+    )
 
 
 def variants(bs):
-    fused = lambda x, w, a, b: k.nf4_lora_linear(x, w, a, b, lora_scale=SCALE, impl="pallas",  # noqa
-                                                 block_sizes=bs)
-    xla = lambda x, w, a, b: k.nf4_lora_linear(x, w, a, b, lora_scale=SCALE, impl="xla")  # noqa
+    fused = lambda x, w, a, b: k.nf4_lora_linear(
+        x, w, a, b, lora_scale=SCALE, impl="pallas", block_sizes=bs
+    )
+    xla = lambda x, w, a, b: k.nf4_lora_linear(x, w, a, b, lora_scale=SCALE, impl="xla")
     return {"fused": (fused, "w"), "xla_dequant": (xla, "w"), "bf16": (dense_lora, "w16")}
 
 
@@ -98,6 +115,7 @@ def fwdbwd_fn(f, wkey):
     def run(s):
         y, vjp = jax.vjp(lambda x, a, b: f(x, s[wkey], a, b), s["x"], s["a"], s["b"])
         return (*vjp(s["dy"]), y)  # y returned too, else XLA drops the forward kernel
+
     return run
 
 
@@ -118,7 +136,15 @@ def run_case(name, n_in, out, t, bs, fh, *, modes=("fwd", "fwdbwd"), which=None,
     v = variants(bs)
     recs = []
     for mode in modes:
-        rec = dict(tag=tag, shape=name, n_in=n_in, out=out, T=t, mode=mode, block_sizes=str(bs))
+        rec = {
+            "tag": tag,
+            "shape": name,
+            "n_in": n_in,
+            "out": out,
+            "T": t,
+            "mode": mode,
+            "block_sizes": str(bs),
+        }
         outs = {}
         names = [n for n in v if not which or n in which]
         if "fused" in names and (key, mode) not in _REF and "xla_dequant" not in names:
@@ -141,17 +167,33 @@ def run_case(name, n_in, out, t, bs, fh, *, modes=("fwd", "fwdbwd"), which=None,
             if mode == "fwd":
                 rec["err_y"] = rel(got, ref)
             else:
-                rec.update(err_dx=rel(got[0], ref[0]), err_dA=rel(got[1], ref[1]), err_dB=rel(got[2], ref[2]))
+                rec.update(
+                    err_dx=rel(got[0], ref[0]),
+                    err_dA=rel(got[1], ref[1]),
+                    err_dB=rel(got[2], ref[2]),
+                )
             rec["finite"] = bool(all(bool(jnp.all(jnp.isfinite(z))) for z in jax.tree.leaves(got)))
         flops = 2 * t * n_in * out * (1 if mode == "fwd" else 2)
         if rec.get("ms_fused"):
             rec["tflops_fused"] = flops / rec["ms_fused"] / 1e9
         log(rec, fh)
         recs.append(rec)
-        print(f"[{time.time() - T0:6.1f}s] {tag} {name} T={t} {mode} " +
-              " ".join(f"{kk}={rec[kk]:.4g}" if isinstance(rec.get(kk), float) else f"{kk}={rec.get(kk)}"
-                       for kk in ("ms_fused", "ms_xla_dequant", "ms_bf16", "err_y", "err_dx",
-                                  "error_fused") if kk in rec), flush=True)
+        print(
+            f"[{time.time() - T0:6.1f}s] {tag} {name} T={t} {mode} "
+            + " ".join(
+                f"{kk}={rec[kk]:.4g}" if isinstance(rec.get(kk), float) else f"{kk}={rec.get(kk)}"
+                for kk in (
+                    "ms_fused",
+                    "ms_xla_dequant",
+                    "ms_bf16",
+                    "err_y",
+                    "err_dx",
+                    "error_fused",
+                )
+                if kk in rec
+            ),
+            flush=True,
+        )
     return recs
 
 
@@ -160,28 +202,42 @@ def sweep(fh, budget, base_ms):
     name, n_in, out = SHAPES[2]
     t = SWEEP_T
     base = k.pick_block_sizes(t, out, n_in)
-    fwd_cfgs = [dict(bm=256), dict(bm=256, bn=32), dict(w_lhs=True), dict(w_lhs=True, bm=256),
-                dict(num_warps=4), dict(lookup="gather", bm=256)]
+    fwd_cfgs = [
+        {"bm": 256},
+        {"bm": 256, "bn": 32},
+        {"w_lhs": True},
+        {"w_lhs": True, "bm": 256},
+        {"num_warps": 4},
+        {"lookup": "gather", "bm": 256},
+    ]
     best_f, best_fms = base, base_ms[0]
     print("sweep base:", base, base_ms, flush=True)
     for cfg in fwd_cfgs:
         if time.time() - T0 > budget * 0.2:
             break
         bs = dataclasses.replace(base, **cfg)
-        r = run_case(name, n_in, out, t, bs, fh, modes=("fwd",), which=("fused",), tag="sweep_fwd")[0]
+        r = run_case(name, n_in, out, t, bs, fh, modes=("fwd",), which=("fused",), tag="sweep_fwd")[
+            0
+        ]
         ok = r.get("ms_fused") and r.get("err_y", 1) < 2e-2
         if ok and r["ms_fused"] < best_fms:
             best_f, best_fms = bs, r["ms_fused"]
-    bwd_cfgs = [dict(bwd_bm=256, bwd_bk=64), dict(bwd_w_lhs=True), dict(bwd_w_lhs=True, bwd_bm=256,
-                bwd_bk=64), dict(bwd_bk=256)]
+    bwd_cfgs = [
+        {"bwd_bm": 256, "bwd_bk": 64},
+        {"bwd_w_lhs": True},
+        {"bwd_w_lhs": True, "bwd_bm": 256, "bwd_bk": 64},
+        {"bwd_bk": 256},
+    ]
     if best_f != base:
-        bwd_cfgs.insert(0, dict())
+        bwd_cfgs.insert(0, {})
     best_b, best_bms = best_f, float("inf") if best_f != base else base_ms[1]
     for cfg in bwd_cfgs:
         if time.time() - T0 > budget * 0.3:
             break
         bs = dataclasses.replace(best_f, **cfg)
-        r = run_case(name, n_in, out, t, bs, fh, modes=("fwdbwd",), which=("fused",), tag="sweep_bwd")[0]
+        r = run_case(
+            name, n_in, out, t, bs, fh, modes=("fwdbwd",), which=("fused",), tag="sweep_bwd"
+        )[0]
         ok = r.get("ms_fused") and r.get("err_dx", 1) < 2e-2
         if ok and r["ms_fused"] < best_bms:
             best_b, best_bms = bs, r["ms_fused"]
@@ -191,15 +247,19 @@ def sweep(fh, budget, base_ms):
 def adam_case(name, tree, fh):
     import optax
 
-    shapes = jax.tree.map(lambda sh: jax.ShapeDtypeStruct(sh, jnp.float32), tree,
-                          is_leaf=lambda x: isinstance(x, tuple))
+    shapes = jax.tree.map(
+        lambda sh: jax.ShapeDtypeStruct(sh, jnp.float32),
+        tree,
+        is_leaf=lambda x: isinstance(x, tuple),
+    )
     n = sum(int(np.prod(s.shape)) for s in jax.tree.leaves(shapes))
     recs = {}
     for oname, opt in (("adamw_fp32", optax.adamw(1e-4)), ("adamw_8bit", optim.adamw_8bit(1e-4))):
         leaves, treedef = jax.tree.flatten(shapes)
         params = treedef.unflatten([jnp.full(s.shape, 0.01, jnp.float32) for s in leaves])
-        grads = treedef.unflatten([jax.random.normal(jax.random.key(i), s.shape) * 1e-3
-                                   for i, s in enumerate(leaves)])
+        grads = treedef.unflatten(
+            [jax.random.normal(jax.random.key(i), s.shape) * 1e-3 for i, s in enumerate(leaves)]
+        )
         state = opt.init(params)
 
         def step(p, s, g, opt=opt):
@@ -215,46 +275,86 @@ def adam_case(name, tree, fh):
             params, state = step(params, state, grads)
             jax.block_until_ready(params)
             times.append(time.perf_counter() - t)
-        recs[oname] = dict(ms=1e3 * statistics.median(times), state_bytes=optim.state_nbytes(state))
+        recs[oname] = {
+            "ms": 1e3 * statistics.median(times),
+            "state_bytes": optim.state_nbytes(state),
+        }
         del params, state, grads
-    rec = dict(tag="adam", tree=name, n_params=n, **{f"{o}_{kk}": v for o, r in recs.items()
-                                                      for kk, v in r.items()})
+    rec = dict(
+        tag="adam",
+        tree=name,
+        n_params=n,
+        **{f"{o}_{kk}": v for o, r in recs.items() for kk, v in r.items()},
+    )
     log(rec, fh)
-    print(f"[{time.time() - T0:6.1f}s] adam {name} n={n / 1e6:.1f}M " + json.dumps(recs), flush=True)
+    print(
+        f"[{time.time() - T0:6.1f}s] adam {name} n={n / 1e6:.1f}M " + json.dumps(recs), flush=True
+    )
     return rec
 
 
 def lora_tree_8b(r=16):
     L, D, F, KV = 32, 4096, 14336, 1024
-    mods = {"q_proj": (D, D), "k_proj": (D, KV), "v_proj": (D, KV), "o_proj": (D, D),
-            "gate_proj": (D, F), "up_proj": (D, F), "down_proj": (F, D)}
+    mods = {
+        "q_proj": (D, D),
+        "k_proj": (D, KV),
+        "v_proj": (D, KV),
+        "o_proj": (D, D),
+        "gate_proj": (D, F),
+        "up_proj": (D, F),
+        "down_proj": (F, D),
+    }
     return {m: {"lora_A": (L, r, i), "lora_B": (L, o, r)} for m, (i, o) in mods.items()}
 
 
 def full_tree_1b():
     L, D, F, KV, V = 16, 2048, 8192, 512, 128256
-    layer = {"q_proj": (L, D, D), "k_proj": (L, KV, D), "v_proj": (L, KV, D), "o_proj": (L, D, D),
-             "gate_proj": (L, F, D), "up_proj": (L, F, D), "down_proj": (L, D, F),
-             "input_layernorm": (L, D), "post_attention_layernorm": (L, D)}
+    layer = {
+        "q_proj": (L, D, D),
+        "k_proj": (L, KV, D),
+        "v_proj": (L, KV, D),
+        "o_proj": (L, D, D),
+        "gate_proj": (L, F, D),
+        "up_proj": (L, F, D),
+        "down_proj": (L, D, F),
+        "input_layernorm": (L, D),
+        "post_attention_layernorm": (L, D),
+    }
     return {"embed_tokens": (V, D), "layers": layer, "norm": (D,)}
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="nf4_h200.jsonl")
-    ap.add_argument("--budget", type=float, default=260.0, help="seconds; later cases are skipped past it")
+    ap.add_argument(
+        "--budget", type=float, default=260.0, help="seconds; later cases are skipped past it"
+    )
     ap.add_argument("--no-sweep", action="store_true")
-    ap.add_argument("--tiny", action="store_true", help="CPU smoke test: small shapes, interpret mode")
+    ap.add_argument(
+        "--tiny", action="store_true", help="CPU smoke test: small shapes, interpret mode"
+    )
     args = ap.parse_args(argv)
     global SHAPES, TS, SWEEP_T
     if args.tiny:
-        SHAPES = [("tiny 128->256", 128, 256), ("tiny 256->64", 256, 64), ("tiny 128->512", 128, 512),
-                  ("tiny 512->128", 512, 128)]
+        SHAPES = [
+            ("tiny 128->256", 128, 256),
+            ("tiny 256->64", 256, 64),
+            ("tiny 128->512", 128, 512),
+            ("tiny 512->128", 512, 128),
+        ]
         TS, SWEEP_T = (128, 256, 16, 1), 128
     print(jax.devices(), jax.__version__, flush=True)
     rows = []
     with open(args.out, "w") as fh:
-        log(dict(tag="env", jax=jax.__version__, device=str(jax.devices()[0]), argv=sys.argv), fh)
+        log(
+            {
+                "tag": "env",
+                "jax": jax.__version__,
+                "device": str(jax.devices()[0]),
+                "argv": sys.argv,
+            },
+            fh,
+        )
 
         def grid(t, bs_for):
             for name, n_in, out in SHAPES:
@@ -267,30 +367,42 @@ def main(argv=None):
         if not args.no_sweep:
             name, n_in, out = SHAPES[2]
             base = k.pick_block_sizes(SWEEP_T, out, n_in)
-            base_rows = run_case(name, n_in, out, SWEEP_T, base, fh, which=("fused",), tag="sweep_base")
+            base_rows = run_case(
+                name, n_in, out, SWEEP_T, base, fh, which=("fused",), tag="sweep_base"
+            )
             base_ms = tuple(r.get("ms_fused") or float("inf") for r in base_rows)
             best = sweep(fh, args.budget, base_ms)
             print("best large-T config:", best, flush=True)
-        large = lambda t, i, o: best if (best is not None and t >= SWEEP_T) else k.pick_block_sizes(t, o, i)  # noqa
+        large = lambda t, i, o: (
+            best if (best is not None and t >= SWEEP_T) else k.pick_block_sizes(t, o, i)
+        )
         grid(SWEEP_T, large)
-        trees = (("tiny", {"a": (64, 256), "b": (100,)}),) if args.tiny else (
-            ("llama3-8b LoRA r16", lora_tree_8b()), ("llama3.2-1b full", full_tree_1b()))
+        grid(TS[1], large)
+        trees = (
+            (("tiny", {"a": (64, 256), "b": (100,)}),)
+            if args.tiny
+            else (("llama3-8b LoRA r16", lora_tree_8b()), ("llama3.2-1b full", full_tree_1b()))
+        )
         for tname, tree in trees:
             try:
                 adam_case(tname, tree, fh)
             except Exception as e:  # noqa: BLE001
                 print("adam", tname, "failed:", type(e).__name__, str(e)[:300], flush=True)
-        for t in TS[1:]:
+        for t in TS[2:]:
             grid(t, large)
-    print("\n| shape | T | mode | fused ms | xla-dequant ms | bf16 ms | vs xla | vs bf16 | err y / dx |")
+    print(
+        "\n| shape | T | mode | fused ms | xla-dequant ms | bf16 ms | vs xla | vs bf16 | err y / dx |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         f, x, b = r.get("ms_fused"), r.get("ms_xla_dequant"), r.get("ms_bf16")
         sx = f"{x / f:.2f}x" if f and x else "-"
         sb = f"{b / f:.2f}x" if f and b else "-"
-        fmt = lambda v: f"{v:.3f}" if v else "-"  # noqa: E731
-        print(f"| {r['shape']} | {r['T']} | {r['mode']} | {fmt(f)} | {fmt(x)} | {fmt(b)} | {sx} | {sb} | "
-              f"{r.get('err_y', float('nan')):.1e} / {r.get('err_dx', float('nan')):.1e} |")
+        fmt = lambda v: f"{v:.3f}" if v else "-"
+        print(
+            f"| {r['shape']} | {r['T']} | {r['mode']} | {fmt(f)} | {fmt(x)} | {fmt(b)} | {sx} | {sb} | "
+            f"{r.get('err_y', float('nan')):.1e} / {r.get('err_dx', float('nan')):.1e} |"
+        )
 
 
 if __name__ == "__main__":

@@ -1,23 +1,24 @@
 """Export a fine-tuned model: merged 16-bit HF checkpoint, PEFT adapter, or GGUF.
 
 Merged checkpoint (``save_pretrained_merged``): every adapted linear becomes
-``W' = cast(W_f32 + s * B_f32 @ A_f32)``, ``s = lora_scale`` (α/r, or α/√r with rsLoRA). After a QLoRA
-run ``W_f32`` is the dequantized NF4 weight, so the merged model computes what the adapter model computed
-up to one rounding to the output dtype. Tensors are produced lazily, one at a time, as
-``loading.write_safetensors`` asks for them: beyond the params, the device holds about one tensor.
+``W' = cast(W_f32 + s * B_f32 @ A_f32)``, ``s = lora_scale`` (alpha / r, or alpha / sqrt(r) with
+rsLoRA). After a QLoRA run ``W_f32`` is the dequantized NF4 weight, so the merged model computes
+what the adapter model computed up to one rounding to the output dtype. Tensors are produced lazily,
+one at a time, as ``loading.write_safetensors`` asks for them: beyond the params, the device holds
+about one tensor (the host keeps converted copies until ``write_safetensors`` writes the shards).
 
 PEFT adapter (``save_adapter`` / ``load_adapter``): the stacked adapter tree
 ``lora["model"]["layers"]["self_attn"]["q_proj"] = {"lora_A": [L, r, in], "lora_B": [L, out, r]}``
 is written per layer under PEFT's names
 (``base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight`` ``[r, in]``, ``lora_B``
 ``[out, r]``) with an ``adapter_config.json`` that ``peft.PeftModel.from_pretrained`` reads.
-``load_adapter`` reads such a directory, including one written by peft itself. PEFT features that do not
-fit one stacked tree with one rank and one scale (DoRA, ``modules_to_save``, ``rank_pattern``, LoRA
-biases, embedding LoRA, ...) are rejected with an error naming the field; layer subsets
-(``layers_to_transform``, ``exclude_modules``) load as zeros in the unselected layers.
+``load_adapter`` reads such a directory, including one written by peft itself. PEFT features that
+do not fit one stacked tree with one rank and one scale (DoRA, ``modules_to_save``,
+``rank_pattern``, LoRA biases, embedding LoRA, ...) are rejected with an error naming the field;
+layer subsets (``layers_to_transform``, ``exclude_modules``) load as zeros in the other layers.
 
-Everything written goes through ``fastjax._io.atomic_dir``: an output directory is replaced as a whole
-or left as it was.
+Everything written goes through ``fastjax._io.atomic_dir``: an output directory is replaced as a
+whole or left as it was.
 """
 
 from __future__ import annotations
@@ -99,13 +100,21 @@ def _get(tree: Mapping | None, path: tuple[str, ...]) -> Any:
 # -------------------------------------------------------------------------------------------------
 
 
+def _lora_node(adapters: Mapping, param_path: tuple[str, ...]) -> Mapping | None:
+    """The ``{"lora_A", "lora_B"}`` node adapting the weight at ``param_path``, if any."""
+    if param_path[-1] != "weight":
+        return None
+    node = _get(adapters, param_path[:-1])
+    return node if isinstance(node, Mapping) and "lora_A" in node else None
+
+
 def _dense_f32(w: Any) -> jax.Array:
     return w.dequantize(jnp.float32) if _is_quantized(w) else jnp.asarray(w).astype(jnp.float32)
 
 
 @functools.partial(jax.jit, static_argnames=("dtype",))
 def _merge(w, a, b, scale, *, dtype):
-    """``cast(dense_f32(w) + scale * b @ a)``; leading (stacked) dims broadcast; a, b may be None."""
+    """``cast(dense_f32(w) + scale * b @ a)``; leading (stacked) dims broadcast; a, b may be None"""
     w = _dense_f32(w)
     if a is not None:
         delta = jnp.einsum(
@@ -134,7 +143,7 @@ class _MergedTensors(Mapping):
 
     def __init__(self, params: Mapping, adapters: Mapping | None, cfg, scale: float, dtype):
         self.params, self.adapters, self.scale, self.dtype = params, adapters or {}, scale, dtype
-        self.names = [n for n in registry.family_of(cfg).param_shapes(cfg)]
+        self.names = list(registry.family_of(cfg).param_shapes(cfg))
         missing = [n for n in self.names if self._leaf(n)[0] is None]
         if missing:
             raise KeyError(
@@ -149,8 +158,7 @@ class _MergedTensors(Mapping):
             layer = int(idx)
         else:
             path, layer = tuple(name.split(".")), None
-        lora = _get(self.adapters, path[:-1]) if path[-1] == "weight" else None
-        return _get(self.params, path), lora, layer
+        return _get(self.params, path), _lora_node(self.adapters, path), layer
 
     def __getitem__(self, name: str) -> jax.Array:
         w, lora, layer = self._leaf(name)
@@ -177,7 +185,7 @@ def _check_adapters(adapters: Mapping | None, params: Mapping, lora_config: Any)
             "adapters given without lora_config: pass the LoraConfig (or the float lora_scale)"
         )
     for path, node in modules:
-        w = _get(params, path + ("weight",))
+        w = _get(params, (*path, "weight"))
         if w is None:
             raise KeyError(f"adapter for {'.'.join(path)} has no base weight in params")
         a, b = node["lora_A"], node["lora_B"]
@@ -208,15 +216,16 @@ def save_pretrained_merged(
 
     ``lora_config``: the ``LoraConfig`` the adapters were trained with, or the float ``lora_scale``
     (needed when ``adapters`` is not empty). NF4 weights (QLoRA) are dequantized to fp32 first; the
-    merge runs in fp32 and each tensor is cast once to ``dtype`` (``"bf16" | "fp16" | "fp32"``). Writes
-    sharded safetensors (+ index), ``config.json``, ``generation_config.json`` and the tokenizer files.
+    merge runs in fp32 and each tensor is cast once to ``dtype`` (``"bf16" | "fp16" | "fp32"``).
+    Writes sharded safetensors (+ index), ``config.json``, ``generation_config.json`` and the
+    tokenizer files.
     """
     dt = resolve_dtype(dtype)
     scale = _check_adapters(adapters, params, lora_config)
     tensors = _MergedTensors(params, adapters, cfg, scale, dt)
     with atomic_dir(out_dir) as tmp:
         loading.write_safetensors(tensors, tmp, max_shard_size=max_shard_size)
-        loading.write_config_files(cfg, tmp, dtype_name=loading._DTYPE_NAMES[dt])
+        loading.write_config_files(cfg, tmp, dtype_name=dt.name)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return Path(out_dir)
@@ -236,8 +245,8 @@ def merge_adapters(
 
     def walk(node, path):
         if isinstance(node, Mapping):
-            return {k: walk(v, path + (k,)) for k, v in node.items()}
-        lora = _get(adapters, path[:-1]) if path[-1] == "weight" else None
+            return {k: walk(v, (*path, k)) for k, v in node.items()}
+        lora = _lora_node(adapters, path)
         a, b = (None, None) if lora is None else (lora["lora_A"], lora["lora_B"])
         return _merge(node, a, b, scale, dtype=dt)
 
@@ -248,9 +257,10 @@ def merge_adapters(
 # PEFT adapter
 # -------------------------------------------------------------------------------------------------
 
-# adapter_config.json fields that do not change what a loaded LoRA adapter computes: metadata, init-only
-# options, and layer selection (the weights present in the file already express it). Every other field
-# must hold its "unused" value (None, False, {}, [], ""), else ``load_adapter`` names it and refuses.
+# adapter_config.json fields that do not change what a loaded LoRA adapter computes: metadata,
+# init-only options, and layer selection (the weights present in the file already express it). Every
+# other field must hold its "unused" value (None, False, {}, [], ""), else ``load_adapter`` refuses,
+# naming it.
 _HARMLESS_PEFT_FIELDS = {
     "peft_type",
     "task_type",
@@ -355,8 +365,9 @@ def save_adapter(
     *,
     base_model_name_or_path: str = "",
 ) -> Path:
-    """Write a PEFT adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``, fp32 factors
-    under PEFT's names) that ``peft.PeftModel.from_pretrained`` loads onto the HF base model. Atomic."""
+    """Write a PEFT adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``,
+    fp32 factors under PEFT's names) that ``peft.PeftModel.from_pretrained`` loads onto the HF
+    base model, atomically (``fastjax.lora.save_peft_adapter`` converts; this checks shapes)."""
     from fastjax.lora import save_peft_adapter
 
     _check_adapter_shapes(adapters, cfg, lora_config.r, "save_adapter")
@@ -369,26 +380,27 @@ def save_adapter(
 def _target_modules(
     present: Mapping[tuple[str, ...], set[int]], num_layers: int
 ) -> tuple[str, ...] | str:
-    """``target_modules`` selecting exactly the (module, layer) pairs of the file: module names when every
-    module covers every layer, else a regex fullmatching exactly the present full module names."""
+    """``target_modules`` selecting exactly the (module, layer) pairs of the file: module names when
+    every module covers every layer, else a regex fullmatching exactly the present module names."""
     if all(len(layers) == num_layers for layers in present.values()):
         leaves = [rel[-1] for rel in present]
         names = leaves if len(set(leaves)) == len(leaves) else [".".join(rel) for rel in present]
         return tuple(sorted(names))
     alternatives = [
-        rf"model\.layers\.(?:{'|'.join(str(i) for i in sorted(layers))})\.{re.escape('.'.join(rel))}"
+        rf"model\.layers\.(?:{'|'.join(map(str, sorted(layers)))})\.{re.escape('.'.join(rel))}"
         for rel, layers in sorted(present.items())
     ]
     return "(?:" + "|".join(alternatives) + ")"
 
 
 def load_adapter(path: str | os.PathLike, cfg) -> tuple[dict, LoraConfig]:
-    """Read a PEFT LoRA adapter directory (from ``save_adapter`` or from peft itself) -> ``(adapters,
-    lora_config)``: the stacked fp32 adapter tree and a ``LoraConfig`` with the same scale.
+    """Read a PEFT LoRA adapter directory (from ``save_adapter`` or from peft itself) ->
+    ``(adapters, lora_config)``: the stacked fp32 adapter tree and a ``LoraConfig`` with its scale.
 
-    Layer subsets (``layers_to_transform``, ``exclude_modules``, regex ``target_modules``) load as zero
-    factors in the unselected layers, with ``target_modules`` rewritten to a regex selecting exactly the
-    layers in the file. Unsupported PEFT features raise ``AdapterError`` naming the field.
+    Layer subsets (``layers_to_transform``, ``exclude_modules``, regex ``target_modules``) load as
+    zero factors in the unselected layers, with ``target_modules`` rewritten to a regex selecting
+    exactly the layers in the file. Unsupported PEFT features raise ``AdapterError``, naming the
+    field.
     """
     from safetensors.numpy import load_file
 
@@ -449,7 +461,8 @@ def add_export_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "export",
         help="merge a LoRA adapter and export (HF 16-bit, PEFT adapter, or GGUF)",
-        description="Export a fine-tuned model. merged: an HF checkpoint with the adapter merged in "
+        description="Export a fine-tuned model. merged: an HF checkpoint with the adapter merged "
+        "in "
         "(transformers/vLLM load it). adapter: a PEFT adapter directory. gguf: a llama.cpp file.",
     )
     p.add_argument(
@@ -482,7 +495,7 @@ def add_export_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _checkpoint_dtype(model: str) -> Any:
-    """The dtype to load the base in: its own (no rounding before the fp32 merge); fp32 for GGUF input."""
+    """The dtype to load the base in: its own (no rounding before the fp32 merge); fp32 for GGUF."""
     if model.endswith(".gguf"):
         return jnp.float32
     config = Path(model) / "config.json"
@@ -496,17 +509,28 @@ def _checkpoint_dtype(model: str) -> Any:
 
 def export_command(args: argparse.Namespace) -> int:
     """Handler of ``fastjax export`` (see ``add_export_parser``). Returns the exit status."""
-    if args.format == "adapter" and not args.adapter:
-        raise SystemExit("fastjax export --format adapter needs --adapter DIR")
+    from fastjax.cli import resolve_model_path  # ``--model default`` -> the embedded GGUF
+
+    model = resolve_model_path(args.model)
+    if args.format == "adapter":
+        if not args.adapter:
+            raise SystemExit("fastjax export --format adapter needs --adapter DIR")
+        cfg = (
+            loading.load_config(model)
+            if (Path(model) / "config.json").is_file()
+            else loading.from_pretrained(model, dtype=jnp.float32, load_tokenizer=False)[1]
+        )
+        adapters, lora_config = load_adapter(args.adapter, cfg)
+        out = save_adapter(adapters, lora_config, cfg, args.out, base_model_name_or_path=model)
+        print(f"fastjax export: wrote adapter to {out}")
+        return 0
     params, cfg, tokenizer = loading.from_pretrained(
-        args.model, dtype=_checkpoint_dtype(args.model), load_in_4bit=args.load_in_4bit
+        model, dtype=_checkpoint_dtype(model), load_in_4bit=args.load_in_4bit
     )
     adapters, lora_config = load_adapter(args.adapter, cfg) if args.adapter else (None, None)
-    if adapters is None and args.format != "adapter":
+    if adapters is None:
         log.warning("no --adapter given: exporting the base model unchanged")
-    if args.format == "adapter":
-        out = save_adapter(adapters, lora_config, cfg, args.out, base_model_name_or_path=args.model)
-    elif args.format == "merged":
+    if args.format == "merged":
         out = save_pretrained_merged(
             params,
             adapters,
@@ -520,9 +544,10 @@ def export_command(args: argparse.Namespace) -> int:
     else:
         from fastjax.gguf_io import save_gguf
 
-        merged = merge_adapters(
-            params, adapters, lora_config=lora_config, dtype=args.dtype or "fp32"
-        )
+        # fp32 by default: merging to bf16 first would round twice (bf16 keeps 7 mantissa bits,
+        # GGUF f16 keeps 10). The dense merged copy is the model's size in that dtype.
+        dtype = args.dtype or "fp32"
+        merged = merge_adapters(params, adapters, lora_config=lora_config, dtype=dtype)
         del params
         out = Path(args.out)
         if out.suffix != ".gguf":

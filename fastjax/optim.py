@@ -25,8 +25,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fastjax.quant import (DYNAMIC_MAP_SIGNED, DYNAMIC_MAP_UNSIGNED, blockwise_dequantize_8bit,
-                           blockwise_quantize_8bit)
+from fastjax.quant import (
+    DYNAMIC_MAP_SIGNED,
+    DYNAMIC_MAP_UNSIGNED,
+    blockwise_dequantize_8bit,
+    blockwise_quantize_8bit,
+)
 
 BLOCK = 256
 
@@ -69,8 +73,9 @@ def _is_moment(x) -> bool:
     return isinstance(x, QuantizedMoment)
 
 
-def scale_by_adam_8bit(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, *,
-                       min_8bit_size: int = 4096) -> optax.GradientTransformation:
+def scale_by_adam_8bit(
+    b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, *, min_8bit_size: int = 4096
+) -> optax.GradientTransformation:
     """``optax.scale_by_adam`` with blockwise 8-bit moments (module docstring)."""
 
     def init_fn(params):
@@ -99,15 +104,24 @@ def scale_by_adam_8bit(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, *,
                 m, v = _quantize(m, DYNAMIC_MAP_SIGNED), _quantize(v, DYNAMIC_MAP_UNSIGNED)
             new_mu.append(m)
             new_nu.append(v)
-        return (treedef.unflatten(new_u),
-                ScaleByAdam8bitState(count, treedef.unflatten(new_mu), treedef.unflatten(new_nu)))
+        return (
+            treedef.unflatten(new_u),
+            ScaleByAdam8bitState(count, treedef.unflatten(new_mu), treedef.unflatten(new_nu)),
+        )
 
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-def adamw_8bit(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999,
-               eps: float = 1e-8, weight_decay: float = 0.01, mask: Any = None, *,
-               min_8bit_size: int = 4096) -> optax.GradientTransformation:
+def adamw_8bit(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.01,
+    mask: Any = None,
+    *,
+    min_8bit_size: int = 4096,
+) -> optax.GradientTransformation:
     """Drop-in for ``optax.adamw`` with 8-bit Adam moments (same chain, same defaults but the moments)."""
     return optax.chain(
         scale_by_adam_8bit(b1, b2, eps, min_8bit_size=min_8bit_size),
@@ -118,5 +132,8 @@ def adamw_8bit(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float
 
 def state_nbytes(state: Any) -> int:
     """Bytes held by the array leaves of an optimizer state."""
-    return sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(state)
-               if hasattr(x, "dtype"))
+    return sum(
+        int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize
+        for x in jax.tree.leaves(state)
+        if hasattr(x, "dtype")
+    )

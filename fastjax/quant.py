@@ -262,7 +262,7 @@ def quantize_nf4(w: jax.Array, *, block_size: int = 64, double_quant: bool = Tru
     """Quantize ``w [..., out, in]`` to NF4 (bitsandbytes' algorithm, this module's layout). Jit-able."""
     w = jnp.asarray(w)
     _check_shape(w.shape, block_size)
-    *lead, out, n_in = w.shape
+    *_lead, out, _n_in = w.shape
     dtype = w.dtype
     codes, absmax = _nf4_codes(w, block_size)
     packed = (codes[..., : out // 2, :] << 4) | codes[..., out // 2 :, :]

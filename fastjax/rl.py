@@ -244,12 +244,13 @@ def completion_logprobs(params: Mapping, cfg: Any, batch: Mapping[str, jax.Array
                          segment_ids=batch["segment_ids"], lora=lora, lora_scale=lora_scale,
                          remat_policy=remat_policy, ops=ops, return_hidden=True)
     h = hidden[:, T - N - 1:T - 1]  # the state before completion token t predicts it
-    if temperature != 1.0:
+    softcap = fam.final_logit_softcap(cfg) if hasattr(fam, "final_logit_softcap") else None
+    if temperature != 1.0:  # softcap_c(z) / T == softcap_{c/T}(z / T): exact with a final softcap
         h = (h.astype(jnp.float32) / temperature).astype(h.dtype)
+        softcap = None if softcap is None else softcap / temperature
     labels = jnp.where(mask > 0, batch["input_ids"][:, T - N:], IGNORE_INDEX)
     head = fam.lm_head(params, cfg).astype(h.dtype)
-    ce = O.cross_entropy(h, head, labels, softcap=getattr(cfg, "final_logit_softcapping", None),
-                         reduction="none", ops=ops)
+    ce = O.cross_entropy(h, head, labels, softcap=softcap, reduction="none", ops=ops)
     return jnp.where(mask > 0, -ce, 0.0).astype(jnp.float32)
 
 

@@ -274,7 +274,7 @@ def make_train_step(loss_sum: Callable, optimizer: optax.GradientTransformation,
         loss = total / denom
         updates, opt_state = optimizer.update(grads, opt_state, trainable)
         trainable = optax.apply_updates(trainable, updates)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "update_norm": optax.global_norm(updates),
                    "lr": jnp.asarray(schedule(step_idx), jnp.float32), "num_label_tokens": count}
         return trainable, opt_state, metrics
 
@@ -437,8 +437,8 @@ class SFTTrainer:
             host = jax.device_get(metrics)
             now = time.perf_counter()
             record = {"step": step_idx + 1, "loss": float(host["loss"]), "grad_norm": float(host["grad_norm"]),
-                      "lr": float(host["lr"]), "num_label_tokens": int(host["num_label_tokens"]),
-                      "num_tokens": n_tokens}
+                      "update_norm": float(host["update_norm"]), "lr": float(host["lr"]),
+                      "num_label_tokens": int(host["num_label_tokens"]), "num_tokens": n_tokens}
             if timing["t_last"] is not None:  # the first step of a process includes compilation
                 dt = now - timing["t_last"]
                 timing["tokens"] += n_tokens
@@ -448,12 +448,12 @@ class SFTTrainer:
             mem = device_memory_gib()
             if mem is not None:
                 record["memory_gib"], record["peak_memory_gib"] = mem
-            if not (math.isfinite(record["loss"]) and math.isfinite(record["grad_norm"])):
+            if not all(math.isfinite(record[k]) for k in ("loss", "grad_norm", "update_norm")):
                 good = f"step {last_saved} in {ckpt.directory}" if ckpt is not None and last_saved else "none"
                 raise NonFiniteLossError(
                     f"non-finite loss at step {record['step']} (loss={record['loss']}, grad_norm="
-                    f"{record['grad_norm']}); training stopped. Last good checkpoint: {good}. Lower the "
-                    f"learning rate or check the data.")
+                    f"{record['grad_norm']}, update_norm={record['update_norm']}); training stopped. Last "
+                    f"good checkpoint: {good}. Lower the learning rate or check the data.")
             history.append(record)
             if record["step"] % c.logging_steps == 0 or record["step"] == self.max_steps:
                 logger.log(record)

@@ -56,9 +56,7 @@ _M_INIT = -1e30  # finite start for the running max: a fully masked block never 
 IMPLS = ("auto", "pallas", "cudnn", "xla")
 
 
-# ----------------------------------------------------------------------------------------------------
-# Reference
-# ----------------------------------------------------------------------------------------------------
+# --- Reference ---------------------------------------------------------------------------------------
 
 
 def allowed_mask(t: int, s: int, segment_ids: jax.Array | None, *, causal: bool,
@@ -130,15 +128,18 @@ def _check_args(q, k, v, segment_ids, causal, window, softcap) -> None:
         raise ValueError(f"softcap={softcap} must be > 0")
 
 
-# ----------------------------------------------------------------------------------------------------
-# Kernel pieces shared by the forward and backward kernels
-# ----------------------------------------------------------------------------------------------------
+# --- Kernel pieces shared by the forward and backward kernels --------------------------------------
 
 
 def dot_f32(a: jax.Array, b: jax.Array, *, trans_a: bool = False, trans_b: bool = False) -> jax.Array:
-    """``a @ b`` (optionally transposed) accumulated in fp32 (Triton would accumulate fp16 in fp16)."""
+    """``a @ b`` (optionally transposed) accumulated in fp32 (Triton would accumulate fp16 in fp16).
+
+    fp32 operands ask for HIGHEST: Pallas-Triton lowers DEFAULT to tf32 (3e-4 rel. error measured on
+    the H200 against the fp32 reference), HIGHEST to IEEE fp32.
+    """
     dims = (((0,) if trans_a else (1,), (1,) if trans_b else (0,)), ((), ()))
-    return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+    prec = lax.Precision.HIGHEST if a.dtype == jnp.float32 and b.dtype == jnp.float32 else None
+    return lax.dot_general(a, b, dims, precision=prec, preferred_element_type=jnp.float32)
 
 
 def log2_scores(s: jax.Array, *, sm_scale: float, softcap: float | None):
@@ -181,9 +182,7 @@ def masked_loops(body, ranges, carry, needs_mask: bool):
     return lax.fori_loop(fhi, hi, functools.partial(body, masked=True), carry)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Forward kernel
-# ----------------------------------------------------------------------------------------------------
+# --- Forward kernel --------------------------------------------------------------------------------
 
 
 def _attention_fwd_kernel(*refs, has_seg: bool, sm_scale: float, softcap: float | None, causal: bool,
@@ -226,9 +225,7 @@ def _attention_fwd_kernel(*refs, has_seg: bool, sm_scale: float, softcap: float 
     lse_ref[...] = jnp.where(empty, jnp.inf, m + jnp.log2(jnp.where(empty, 1.0, l)))
 
 
-# ----------------------------------------------------------------------------------------------------
-# Block sizes
-# ----------------------------------------------------------------------------------------------------
+# --- Block sizes -----------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
@@ -263,8 +260,16 @@ class BlockSizes:
             block_q_dq=min(self.block_q_dq, cq), block_k_dq=min(self.block_k_dq, ck))
 
 
-# One entry per head_dim; the numbers come from the sweep in benchmarks/bench_attention.py
-# (H200, bf16, B*T = 32k tokens, causal; see benchmarks/results/attention_h200.jsonl).
+# One entry per head_dim: (fwd bq, bk, warps, stages, dk/dv bq, bk, warps, stages, dq bq, bk, warps,
+# stages). Measured with exactly these tiles (H200, bf16, causal, benchmarks/results/attention_h200.md):
+#   D=128: fwd 380 TFLOP/s at T=8192 and 442 at T=32768 (cuDNN 523 / 581); fwd+bwd 193 / 201: the
+#          backward (34 ms of 40 at T=8192) is the gap to cuDNN's 495.
+#   D=256: bq=64 keeps q + two 64x256 K/V stages in shared memory; fwd 212, fwd+bwd 154 (T=8192).
+#   D=64:  compiled and correct on the H200 (compiled check), not timed.
+# FlashAttention-2 choices: bq=128 x bk=64 with 8 warps (two warpgroups of 64 rows) in the forward;
+# 64 x 64 backward tiles keep the dk/dv (or dq) fp32 accumulators plus k/v (or q/do) in registers.
+# Not yet swept: `bench_attention.py --plan sweep:128,sweep:256` times the alternatives (the dk/dv and
+# dq kernels each alone); the sweep did not fit this session's device time.
 _BLOCKS_BY_HEAD_DIM: dict[int, BlockSizes] = {
     64: BlockSizes(128, 64, 4, 3, 64, 64, 4, 3, 64, 64, 4, 3),
     128: BlockSizes(128, 64, 8, 3, 64, 64, 8, 2, 64, 64, 8, 2),
@@ -280,9 +285,7 @@ def pick_block_sizes(head_dim: int) -> BlockSizes:
     return _BLOCKS_BY_HEAD_DIM[64] if d < 64 else _BLOCKS_BY_HEAD_DIM[256]
 
 
-# ----------------------------------------------------------------------------------------------------
-# Block-skipping tables (XLA, O(B * T/bq * S/bk) int work)
-# ----------------------------------------------------------------------------------------------------
+# --- Block-skipping tables (XLA, O(B * T/bq * S/bk) int work) --------------------------------------
 
 
 def _seg_block_stats(seg, block):
@@ -344,9 +347,7 @@ def _block_ranges(t_pad: int, s_pad: int, block_q: int, block_k: int, *, causal:
     return _ranges(live, full)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Forward pallas_call and custom_vjp wiring
-# ----------------------------------------------------------------------------------------------------
+# --- Forward pallas_call and custom_vjp wiring -----------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
@@ -457,9 +458,7 @@ def _flash_fwd(q, k, v, segment_ids, st: _Static):
 
 
 def _flash_bwd(st: _Static, res, do):
-    from fastjax.pallas_kernels import (
-        attention_bwd,  # the backward imports this module's kernel pieces
-    )
+    from fastjax.pallas_kernels import attention_bwd  # imports this module: import at call time
 
     q, k, v, segment_ids, out, lse = res
     qp, kp, vp = _pad_inputs(q, k, v, st)
@@ -475,32 +474,39 @@ def _flash_bwd(st: _Static, res, do):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Dispatch
-# ----------------------------------------------------------------------------------------------------
+# --- Dispatch --------------------------------------------------------------------------------------
 
 
-def _cudnn_unsupported(q, segment_ids, softcap) -> str | None:
-    """Why ``jax.nn.dot_product_attention(implementation="cudnn")`` cannot serve this case, or None."""
+def _cudnn_unsupported(q, segment_ids, softcap, max_segments) -> str | None:
+    """Why cuDNN (through jax) cannot serve this case, or None."""
     if not _common.on_gpu():
         return "cuDNN needs a GPU"
     if q.dtype not in (jnp.bfloat16, jnp.float16):
         return f"cuDNN flash attention takes bf16/fp16, not {q.dtype}"
-    if segment_ids is not None:
-        return "jax.nn.dot_product_attention has no segment ids (packed rows)"
     if softcap is not None:
         return "cuDNN through jax has no logit softcap"
+    if segment_ids is not None and max_segments is None:
+        return ("segment ids need cuDNN's packed layout, which needs a static bound: pass "
+                "max_segments (jax.nn.dot_product_attention itself has no segment ids)")
     if q.shape[-1] % 8 or q.shape[-1] > 256:
         return f"cuDNN needs head_dim % 8 == 0 and <= 256, got {q.shape[-1]}"
     return None
 
 
-# The `auto` decision, first matching row wins. Evidence: benchmarks/results/attention_h200.md
-# (H200, jax 0.11.2, bf16 fwd+bwd). Filled in from measurements; see that file for the numbers.
+# The `auto` decision on a GPU, first matching row wins: (case, impl, evidence). Evidence is
+# benchmarks/results/attention_h200.md: bf16, causal, fwd+bwd TFLOP/s of allowed pairs, H200,
+# jax 0.11.2, cuDNN 9.19, 32k tokens per step.
 AUTO_TABLE: tuple[tuple[str, str, str], ...] = (
-    ("not on a GPU", "xla", "Pallas-Triton only compiles for GPUs; cuDNN too"),
-    ("cuDNN cannot serve the case", "pallas", "segment ids / softcap / fp32: only Pallas does them"),
-    ("otherwise", "cudnn", "cuDNN is the fastest where it applies (see attention_h200.md)"),
+    ("no GPU", "xla", "Pallas-Triton and cuDNN only compile for GPUs"),
+    ("softcap, fp32, or a head_dim cuDNN lacks", "pallas", "cuDNN (through jax) cannot express them"),
+    ("segment_ids", "pallas",
+     ("jax.nn.dot_product_attention has no segment ids; Pallas on packed rows beats the same "
+      "sequences as a padded cuDNN batch: 10.96 vs 16.75 ms (T=8192 D=128), 4.58 vs 8.01 (T=2048), "
+      "27.7 vs 38.2 (T=32768), 14.4 vs 27.8 (T=8192 D=256). cuDNN's packed layout (experimental "
+      "impl='cudnn' + max_segments) timed 4.95 ms at T=8192 D=128 but is unverified on a GPU")),
+    ("otherwise (bf16/fp16, causal, window, GQA)", "cudnn",
+     ("cuDNN 495 vs Pallas 193 (T=8192 D=128), 548 vs 201 (T=32768), 369 vs 168 (T=2048), "
+      "401 vs 154 (T=8192 D=256)")),
 )
 
 
@@ -509,27 +515,64 @@ def choose_impl(q: jax.Array, segment_ids: jax.Array | None = None,
     """Apply ``AUTO_TABLE`` to one call's arguments."""
     if not _common.on_gpu():
         return "xla"
-    if _cudnn_unsupported(q, segment_ids, softcap) is not None:
+    if segment_ids is not None or _cudnn_unsupported(q, None, softcap, None) is not None:
         return "pallas"
     return "cudnn"
 
 
-def _cudnn_attention(q, k, v, *, causal, window, sm_scale):
+def segment_offsets(segment_ids: jax.Array, max_segments: int) -> tuple[jax.Array, jax.Array]:
+    """Contiguous runs of equal non-zero ids -> cuDNN's ``(seqlens [B, M], offsets [B, M + 1])``.
+
+    Missing entries are -1. Rows with more than ``max_segments`` runs lose the extra ones (their outputs
+    stay 0): the bound must hold. A segment id must form one contiguous run (what packing produces).
+    """
+    seg = segment_ids.astype(jnp.int32)
+    prev = jnp.pad(seg[:, :-1], ((0, 0), (1, 0)))
+    nxt = jnp.pad(seg[:, 1:], ((0, 0), (0, 1)))
+    first = jax.vmap(lambda m: jnp.nonzero(m, size=max_segments, fill_value=-1)[0])
+    starts = first((seg != 0) & (seg != prev))
+    ends = first((seg != 0) & (seg != nxt))
+    valid = starts >= 0
+    lens = jnp.where(valid, ends - starts + 1, -1).astype(jnp.int32)
+    offs = jnp.concatenate([jnp.where(valid, starts, -1), jnp.full((seg.shape[0], 1), -1)], axis=1)
+    return lens, offs.astype(jnp.int32)
+
+
+def _cudnn_attention(q, k, v, segment_ids, *, causal, window, sm_scale, max_segments):
     # cuDNN's sliding_window_length W keeps (i - W, i]; jax maps local_window_size=(W - 1, 0) to it.
-    lws = None if window is None else (int(window) - 1, 0)
-    return jax.nn.dot_product_attention(q, k, v, scale=sm_scale, is_causal=causal,
-                                        local_window_size=lws, implementation="cudnn")
+    if segment_ids is None:
+        lws = None if window is None else (int(window) - 1, 0)
+        return jax.nn.dot_product_attention(q, k, v, scale=sm_scale, is_causal=causal,
+                                            local_window_size=lws, implementation="cudnn")
+    # Packed rows: jax exposes cuDNN's THD layout only in a private module (jax 0.10 and 0.11 alike).
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn_fa
+
+    lens, offs = segment_offsets(segment_ids, max_segments)
+    mask = cudnn_fa.MaskType.PADDING_CAUSAL if causal else cudnn_fa.MaskType.PADDING
+    real = (segment_ids != 0)[:, :, None, None]
+    # cuDNN leaves rows outside every segment unspecified: select them away, values and gradients.
+    q, k, v = (jnp.where(real, x, lax.stop_gradient(x)) for x in (q, k, v))
+    out = cudnn_fa.dot_product_attention(q, k, v, q_seqlen=lens, kv_seqlen=lens, q_offsets=offs,
+                                         kv_offsets=offs, scale=sm_scale, mask_type=mask,
+                                         sliding_window_length=window)
+    return jnp.where(real, out, 0).astype(q.dtype)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, segment_ids: jax.Array | None = None,
               causal: bool = True, window: int | None = None, softcap: float | None = None,
               sm_scale: float | None = None, impl: str = "auto", interpret: bool | None = None,
-              block_sizes: BlockSizes | None = None) -> jax.Array:
+              block_sizes: BlockSizes | None = None, max_segments: int | None = None) -> jax.Array:
     """Attention ``[B, T, H, D] x [B, S, KV, D] -> [B, T, H, D]`` (see the module docstring).
 
     ``impl``: ``"pallas"`` (this module's kernels; interpret mode without a GPU), ``"cudnn"``
-    (``jax.nn.dot_product_attention``; no segment ids / softcap / fp32), ``"xla"`` (the reference) or
-    ``"auto"`` (``AUTO_TABLE``). ``block_sizes`` overrides ``pick_block_sizes`` for the Pallas kernels.
+    (``jax.nn.dot_product_attention``; no softcap / fp32), ``"xla"`` (the reference) or ``"auto"``
+    (``AUTO_TABLE``). ``block_sizes`` overrides ``pick_block_sizes``.
+
+    Experimental: ``impl="cudnn"`` with ``segment_ids`` uses cuDNN's packed (THD) layout through a
+    private jax module and needs ``max_segments``, a static bound on the contiguous segments per row
+    (more segments than that are silently dropped). Timed on the H200 (2.2x the Pallas kernel on packed
+    rows) but not yet checked against the reference there: ``tests/.../test_attention.py::
+    test_compiled_matches_reference_gpu`` does that on the next GPU run.
     """
     if impl not in IMPLS:
         raise ValueError(f"impl={impl!r}; expected one of {IMPLS}")
@@ -544,14 +587,15 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, segment_ids: jax.Arra
         return attention_reference(q, k, v, segment_ids=segment_ids, causal=causal, window=window,
                                    softcap=softcap, sm_scale=sm_scale)
     if impl == "cudnn":
-        why = _cudnn_unsupported(q, segment_ids, softcap)
+        why = _cudnn_unsupported(q, segment_ids, softcap, max_segments)
         if why is not None:
             raise ValueError(f"impl='cudnn': {why}")
-        return _cudnn_attention(q, k, v, causal=causal, window=window, sm_scale=sm_scale)
+        return _cudnn_attention(q, k, v, segment_ids, causal=causal, window=window,
+                                sm_scale=sm_scale, max_segments=max_segments)
     bs = (block_sizes or pick_block_sizes(d)).clamp(q.shape[1], k.shape[1])
     st = _Static(causal=causal, window=window, softcap=softcap, sm_scale=sm_scale, blocks=bs,
-               interpret=_common.resolve_interpret(interpret), t=q.shape[1], kv_len=k.shape[1],
-               head_dim=d)
+                 interpret=_common.resolve_interpret(interpret), t=q.shape[1], kv_len=k.shape[1],
+                 head_dim=d)
     if segment_ids is not None:
         segment_ids = segment_ids.astype(jnp.int32)
     return _flash(q, k, v, segment_ids, st)

@@ -123,30 +123,31 @@ def _attention_dq_kernel(*refs, has_seg: bool, sm_scale: float, softcap: float |
     dq_ref[...] = (dq * sm_scale).astype(dq_ref.dtype)
 
 
-def flash_bwd(q, k, v, segment_ids, out, do, lse, st):
-    """Padded q/k/v/out/dout (``[B, Tp, H, Dp]`` / ``[B, Sp, KV, Dp]``), lse ``[B, H, Tp]`` -> dq, dk, dv."""
-    b, t_pad, h, d = q.shape
-    s_pad, kv = k.shape[1], k.shape[2]
-    groups = h // kv
-    bs = st.blocks
+def _bwd_statics(q, k, segment_ids, st):
+    t_pad, s_pad = q.shape[1], k.shape[1]
     kv_len = st.kv_len if st.kv_len != s_pad else None
     seg_pad, qseg, kseg = kernel_segments(segment_ids, t_pad)
     has_seg = seg_pad is not None
-    needs_mask = st.causal or st.window is not None or has_seg or kv_len is not None
-    # delta = rowsum(out * dout) in fp32, [B, H, Tp]; padding rows have out == 0, hence delta == 0.
-    delta = jnp.einsum("bthd,bthd->bht", out.astype(jnp.float32), do.astype(jnp.float32))
-    statics = dict(has_seg=has_seg, sm_scale=st.sm_scale, softcap=st.softcap, causal=st.causal,
-                   window=st.window, kv_len=kv_len, needs_mask=needs_mask)
+    statics = {"has_seg": has_seg, "sm_scale": st.sm_scale, "softcap": st.softcap,
+               "causal": st.causal, "window": st.window, "kv_len": kv_len,
+               "needs_mask": st.causal or st.window is not None or has_seg or kv_len is not None}
     ranges = functools.partial(_block_ranges, t_pad, s_pad, causal=st.causal, window=st.window,
                                kv_len=st.kv_len, seg_pad=seg_pad)
+    return statics, ranges, qseg, kseg
 
-    # dk, dv: grid (kv block, kv head, batch); q-side operands are whole rows of all heads.
+
+def dkdv_call(q, k, v, segment_ids, do, lse, delta, st):
+    """dk, dv ``[B, Sp, KV, Dp]``: grid (kv block, kv head, batch), all q heads of the group inside."""
+    b, t_pad, h, d = q.shape
+    s_pad, kv = k.shape[1], k.shape[2]
+    bs = st.blocks
+    statics, ranges, qseg, kseg = _bwd_statics(q, k, segment_ids, st)
     bq, bk = bs.block_q_dkv, bs.block_k_dkv
     tab = ranges(bq, bk, by="k")
     tb = tab.shape[0]
     in_specs = [pl.BlockSpec((None, None, 4), lambda j, g, bb: (bb if tb > 1 else 0, j, 0))]
     args = [tab]
-    if has_seg:
+    if statics["has_seg"]:
         in_specs += [pl.BlockSpec((None, t_pad), lambda j, g, bb: (bb, 0)),
                      pl.BlockSpec((None, bk), lambda j, g, bb: (bb, j))]
         args += [qseg, kseg]
@@ -155,8 +156,8 @@ def flash_bwd(q, k, v, segment_ids, out, do, lse, st):
     stat = pl.BlockSpec((None, h, t_pad), lambda j, g, bb: (bb, 0, 0))
     in_specs += [full_q, kv_blk, kv_blk, full_q, stat, stat]
     args += [q, k, v, do, lse, delta]
-    dk, dv = pl.pallas_call(
-        functools.partial(_attention_dkdv_kernel, groups=groups, block_q=bq, block_k=bk, **statics),
+    return pl.pallas_call(
+        functools.partial(_attention_dkdv_kernel, groups=h // kv, block_q=bq, block_k=bk, **statics),
         grid=(s_pad // bk, kv, b),
         in_specs=in_specs,
         out_specs=[kv_blk, kv_blk],
@@ -165,7 +166,14 @@ def flash_bwd(q, k, v, segment_ids, out, do, lse, st):
         **_common.pallas_call_kwargs(st.interpret, bs.num_warps_dkv, bs.num_stages_dkv),
     )(*args)
 
-    # dq: grid (q block, q head, batch), heaviest causal q blocks first.
+
+def dq_call(q, k, v, segment_ids, do, lse, delta, st):
+    """dq ``[B, Tp, H, Dp]``: grid (q block, q head, batch), heaviest causal q blocks first."""
+    b, t_pad, h, d = q.shape
+    s_pad, kv = k.shape[1], k.shape[2]
+    groups = h // kv
+    bs = st.blocks
+    statics, ranges, qseg, kseg = _bwd_statics(q, k, segment_ids, st)
     bq, bk = bs.block_q_dq, bs.block_k_dq
     nq = t_pad // bq
     tab = ranges(bq, bk, by="q")
@@ -173,7 +181,7 @@ def flash_bwd(q, k, v, segment_ids, out, do, lse, st):
     rev = lambda i: nq - 1 - i
     in_specs = [pl.BlockSpec((None, None, 4), lambda i, hh, bb: (bb if tb > 1 else 0, rev(i), 0))]
     args = [tab]
-    if has_seg:
+    if statics["has_seg"]:
         in_specs += [pl.BlockSpec((None, bq), lambda i, hh, bb: (bb, rev(i))),
                      pl.BlockSpec((None, s_pad), lambda i, hh, bb: (bb, 0))]
         args += [qseg, kseg]
@@ -182,7 +190,7 @@ def flash_bwd(q, k, v, segment_ids, out, do, lse, st):
     stat = pl.BlockSpec((None, None, bq), lambda i, hh, bb: (bb, hh, rev(i)))
     in_specs += [q_blk, full_kv, full_kv, q_blk, stat, stat]
     args += [q, k, v, do, lse, delta]
-    dq = pl.pallas_call(
+    return pl.pallas_call(
         functools.partial(_attention_dq_kernel, num_q_blocks=nq, block_q=bq, block_k=bk, **statics),
         grid=(nq, h, b),
         in_specs=in_specs,
@@ -191,4 +199,12 @@ def flash_bwd(q, k, v, segment_ids, out, do, lse, st):
         name="fastjax_attention_dq",
         **_common.pallas_call_kwargs(st.interpret, bs.num_warps_dq, bs.num_stages_dq),
     )(*args)
+
+
+def flash_bwd(q, k, v, segment_ids, out, do, lse, st):
+    """Padded q/k/v/out/dout (``[B, Tp, H, Dp]`` / ``[B, Sp, KV, Dp]``), lse ``[B, H, Tp]`` -> dq, dk, dv."""
+    # delta = rowsum(out * dout) in fp32, [B, H, Tp]; padding rows have out == 0, hence delta == 0.
+    delta = jnp.einsum("bthd,bthd->bht", out.astype(jnp.float32), do.astype(jnp.float32))
+    dk, dv = dkdv_call(q, k, v, segment_ids, do, lse, delta, st)
+    dq = dq_call(q, k, v, segment_ids, do, lse, delta, st)
     return dq, dk, dv

@@ -25,7 +25,13 @@ fp32 inputs use IEEE fp32 dots. Constraints (clear errors otherwise): ``in % 64 
 
 Dequantization in registers, ``BlockSizes.lookup``: ``"gather"`` reads ``NF4_CODE[hi]`` / ``NF4_CODE[lo]``
 from two 256-entry tables indexed by the whole byte (one L1-resident gather per value, no bit ops);
-``"select"`` evaluates a 4-level select tree on the code bits (15 selects, pure ALU).
+``"select"`` evaluates a 4-level select tree on the code bits (15 selects, pure ALU; 2.3x faster than
+``"gather"`` on H200, the default).
+
+Performance (H200, jax 0.11.2, benchmarks/results/nf4_h200.md): correct, but SLOWER than XLA's
+dequantize-then-matmul at T >= 2048 (0.41-0.81x) and than the bf16 matmul (0.39-0.78x): the per-value
+dequantization is ALU work repeated for every row block, which a wgmma-bound GEMM does not pay; taller row
+blocks (bm=256) are the best amortization found. The kernels never write a bf16 W to HBM (memory win).
 """
 
 from __future__ import annotations
@@ -37,9 +43,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from fastjax.pallas_kernels import _common
 from jax.experimental import pallas as pl
 
-from fastjax.pallas_kernels import _common
 from fastjax.quant import NF4_CODE, NF4Tensor, dequantize_absmax, dequantize_nf4
 
 QBLOCK = 64  # NF4 block size the kernels support (bitsandbytes' default)
@@ -49,9 +55,15 @@ QBLOCK = 64  # NF4 block size the kernels support (bitsandbytes' default)
 # Reference
 
 
-def nf4_lora_linear_reference(x: jax.Array, w: NF4Tensor, lora_a: jax.Array | None = None,
-                              lora_b: jax.Array | None = None, *, lora_scale: Any = 1.0,
-                              bias: jax.Array | None = None) -> jax.Array:
+def nf4_lora_linear_reference(
+    x: jax.Array,
+    w: NF4Tensor,
+    lora_a: jax.Array | None = None,
+    lora_b: jax.Array | None = None,
+    *,
+    lora_scale: Any = 1.0,
+    bias: jax.Array | None = None,
+) -> jax.Array:
     """Dequantize W to ``x.dtype``, then matmuls with fp32 accumulation (same rounding points as the kernel:
     W values cast once, ``s * x @ A.T`` cast to ``x.dtype`` before ``@ B.T``)."""
     dt = x.dtype
@@ -59,11 +71,21 @@ def nf4_lora_linear_reference(x: jax.Array, w: NF4Tensor, lora_a: jax.Array | No
     prec = jax.lax.Precision.HIGHEST if dt == jnp.float32 else None
     y = jnp.einsum("...i,oi->...o", x, wd, preferred_element_type=jnp.float32, precision=prec)
     if lora_a is not None:
-        xa = jnp.einsum("...i,ri->...r", x, lora_a.astype(dt), preferred_element_type=jnp.float32,
-                        precision=prec)
+        xa = jnp.einsum(
+            "...i,ri->...r",
+            x,
+            lora_a.astype(dt),
+            preferred_element_type=jnp.float32,
+            precision=prec,
+        )
         xa = (xa * lora_scale).astype(dt)
-        y = y + jnp.einsum("...r,or->...o", xa, lora_b.astype(dt), preferred_element_type=jnp.float32,
-                           precision=prec)
+        y = y + jnp.einsum(
+            "...r,or->...o",
+            xa,
+            lora_b.astype(dt),
+            preferred_element_type=jnp.float32,
+            precision=prec,
+        )
     if bias is not None:
         y = y + bias.astype(jnp.float32)
     return y.astype(dt)
@@ -106,12 +128,28 @@ def _dot(a, b, *, trans_b=False):
 def _dot_tn(a, b):
     """``a.T @ b.T`` (contract a's dim 0 with b's dim 1), fp32 accumulation."""
     prec = jax.lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
-    return jax.lax.dot_general(a, b, (((0,), (1,)), ((), ())), preferred_element_type=jnp.float32,
-                               precision=prec)
+    return jax.lax.dot_general(
+        a, b, (((0,), (1,)), ((), ())), preferred_element_type=jnp.float32, precision=prec
+    )
 
 
-def _nf4_lora_fwd_kernel(x_ref, p_ref, s_ref, thi_ref, tlo_ref, *rest, bm, bn, k_split, nh, has_lora,
-                         has_bias, partial, lookup, w_lhs):
+def _nf4_lora_fwd_kernel(
+    x_ref,
+    p_ref,
+    s_ref,
+    thi_ref,
+    tlo_ref,
+    *rest,
+    bm,
+    bn,
+    k_split,
+    nh,
+    has_lora,
+    has_bias,
+    partial,
+    lookup,
+    w_lhs,
+):
     rest = list(rest)
     xa_ref = b_ref = bias_ref = None
     if has_lora:
@@ -131,8 +169,9 @@ def _nf4_lora_fwd_kernel(x_ref, p_ref, s_ref, thi_ref, tlo_ref, *rest, bm, bn, k
         xt = x_ref[rows, pl.ds(k0, QBLOCK)]
         p = p_ref[n_hi, pl.ds(k0, QBLOCK)]
         kb = k0 // QBLOCK
-        w_hi, w_lo = _dequant_pair(p, thi_ref, tlo_ref, s_ref[kb, n_hi], s_ref[kb, n_lo], xt.dtype,
-                                   lookup)
+        w_hi, w_lo = _dequant_pair(
+            p, thi_ref, tlo_ref, s_ref[kb, n_hi], s_ref[kb, n_lo], xt.dtype, lookup
+        )
         if w_lhs:  # [bn, bm] accumulators: the dequantized tile is the dot's register operand
             return acc_hi + _dot(w_hi, xt, trans_b=True), acc_lo + _dot(w_lo, xt, trans_b=True)
         return acc_hi + _dot(xt, w_hi, trans_b=True), acc_lo + _dot(xt, w_lo, trans_b=True)
@@ -156,8 +195,9 @@ def _nf4_lora_fwd_kernel(x_ref, p_ref, s_ref, thi_ref, tlo_ref, *rest, bm, bn, k
     y_ref[rows, n_lo] = acc_lo.astype(y_ref.dtype)
 
 
-def _nf4_lora_bwd_kernel(dy_ref, p_ref, s_ref, thi_ref, tlo_ref, *rest, bm, bn, bk, nh, has_lora,
-                         lookup, w_lhs):
+def _nf4_lora_bwd_kernel(
+    dy_ref, p_ref, s_ref, thi_ref, tlo_ref, *rest, bm, bn, bk, nh, has_lora, lookup, w_lhs
+):
     if has_lora:
         dyb_ref, a_ref, dx_ref = rest
     else:
@@ -175,10 +215,17 @@ def _nf4_lora_bwd_kernel(dy_ref, p_ref, s_ref, thi_ref, tlo_ref, *rest, bm, bn, 
             k0 = pl.multiple_of(kt * bk + sub * QBLOCK, QBLOCK)
             kb = k0 // QBLOCK
             p = p_ref[pl.ds(n0, bn), pl.ds(k0, QBLOCK)]
-            w_hi, w_lo = _dequant_pair(p, thi_ref, tlo_ref, s_ref[kb, pl.ds(n0, bn)],
-                                       s_ref[kb, pl.ds(pl.multiple_of(nh + n0, bn), bn)], dy_hi.dtype,
-                                       lookup)
-            if w_lhs:  # dx.T tiles [64, bm] = W.T @ dy.T: the dequantized tile is the register operand
+            w_hi, w_lo = _dequant_pair(
+                p,
+                thi_ref,
+                tlo_ref,
+                s_ref[kb, pl.ds(n0, bn)],
+                s_ref[kb, pl.ds(pl.multiple_of(nh + n0, bn), bn)],
+                dy_hi.dtype,
+                lookup,
+            )
+            # w_lhs: dx.T tiles [64, bm] = W.T @ dy.T, the dequantized tile is the register operand.
+            if w_lhs:
                 new.append(accs[sub] + _dot_tn(w_hi, dy_hi) + _dot_tn(w_lo, dy_lo))
             else:
                 new.append(accs[sub] + _dot(dy_hi, w_hi) + _dot(dy_lo, w_lo))
@@ -209,7 +256,7 @@ class BlockSizes:
     transposed tiles, transposed once before the store.
 
     Measured on H200 (bench_nf4, gate/up 4096->14336, T=2048, bf16): forward ``select`` 1.66 ms vs
-    ``gather`` 3.87 ms at bm=128, bn=64, 8 warps; ``gather`` with bm=256 2.14 ms.
+    ``gather`` 3.87 ms at bm=128, bn=64, 8 warps; at bm=256 ``select`` 1.08 ms, ``gather`` 2.10 ms.
     """
 
     bm: int = 128
@@ -242,7 +289,10 @@ def _largest_divisor(n: int, candidates: tuple[int, ...]) -> int | None:
 
 
 def pick_block_sizes(m: int, out: int, n_in: int) -> BlockSizes:
-    """Tiles for ``x [m, n_in] @ W[out, n_in].T``. Large m: 128 x (2 x 64) output tiles; small m (decode):
+    """Tiles for ``x [m, n_in] @ W[out, n_in].T``. Large m: 256 x (2 x 64) output tiles, dx tiles 256 x 64
+    (H200, gate/up T=2048: forward 1.08 ms vs 1.64 ms at bm=128 — the in-register dequantization is paid
+    once per W tile per row block, so taller row blocks amortize it; fwd+bwd 2.26 ms vs 2.93 ms with
+    128 x 128 dx tiles; ``w_lhs`` was slower: 2.65 ms / 4.51 ms). Small m (decode):
     the smallest row tile, narrow column tiles and ``split_k`` so that ~8 programs per H200 SM (132) are
     in flight streaming W (one program per SM left the decode kernel latency-bound: 0.21 ms for gate/up
     at T=1, under 0.2 TB/s, in the first H200 run)."""
@@ -253,51 +303,79 @@ def pick_block_sizes(m: int, out: int, n_in: int) -> BlockSizes:
         bn = _largest_divisor(nh, (32, 16))
         n_tiles = nh // bn
         k_steps = n_in // QBLOCK
-        split = max(s for s in range(1, k_steps + 1)
-                    if k_steps % s == 0 and n_tiles * s <= 1100 and (s == 1 or k_steps // s >= 2))
-        return BlockSizes(bm=bm, bn=bn, split_k=split, num_warps=4, num_stages=3, bwd_bm=bm, bwd_bn=bn,
-                          bwd_bk=QBLOCK, bwd_num_warps=4)
-    bwd_bk = _largest_divisor(n_in, (128, 64))
-    return BlockSizes(bm=128 if m >= 128 else 64, bn=bn, bwd_bm=128 if m >= 128 else 64, bwd_bn=bn,
-                      bwd_bk=bwd_bk)
+        split = max(
+            s
+            for s in range(1, k_steps + 1)
+            if k_steps % s == 0 and n_tiles * s <= 1100 and (s == 1 or k_steps // s >= 2)
+        )
+        return BlockSizes(
+            bm=bm,
+            bn=bn,
+            split_k=split,
+            num_warps=4,
+            num_stages=3,
+            bwd_bm=bm,
+            bwd_bn=bn,
+            bwd_bk=QBLOCK,
+            bwd_num_warps=4,
+        )
+    bm = 256 if m >= 1024 else (128 if m >= 128 else 64)
+    return BlockSizes(bm=bm, bn=bn, bwd_bm=bm, bwd_bn=bn, bwd_bk=QBLOCK if bm == 256 else 128)
 
 
 def _check(x, w, lora_a, lora_b, bias, bs: BlockSizes | None):
     if not isinstance(w, NF4Tensor):
         raise TypeError(f"nf4_lora_linear: w must be an NF4Tensor, got {type(w).__name__}")
     if w.batch_shape:
-        raise ValueError(f"nf4_lora_linear: w has batch dims {w.batch_shape}; pass one layer's slice")
+        raise ValueError(
+            f"nf4_lora_linear: w has batch dims {w.batch_shape}; pass one layer's slice"
+        )
     out, n_in = w.shape
     if x.shape[-1] != n_in:
-        raise ValueError(f"nf4_lora_linear: {x.shape=} does not end in W's in={n_in} (W shape {w.shape})")
+        raise ValueError(
+            f"nf4_lora_linear: {x.shape=} does not end in W's in={n_in} (W shape {w.shape})"
+        )
     if (lora_a is None) != (lora_b is None):
         raise ValueError("nf4_lora_linear: give both lora_a and lora_b, or neither")
     if lora_a is not None:
         r = lora_a.shape[0]
         if lora_a.shape != (r, n_in) or lora_b.shape != (out, r):
-            raise ValueError(f"nf4_lora_linear: {lora_a.shape=} / {lora_b.shape=} do not match "
-                             f"A [r, {n_in}], B [{out}, r]")
+            raise ValueError(
+                f"nf4_lora_linear: {lora_a.shape=} / {lora_b.shape=} do not match "
+                f"A [r, {n_in}], B [{out}, r]"
+            )
     if bias is not None and bias.shape != (out,):
         raise ValueError(f"nf4_lora_linear: {bias.shape=}, expected ({out},)")
 
 
-def _check_pallas(w: NF4Tensor, lora_a, bs: BlockSizes):
+def _check_pallas_shapes(w: NF4Tensor, lora_a):
     out, n_in = w.shape
     if w.block_size != QBLOCK:
-        raise ValueError(f"nf4_lora_linear(impl='pallas'): W block_size={w.block_size}; the kernel needs "
-                         f"{QBLOCK} (use impl='xla')")
+        raise ValueError(
+            f"nf4_lora_linear(impl='pallas'): W block_size={w.block_size}; the kernel needs "
+            f"{QBLOCK} (use impl='xla')"
+        )
     if n_in % QBLOCK or out % 32:
-        raise ValueError(f"nf4_lora_linear(impl='pallas'): W shape {w.shape} needs in % 64 == 0 and "
-                         "out % 32 == 0 (use impl='xla')")
+        raise ValueError(
+            f"nf4_lora_linear(impl='pallas'): W shape {w.shape} needs in % 64 == 0 and "
+            "out % 32 == 0 (use impl='xla')"
+        )
     if lora_a is not None and lora_a.shape[0] > 128:
         raise ValueError(f"nf4_lora_linear(impl='pallas'): LoRA rank {lora_a.shape[0]} > 128")
+
+
+def _check_block_sizes(w: NF4Tensor, bs: BlockSizes):
+    out, n_in = w.shape
     nh = out // 2
     if nh % bs.bn or nh % bs.bwd_bn:
-        raise ValueError(f"nf4_lora_linear: out/2={nh} is not a multiple of bn={bs.bn} / "
-                         f"bwd_bn={bs.bwd_bn}")
+        raise ValueError(
+            f"nf4_lora_linear: out/2={nh} is not a multiple of bn={bs.bn} / bwd_bn={bs.bwd_bn}"
+        )
     if n_in % (bs.split_k * QBLOCK) or n_in % bs.bwd_bk:
-        raise ValueError(f"nf4_lora_linear: in={n_in} is not a multiple of split_k*64="
-                         f"{bs.split_k * QBLOCK} / bwd_bk={bs.bwd_bk}")
+        raise ValueError(
+            f"nf4_lora_linear: in={n_in} is not a multiple of split_k*64="
+            f"{bs.split_k * QBLOCK} / bwd_bk={bs.bwd_bk}"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -335,13 +413,26 @@ def _fwd_call(x, w, xa_s, b, bias, bs: BlockSizes, interpret):
     if has_bias and not partial:
         args.append(bias.astype(jnp.float32))
     kernel = functools.partial(
-        _nf4_lora_fwd_kernel, bm=bs.bm, bn=bs.bn, k_split=n_in // bs.split_k, nh=nh,
-        has_lora=has_lora and not partial, has_bias=has_bias and not partial, partial=partial,
-        lookup=bs.lookup, w_lhs=bs.w_lhs)
-    out_shape = (jax.ShapeDtypeStruct((bs.split_k, mp, out), jnp.float32) if partial
-                 else jax.ShapeDtypeStruct((mp, out), x.dtype))
+        _nf4_lora_fwd_kernel,
+        bm=bs.bm,
+        bn=bs.bn,
+        k_split=n_in // bs.split_k,
+        nh=nh,
+        has_lora=has_lora and not partial,
+        has_bias=has_bias and not partial,
+        partial=partial,
+        lookup=bs.lookup,
+        w_lhs=bs.w_lhs,
+    )
+    out_shape = (
+        jax.ShapeDtypeStruct((bs.split_k, mp, out), jnp.float32)
+        if partial
+        else jax.ShapeDtypeStruct((mp, out), x.dtype)
+    )
     y = pl.pallas_call(
-        kernel, out_shape=out_shape, grid=(mp // bs.bm, nh // bs.bn, bs.split_k),
+        kernel,
+        out_shape=out_shape,
+        grid=(mp // bs.bm, nh // bs.bn, bs.split_k),
         **_common.pallas_call_kwargs(interpret, bs.num_warps, bs.num_stages),
     )(*args)
     if not partial:
@@ -364,10 +455,19 @@ def _bwd_call(dy, w, dyb_s, a, bs: BlockSizes, interpret):
     args = [dyp, w.packed, _scales(w), *_tables()]
     if has_lora:
         args += [_pad_rows(dyb_s, bs.bwd_bm), a]
-    kernel = functools.partial(_nf4_lora_bwd_kernel, bm=bs.bwd_bm, bn=bs.bwd_bn, bk=bs.bwd_bk, nh=nh,
-                               has_lora=has_lora, lookup=bs.lookup, w_lhs=bs.bwd_w_lhs)
+    kernel = functools.partial(
+        _nf4_lora_bwd_kernel,
+        bm=bs.bwd_bm,
+        bn=bs.bwd_bn,
+        bk=bs.bwd_bk,
+        nh=nh,
+        has_lora=has_lora,
+        lookup=bs.lookup,
+        w_lhs=bs.bwd_w_lhs,
+    )
     dx = pl.pallas_call(
-        kernel, out_shape=jax.ShapeDtypeStruct((mp, n_in), dy.dtype),
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((mp, n_in), dy.dtype),
         grid=(mp // bs.bwd_bm, n_in // bs.bwd_bk),
         **_common.pallas_call_kwargs(interpret, bs.bwd_num_warps, bs.bwd_num_stages),
     )(*args)
@@ -431,10 +531,18 @@ _nf4_lora_2d.defvjp(_nf4_lora_2d_fwd, _nf4_lora_2d_bwd)
 # Public op
 
 
-def nf4_lora_linear(x: jax.Array, w: NF4Tensor, lora_a: jax.Array | None = None,
-                    lora_b: jax.Array | None = None, *, lora_scale: Any = 1.0,
-                    bias: jax.Array | None = None, impl: str = "pallas", interpret: bool | None = None,
-                    block_sizes: BlockSizes | None = None) -> jax.Array:
+def nf4_lora_linear(
+    x: jax.Array,
+    w: NF4Tensor,
+    lora_a: jax.Array | None = None,
+    lora_b: jax.Array | None = None,
+    *,
+    lora_scale: Any = 1.0,
+    bias: jax.Array | None = None,
+    impl: str = "pallas",
+    interpret: bool | None = None,
+    block_sizes: BlockSizes | None = None,
+) -> jax.Array:
     """``x @ dequant(w).T + lora_scale * (x @ lora_a.T) @ lora_b.T (+ bias)``, output in ``x.dtype``.
 
     ``x [..., in]``, ``w`` NF4Tensor ``[out, in]`` (no batch dims), ``lora_a [r, in]``, ``lora_b [out, r]``,
@@ -450,8 +558,9 @@ def nf4_lora_linear(x: jax.Array, w: NF4Tensor, lora_a: jax.Array | None = None,
     out, n_in = w.shape
     lead = x.shape[:-1]
     x2 = x.reshape(-1, n_in)
+    _check_pallas_shapes(w, lora_a)
     bs = block_sizes or pick_block_sizes(x2.shape[0], out, n_in)
-    _check_pallas(w, lora_a, bs)
+    _check_block_sizes(w, bs)
     scale = jnp.asarray(lora_scale, jnp.float32)
     y = _nf4_lora_2d(x2, w, lora_a, lora_b, bias, scale, bs, _common.resolve_interpret(interpret))
     return y.reshape(*lead, out)

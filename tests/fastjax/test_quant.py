@@ -57,16 +57,16 @@ def bnb_quantize_4bit_numpy(w: np.ndarray):
     absmax2 = np.abs(b2).max(axis=1)
     s2 = b2 * (np.float32(1) / absmax2)[:, None]
     q = np.abs(s2[..., None] - DYNAMIC_MAP_SIGNED).argmin(-1).astype(np.uint8).reshape(-1)[:n]
-    return dict(
-        weight=weight,
-        codes=codes,
-        scaled=scaled.reshape(-1),
-        absmax_q=q,
-        absmax2=absmax2,
-        offset=offset,
-        absmax=absmax,
-        s2=s2.reshape(-1)[:n],
-    )
+    return {
+        "weight": weight,
+        "codes": codes,
+        "scaled": scaled.reshape(-1),
+        "absmax_q": q,
+        "absmax2": absmax2,
+        "offset": offset,
+        "absmax": absmax,
+        "s2": s2.reshape(-1)[:n],
+    }
 
 
 def _assert_codes_match(ours, ref, values, code):
@@ -174,7 +174,7 @@ def test_stacked_slicing_and_scan():
     t = quant.quantize_nf4(w)
     assert t.shape == (4, 64, 128) and t.batch_shape == (4,) and t.dtype == jnp.bfloat16
     for i in (0, 3):
-        ti = jax.tree.map(lambda a: a[i], t)
+        ti = jax.tree.map(lambda a, i=i: a[i], t)
         one = quant.quantize_nf4(w[i])
         assert ti.shape == (64, 128)
         for a, b in zip(jax.tree.leaves(ti), jax.tree.leaves(one)):
@@ -224,7 +224,7 @@ def test_zero_block_and_errors():
 
 def _tiny_params(rng):
     L, D, F, V = 2, 128, 192, 50
-    f = lambda *s: jnp.asarray(rng.standard_normal(s) * 0.02, jnp.bfloat16)  # noqa: E731
+    f = lambda *s: jnp.asarray(rng.standard_normal(s) * 0.02, jnp.bfloat16)
     return {
         "model": {
             "embed_tokens": {"weight": f(V, D)},

@@ -143,10 +143,15 @@ def test_greedy_generation_matches_transformers(family_ckpt):
     rng = np.random.default_rng(2)
     prompts = [rng.integers(3, cfg.vocab_size, n).tolist() for n in (5, 12, 1)]  # 12 + 8 crosses windows
     ours = fastjax.generate(params, cfg, prompts, max_new_tokens=8, eos_token_id=[])
+    # Phi-3 longrope: 12 + 8 tokens crosses original_max_position_embeddings=16, where transformers re-encodes
+    # the sequence with the long table. Its cached path is broken there in 5.17 (Phi3's
+    # prepare_inputs_for_generation drops the cache but the generic one still feeds only the last token, so
+    # that step sees no context); the uncached path does what is intended, and is the oracle.
+    use_cache = name != "phi3"
     for prompt, got in zip(prompts, ours):
         with torch.no_grad():
             ref = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, eos_token_id=None,
-                                 pad_token_id=0)[0, len(prompt):].tolist()
+                                 pad_token_id=0, use_cache=use_cache)[0, len(prompt):].tolist()
         assert got == ref, f"{name}: prompt of {len(prompt)} tokens"
 
 

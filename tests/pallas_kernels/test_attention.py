@@ -68,7 +68,7 @@ def _fwd_vjp(fn, q, k, v, do):
 
 def _naive_np(q, k, v, seg, causal, window, softcap, sm_scale):
     q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
-    b, t, h, d = q.shape
+    b, t, h, _ = q.shape
     s_len, g = k.shape[1], h // k.shape[2]
     k, v = np.repeat(k, g, axis=2), np.repeat(v, g, axis=2)
     out = np.zeros_like(q)
@@ -125,7 +125,7 @@ def test_reference_matches_naive(case):
     q, k, v, do = _inputs(("ref",) + case, b, t, h, kv, 16, jnp.float32)
     seg = _segments(("ref",) + case, b, t, nseg) if nseg else None
     sm = 0.3
-    kw = dict(segment_ids=seg, causal=causal, window=window, softcap=softcap, sm_scale=sm)
+    kw = {"segment_ids": seg, "causal": causal, "window": window, "softcap": softcap, "sm_scale": sm}
     got, *grads = _fwd_vjp(lambda q, k, v: A.attention_reference(q, k, v, **kw), q, k, v, do)
     want = _naive_np(q, k, v, None if seg is None else np.asarray(seg), causal, window, softcap, sm)
     assert _rel(got, want) < 1e-5
@@ -174,7 +174,7 @@ def test_pallas_matches_reference(case):
     b, t, h, kv, d, dtype, causal, nseg, window, softcap, bs = case
     q, k, v, do = _inputs(("pallas",) + case[:5] + (nseg, window), b, t, h, kv, d, dtype)
     seg = _segments(("pallas", b, t, nseg), b, t, nseg) if nseg else None
-    kw = dict(segment_ids=seg, causal=causal, window=window, softcap=softcap)
+    kw = {"segment_ids": seg, "causal": causal, "window": window, "softcap": softcap}
     got = _fwd_vjp(lambda q, k, v: A.attention(q, k, v, impl="pallas", interpret=True,
                                                block_sizes=bs, **kw), q, k, v, do)
     want = _fwd_vjp(lambda q, k, v: A.attention_reference(q, k, v, **kw), q, k, v, do)
@@ -192,7 +192,7 @@ def test_packed_row_equals_separate_sequences():
     lens, pad, h, kv, d = (9, 20), 3, 4, 2, 64
     t = sum(lens) + pad
     q, k, v, do = _inputs(("packed",), 1, t, h, kv, d, jnp.float32)
-    seg = jnp.asarray([sum(([i + 1] * n for i, n in enumerate(lens)), []) + [0] * pad], jnp.int32)
+    seg = jnp.asarray(np.repeat([1, 2, 0], lens + (pad,))[None], jnp.int32)  # 2 sequences + padding
     fn = lambda seg: lambda q, k, v: A.attention(q, k, v, segment_ids=seg, impl="pallas",
                                                  interpret=True, block_sizes=SMALL16)
     packed = _fwd_vjp(fn(seg), q, k, v, do)
@@ -280,8 +280,35 @@ def test_interpret_switch_takes_effect(monkeypatch):
         pytest.skip("on a GPU interpret=0 compiles the kernel")
     q, k, v, _ = _inputs(("switch",), 1, 16, 2, 2, 16, jnp.float32)
     monkeypatch.setenv(_common.ENV_INTERPRET, "0")  # compiled Triton cannot run on a CPU
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError, match="interpret"):
         jax.block_until_ready(A.attention(q, k, v, impl="pallas"))
     monkeypatch.setenv(_common.ENV_INTERPRET, "1")
     got = A.attention(q, k, v, impl="pallas")
     assert _rel(got, A.attention_reference(q, k, v)) < TOL[jnp.float32]
+
+
+def test_segment_offsets_for_cudnn_packed_layout():
+    seg = jnp.asarray([[1, 1, 1, 2, 2, 0, 0], [5, 5, 6, 6, 6, 6, 7]], jnp.int32)
+    lens, offs = A.segment_offsets(seg, 4)
+    np.testing.assert_array_equal(lens, [[3, 2, -1, -1], [2, 4, 1, -1]])
+    np.testing.assert_array_equal(offs, [[0, 3, -1, -1, -1], [0, 2, 6, -1, -1]])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _common.on_gpu(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("impl", ["pallas", "cudnn"])
+def test_compiled_matches_reference_gpu(impl):
+    """Compiled kernels (and cuDNN, incl. its packed layout) against the reference, on a GPU."""
+    b, t, h, kv, d = 2, 300, 8, 2, 128
+    q, k, v, do = _inputs(("gpu", impl), b, t, h, kv, d, jnp.bfloat16)
+    seg = _segments(("gpu",), b, t, 4)
+    for kw in ({}, {"window": 100}, {"segment_ids": seg}, {"segment_ids": seg, "window": 64}):
+        extra = {"max_segments": 4} if impl == "cudnn" and "segment_ids" in kw else {}
+        got = _fwd_vjp(lambda q, k, v, kw=kw, extra=extra: A.attention(q, k, v, impl=impl, **kw,
+                                                                         **extra), q, k, v, do)
+        want = _fwd_vjp(lambda q, k, v, kw=kw: A.attention_reference(q, k, v, **kw), q, k, v, do)
+        for name, g_, w_ in zip(("out", "dq", "dk", "dv"), got, want):
+            assert _rel(g_, w_) < TOL[jnp.bfloat16], (kw.keys(), name, _rel(g_, w_))
+        if "segment_ids" in kw:
+            pad = np.asarray(seg) == 0
+            assert not any(np.any(np.asarray(x, np.float32)[pad]) for x in got), kw.keys()

@@ -10,16 +10,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from fastjax import quant
 from fastjax.pallas_kernels import _common
 from fastjax.pallas_kernels import nf4_lora as k
+
+from fastjax import quant
 
 # Relative Frobenius error of the kernel vs the reference, per dtype (stated once).
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
 TOL_REF_VS_F64 = 1e-5  # the fp32 reference against float64 numpy
 
 ON_GPU = _common.on_gpu()
+_quantize = jax.jit(quant.quantize_nf4)
 
 
 def _rel(a, b) -> float:
@@ -30,7 +31,7 @@ def _rel(a, b) -> float:
 def _case(seed, lead, n_in, out, r, dtype, bias):
     ks = jax.random.split(jax.random.key(seed), 6)
     x = jax.random.normal(ks[0], (*lead, n_in), jnp.float32).astype(dtype)
-    w = quant.quantize_nf4(jax.random.normal(ks[1], (out, n_in), jnp.float32) * 0.05)
+    w = _quantize(jax.random.normal(ks[1], (out, n_in), jnp.float32) * 0.05)
     a = b = None
     if r:
         a = (jax.random.normal(ks[2], (r, n_in)) * 0.1).astype(dtype)
@@ -46,8 +47,16 @@ def _fwd_vjp(impl, w, scale, bs, x, a, b, bias, ct):
     diff = {n: v for n, v in diff.items() if v is not None}
 
     def f(d):
-        return k.nf4_lora_linear(d["x"], w, d.get("a"), d.get("b"), lora_scale=scale, bias=d.get("bias"),
-                                 impl=impl, block_sizes=bs)
+        return k.nf4_lora_linear(
+            d["x"],
+            w,
+            d.get("a"),
+            d.get("b"),
+            lora_scale=scale,
+            bias=d.get("bias"),
+            impl=impl,
+            block_sizes=bs,
+        )
 
     @jax.jit
     def run(d, ct):
@@ -61,10 +70,29 @@ def _fwd_vjp(impl, w, scale, bs, x, a, b, bias, ct):
 CASES = [
     ("odd_f32_select", (17,), 192, 320, 8, jnp.float32, True, None, "select"),
     ("odd_bf16_gather", (17,), 192, 320, 8, jnp.bfloat16, False, None, "gather"),
-    ("splitk_bf16", (5,), 192, 320, 16, jnp.bfloat16, True, dict(bm=16, bn=16, split_k=3), "gather"),
+    (
+        "splitk_bf16",
+        (5,),
+        192,
+        320,
+        16,
+        jnp.bfloat16,
+        True,
+        {"bm": 16, "bn": 16, "split_k": 3},
+        "gather",
+    ),
     ("nolora_f32_lead", (2, 9), 192, 64, 0, jnp.float32, True, None, "select"),
-    ("big_tiles_bf16", (130,), 256, 64, 4, jnp.bfloat16, False,
-     dict(bm=128, bn=32, bwd_bm=64, bwd_bn=16, bwd_bk=128), "gather"),
+    (
+        "big_tiles_bf16",
+        (130,),
+        256,
+        64,
+        4,
+        jnp.bfloat16,
+        False,
+        {"bm": 128, "bn": 32, "bwd_bm": 64, "bwd_bn": 16, "bwd_bk": 128},
+        "gather",
+    ),
 ]
 
 
@@ -88,8 +116,10 @@ def test_fused_matches_reference(case):
 
 def test_reference_matches_float64():
     x, w, a, b, bvec, _ = _case(7, (11,), 128, 96, 4, jnp.float32, True)
-    y = k.nf4_lora_linear(x, w, a, b, lora_scale=0.5, bias=bvec, impl="xla")
-    wd = np.asarray(quant.dequantize_nf4(w, jnp.float32), np.float64)
+    y = jax.jit(lambda *args: k.nf4_lora_linear(*args, lora_scale=0.5, bias=bvec, impl="xla"))(
+        x, w, a, b
+    )
+    wd = np.asarray(jax.jit(quant.dequantize_nf4, static_argnums=1)(w, jnp.float32), np.float64)
     xn, an, bn = (np.asarray(v, np.float64) for v in (x, a, b))
     want = xn @ wd.T + 0.5 * (xn @ an.T) @ bn.T + np.asarray(bvec, np.float64)
     assert _rel(y, want) < TOL_REF_VS_F64
@@ -98,10 +128,10 @@ def test_reference_matches_float64():
 def test_lora_zero_b_is_base_and_w_gets_no_gradient():
     x, w, a, b, _, ct = _case(8, (9,), 128, 64, 4, jnp.float32, False)
     b0 = jnp.zeros_like(b)
-    y0 = k.nf4_lora_linear(x, w, a, b0, lora_scale=3.0)
-    y_base = k.nf4_lora_linear(x, w)
+    y0 = jax.jit(lambda x, w, a, b: k.nf4_lora_linear(x, w, a, b, lora_scale=3.0))(x, w, a, b0)
+    y_base = jax.jit(k.nf4_lora_linear)(x, w)
     np.testing.assert_allclose(y0, y_base, rtol=1e-6, atol=1e-6)
-    gw = jax.grad(lambda t: jnp.vdot(k.nf4_lora_linear(x, t, a, b), ct), allow_int=True)(w)
+    gw = jax.jit(jax.grad(lambda t: jnp.vdot(k.nf4_lora_linear(x, t, a, b), ct), allow_int=True))(w)
     for leaf in jax.tree.leaves(gw):
         assert not np.any(np.asarray(leaf, np.float32)) if leaf.dtype != jax.dtypes.float0 else True
 
@@ -136,7 +166,8 @@ def test_interpret_switch_takes_effect(monkeypatch):
     monkeypatch.setenv(_common.ENV_INTERPRET, "1")
     k.nf4_lora_linear(x, w)
     monkeypatch.setenv(_common.ENV_INTERPRET, "0")
-    with pytest.raises(Exception):  # compiled Triton cannot run on a CPU: the switch reached pallas_call
+    # Compiled Triton cannot run on a CPU: an error here means the switch reached pallas_call.
+    with pytest.raises(Exception):  # noqa: B017 - the exact type depends on the jaxlib build
         jax.block_until_ready(k.nf4_lora_linear(x, w))
 
 
@@ -146,16 +177,20 @@ def test_triton_lowering_for_cuda(lookup):
     t, n_in, out, r = 256, 256, 256, 16
     bs = dataclasses.replace(k.pick_block_sizes(t, out, n_in), lookup=lookup)
     w = jax.eval_shape(quant.quantize_nf4, jax.ShapeDtypeStruct((out, n_in), jnp.bfloat16))
-    sd = lambda *s: jax.ShapeDtypeStruct(s, jnp.bfloat16)  # noqa: E731
+    sd = lambda *s: jax.ShapeDtypeStruct(s, jnp.bfloat16)
 
     def f(x, w, a, b, ct):
-        y, vjp = jax.vjp(lambda x, a, b: k.nf4_lora_linear(x, w, a, b, block_sizes=bs, interpret=False),
-                         x, a, b)
+        y, vjp = jax.vjp(
+            lambda x, a, b: k.nf4_lora_linear(x, w, a, b, block_sizes=bs, interpret=False), x, a, b
+        )
         return y, vjp(ct)
 
     try:
-        lowered = jax.jit(f).trace(sd(t, n_in), w, sd(r, n_in), sd(out, r), sd(t, out)).lower(
-            lowering_platforms=("cuda",))
+        lowered = (
+            jax.jit(f)
+            .trace(sd(t, n_in), w, sd(r, n_in), sd(out, r), sd(t, out))
+            .lower(lowering_platforms=("cuda",))
+        )
     except Exception as e:  # pragma: no cover - depends on the jaxlib build
         if "Triton" in str(e) or "triton" in str(e):
             raise
