@@ -21,7 +21,6 @@ Usage (on the GPU machine)::
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import sys
@@ -62,7 +61,7 @@ def run_fastjax(system: str, shape_name: str, batch: int, seq: int, steps: int, 
     from fastjax import lora as lora_mod
     from fastjax.models import registry
     from fastjax.models.ops import Ops
-    from fastjax.trainer import make_loss_fn
+    from fastjax.trainer import make_loss_fn, make_train_step
 
     shape = get(shape_name)
     cfg = registry.config_from_hf(shape.hf_config())
@@ -79,25 +78,23 @@ def run_fastjax(system: str, shape_name: str, batch: int, seq: int, steps: int, 
     else:
         seg = np.ones((batch, seq), np.int32)
         pos = np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq)).copy()
-    batch_arrays = {k: jnp.asarray(v) for k, v in dict(input_ids=ids, labels=labels, segment_ids=seg,
-                                                       positions=pos).items()}
-    loss_fn = make_loss_fn(cfg, lora_scale=scale, remat_policy=remat, ops=ops)
-    opt = optax.adamw(2e-4, weight_decay=0.0)
+    batch_arrays = {k: jnp.asarray(v)[None] for k, v in dict(input_ids=ids, labels=labels, segment_ids=seg,
+                                                             positions=pos).items()}  # [A=1, B, T]
+    loss_sum = make_loss_fn(cfg, full_finetune=False, lora_scale=scale, lora_dropout=0.0,
+                            remat_policy=remat, ops=ops)
+    schedule = optax.constant_schedule(2e-4)
+    opt = optax.adamw(schedule, weight_decay=0.0)
     opt_state = opt.init(lora)
-
-    @functools.partial(jax.jit, donate_argnums=(0, 1))
-    def step(lora, opt_state, params, batch):
-        (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(lora, params, batch)
-        updates, opt_state = opt.update(grads, opt_state, lora)
-        return optax.apply_updates(lora, updates), opt_state, loss
-
-    for _ in range(2):
-        lora, opt_state, loss = step(lora, opt_state, params, batch_arrays)
-    jax.block_until_ready(loss)
+    step = make_train_step(loss_sum, opt, schedule)
+    key = jax.random.key(0)
+    for i in range(2):
+        lora, opt_state, metrics = step(lora, opt_state, params, batch_arrays, jnp.int32(i), key)
+    jax.block_until_ready(metrics["loss"])
     t0 = time.perf_counter()
-    for _ in range(steps):
-        lora, opt_state, loss = step(lora, opt_state, params, batch_arrays)
-    jax.block_until_ready(loss)
+    for i in range(steps):
+        lora, opt_state, metrics = step(lora, opt_state, params, batch_arrays, jnp.int32(i), key)
+    jax.block_until_ready(metrics["loss"])
+    loss = metrics["loss"]
     dt = (time.perf_counter() - t0) / steps
     tokens = batch * seq
     n = shape.n_params()

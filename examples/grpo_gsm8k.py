@@ -39,8 +39,7 @@ ON_GPU = jax.default_backend() == "gpu"
 
 # --full: a GPU-sized run (about 1 hour of H200 time at these settings for the 135M model on GSM8K)
 FULL = {"steps": 250, "prompts_per_step": 16, "num_generations": 8, "max_new_tokens": 256,
-        "eval_size": 500, "eval_max_new_tokens": 256, "train_size": 100000, "lr": 2e-5,
-        "dtype": "bf16", "remat": "full", "eval_batch_size": 128}
+        "eval_size": 512, "train_size": 100000, "lr": 2e-5, "dtype": "bf16", "remat": "full"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -57,8 +56,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompts-per-step", type=int, default=2)
     p.add_argument("--num-generations", type=int, default=4)
     p.add_argument("--max-new-tokens", type=int, default=48, help="per sampled completion")
-    p.add_argument("--eval-max-new-tokens", type=int, default=64)
-    p.add_argument("--eval-batch-size", type=int, default=16)
+    p.add_argument("--eval-max-new-tokens", type=int, default=None,
+                   help="default: --max-new-tokens (then eval reuses the sampler's compilation)")
+    p.add_argument("--eval-batch-size", type=int, default=None,
+                   help="default: the rows of one GRPO step (prompts-per-step x num-generations)")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--lr", type=float, default=1e-4)
@@ -84,6 +85,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         for key, value in FULL.items():
             if getattr(args, key) == p.get_default(key):
                 setattr(args, key, value)
+    args.eval_max_new_tokens = args.eval_max_new_tokens or args.max_new_tokens
+    args.eval_batch_size = args.eval_batch_size or args.prompts_per_step * args.num_generations
     return args
 
 
@@ -138,14 +141,15 @@ def main(argv=None) -> dict:
           f"{' NF4' if args.load_in_4bit else ''}, on {jax.default_backend()}; data: {what}; eval "
           f"on {len(eval_rows)} held-out problems (loaded in {time.perf_counter() - t0:.0f}s)")
 
-    t = time.perf_counter()
-    before = evaluate(params, cfg, tokenizer, eval_rows, args)
-    print(f"before GRPO: accuracy {before['accuracy']:.1%}, '#### <n>' format "
-          f"{before['format_rate']:.1%}  ({time.perf_counter() - t:.0f}s)")
-
     lora, lora_config = lora_lib.get_peft_model(params, cfg, r=args.lora_r,
                                                 lora_alpha=args.lora_alpha,
                                                 target_modules="all-linear", seed=args.seed)
+    scale = lora_lib.lora_scale(lora_config)
+    t = time.perf_counter()
+    # fresh adapters (B = 0) leave the model unchanged and share the sampler's compilation
+    before = evaluate(params, cfg, tokenizer, eval_rows, args, lora=lora, scale=scale)
+    print(f"before GRPO: accuracy {before['accuracy']:.1%}, '#### <n>' format "
+          f"{before['format_rate']:.1%}  ({time.perf_counter() - t:.0f}s)")
     gspo = {"importance_sampling_level": "sequence", "epsilon": 3e-4, "epsilon_high": 4e-4,
             "loss_type": "grpo"} if args.gspo else {"epsilon": args.epsilon,
                                                      "loss_type": args.loss_type}
@@ -173,8 +177,7 @@ def main(argv=None) -> dict:
           f"generation {gen_tps:,.0f} tokens/s, training {train_tps:,.0f} tokens/s (after step 1)")
 
     t = time.perf_counter()
-    after = evaluate(params, cfg, tokenizer, eval_rows, args, lora=result.lora,
-                     scale=lora_lib.lora_scale(lora_config))
+    after = evaluate(params, cfg, tokenizer, eval_rows, args, lora=result.lora, scale=scale)
     print(f"after GRPO:  accuracy {after['accuracy']:.1%}, '#### <n>' format "
           f"{after['format_rate']:.1%}  ({time.perf_counter() - t:.0f}s)")
     print(f"exact-match accuracy on {len(eval_rows)} held-out problems: before "

@@ -76,7 +76,8 @@ class SFTConfig:
     optimizer step. ``max_steps=None`` trains ``num_epochs`` epochs. ``weight_decay`` skips norms, biases and
     1-D params. ``optimizer``: ``"adamw"``, ``"adamw_8bit"`` or any ``optax.GradientTransformation`` (then
     ``learning_rate``/``lr_scheduler`` only feed the logged lr and gradient clipping is still applied).
-    ``save_steps=0`` writes no intermediate checkpoints (only the final adapter). ``truncation=False`` turns
+    ``save_steps=0`` writes no intermediate checkpoints (only the final adapter). With ``full_finetune`` the
+    params passed in are donated to the train step (their buffers are reused; use ``result.trainable``). ``truncation=False`` turns
     sequences longer than ``max_seq_length`` into an error instead of a truncation warning.
     """
 
@@ -249,6 +250,11 @@ def make_loss_fn(cfg: Any, *, full_finetune: bool, lora_scale: float, lora_dropo
     return loss_sum
 
 
+def global_norm(tree: Any) -> jax.Array:
+    """fp32 L2 norm over all leaves (optax renamed its helper across versions)."""
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+
+
 def make_train_step(loss_sum: Callable, optimizer: optax.GradientTransformation, schedule: optax.Schedule,
                     *, donate: bool = True) -> Callable:
     """``step(trainable, opt_state, frozen, batch [A, B, T], step, rng_key) -> (trainable, opt_state,
@@ -274,7 +280,7 @@ def make_train_step(loss_sum: Callable, optimizer: optax.GradientTransformation,
         loss = total / denom
         updates, opt_state = optimizer.update(grads, opt_state, trainable)
         trainable = optax.apply_updates(trainable, updates)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "update_norm": optax.global_norm(updates),
+        metrics = {"loss": loss, "grad_norm": global_norm(grads), "update_norm": global_norm(updates),
                    "lr": jnp.asarray(schedule(step_idx), jnp.float32), "num_label_tokens": count}
         return trainable, opt_state, metrics
 
@@ -414,7 +420,9 @@ class SFTTrainer:
     def train(self) -> TrainResult:
         c = self.config
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        trainable = self.trainable
+        # The step donates the trainable tree: copy the caller's adapters (small) so their arrays survive;
+        # with full_finetune the params themselves are donated (a copy would double the model's memory).
+        trainable = self.trainable if c.full_finetune else jax.tree.map(jnp.copy, self.trainable)
         opt_state = self.optimizer.init(trainable)
         ckpt = Checkpointer(self.output_dir / "checkpoints", max_to_keep=c.save_total_limit) \
             if (c.save_steps or c.resume) else None

@@ -136,8 +136,11 @@ def stack_layers(flat: Mapping[str, Any], num_layers: int) -> dict:
         missing = [i for i, v in enumerate(values) if v is None]
         if missing:
             raise KeyError(f"{LAYER_PREFIX}{missing[0]}.{rest} is missing")
-        stack = jnp.stack if isinstance(values[0], jax.Array) else np.stack
-        _set_path(tree, ["model", "layers"] + rest.split("."), stack(values))
+        if isinstance(values[0], np.ndarray):
+            stacked = np.stack(values)
+        else:  # jax arrays, or pytrees of them (NF4Tensor from quantize-on-load)
+            stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *values)
+        _set_path(tree, ["model", "layers"] + rest.split("."), stacked)
     return tree
 
 

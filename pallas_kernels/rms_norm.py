@@ -41,11 +41,10 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from fastjax.pallas_kernels._common import cdiv, on_gpu, pallas_call_kwargs, resolve_interpret
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
-
-from fastjax.pallas_kernels._common import cdiv, on_gpu, pallas_call_kwargs, resolve_interpret
 
 __all__ = ["BlockSizes", "rms_norm", "rms_norm_reference", "rms_norm_residual",
            "rms_norm_residual_reference"]
@@ -181,10 +180,13 @@ def _num_sms() -> int:
 
 
 def pick_block_sizes(n_rows: int, dim: int, dtype) -> BlockSizes:
-    """~8K elements a program, at most 16 rows; 4 backward programs per SM."""
+    """~4K elements and 4 warps a program (at most 16 rows; 8 warps for rows over 4K); 4 backward
+    programs per SM. H200, Llama-3-8B D=4096 bf16 (bench_kernels): 1 row x 4 warps ran fwd+bwd in
+    0.203 ms at T=16384 (1.23x XLA) against 0.258 ms for 2 rows x 8 warps; at T=4096 0.064 vs 0.077 ms;
+    8 backward programs per SM instead of 4 was 3% slower."""
     block_d = pl.next_power_of_2(dim)
-    block_rows = max(1, min(16, 8192 // block_d, pl.next_power_of_2(n_rows)))
-    num_warps = 8 if block_rows * block_d >= 8192 else 4
+    block_rows = max(1, min(16, 4096 // block_d, pl.next_power_of_2(n_rows)))
+    num_warps = 8 if block_rows * block_d > 4096 else 4
     bwd_programs = max(1, min(cdiv(n_rows, block_rows), 4 * _num_sms()))
     del dtype
     return BlockSizes(block_rows=block_rows, num_warps=num_warps, bwd_programs=bwd_programs)

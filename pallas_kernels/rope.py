@@ -34,10 +34,9 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+from fastjax.pallas_kernels._common import cdiv, pallas_call_kwargs, resolve_interpret
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
-
-from fastjax.pallas_kernels._common import cdiv, pallas_call_kwargs, resolve_interpret
 
 __all__ = ["BlockSizes", "rope", "rope_inv_freq", "rope_reference"]
 
@@ -151,7 +150,9 @@ class BlockSizes:
 
 
 def pick_block_sizes(n_tok: int, n_heads: int, n_kv_heads: int, head_dim: int) -> BlockSizes:
-    """About 8K q+k elements a program (Llama-3-8B: 2 tokens x 40 heads x 128)."""
+    """Up to 8K q+k elements a program, rounded down to whole tokens: Llama-3-8B (40 heads x 128) gets
+    1 token and 4 warps. H200 T=16384 (bench_kernels): 1 token 0.212 ms fwd+bwd, 2 tokens 0.311 ms,
+    4 tokens x 8 warps 0.595 ms (larger blocks spill)."""
     per_tok = (pl.next_power_of_2(n_heads) + pl.next_power_of_2(n_kv_heads)) * pl.next_power_of_2(
         head_dim)
     block_t = max(1, min(pl.next_power_of_2(n_tok), 8192 // per_tok))

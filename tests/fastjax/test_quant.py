@@ -34,6 +34,10 @@ BNB_DYNAMIC_SIGNED_SPOTS = {
 }
 
 
+_quantize = jax.jit(quant.quantize_nf4, static_argnames=("block_size", "double_quant"))
+_dequantize = jax.jit(quant.dequantize_nf4, static_argnums=1)
+
+
 def _rng(seed):
     return np.random.default_rng(seed)
 
@@ -106,7 +110,7 @@ def test_dynamic_maps():
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_layout_matches_bnb_numpy(shape, dtype):
     w = jnp.asarray(_rng(sum(shape)).standard_normal(shape) * 0.03, dtype)
-    t = jax.jit(quant.quantize_nf4)(w)
+    t = _quantize(w)
     st = quant.to_bnb_state(t)
     ref = bnb_quantize_4bit_numpy(np.asarray(w, np.float32))
     codes = np.empty(w.size, np.uint8)
@@ -128,8 +132,8 @@ def test_layout_matches_bnb_numpy(shape, dtype):
 def test_roundtrip_error_within_nf4_bounds():
     rng = _rng(1)
     w = jnp.asarray(rng.standard_normal((3, 128, 256)) * 0.02, jnp.float32)
-    t = quant.quantize_nf4(w, double_quant=False)
-    d = np.asarray(quant.dequantize_nf4(t, jnp.float32))
+    t = _quantize(w, double_quant=False)
+    d = np.asarray(_dequantize(t, jnp.float32))
     wn = np.asarray(w)
     blocks = wn.reshape(3, 128, 4, 64)
     absmax = np.abs(blocks).max(-1, keepdims=True)
@@ -143,7 +147,7 @@ def test_roundtrip_error_within_nf4_bounds():
     rel = np.linalg.norm(d - wn) / np.linalg.norm(wn)
     assert 0.07 < rel < 0.11, rel
     # Double quantization adds little on top.
-    d2 = np.asarray(quant.quantize_nf4(w).dequantize(jnp.float32))
+    d2 = np.asarray(_quantize(w).dequantize(jnp.float32))
     rel2 = np.linalg.norm(d2 - wn) / np.linalg.norm(wn)
     assert rel <= rel2 < rel * 1.02, (rel, rel2)
 
@@ -153,7 +157,7 @@ def test_double_quant_absmax_error_bound():
     w = jnp.asarray(
         rng.standard_normal((2, 160, 448)) * rng.uniform(0.005, 0.05, (2, 160, 1)), jnp.float32
     )
-    t = quant.quantize_nf4(w)
+    t = _quantize(w)
     true = np.abs(np.asarray(w).reshape(2, 160, 7, 64)).max(-1)
     rec = np.asarray(t.absmax_f32())
     n = 160 * 7
@@ -171,11 +175,11 @@ def test_double_quant_absmax_error_bound():
 def test_stacked_slicing_and_scan():
     rng = _rng(3)
     w = jnp.asarray(rng.standard_normal((4, 64, 128)), jnp.bfloat16)
-    t = quant.quantize_nf4(w)
+    t = _quantize(w)
     assert t.shape == (4, 64, 128) and t.batch_shape == (4,) and t.dtype == jnp.bfloat16
     for i in (0, 3):
         ti = jax.tree.map(lambda a, i=i: a[i], t)
-        one = quant.quantize_nf4(w[i])
+        one = _quantize(w[i])
         assert ti.shape == (64, 128)
         for a, b in zip(jax.tree.leaves(ti), jax.tree.leaves(one)):
             np.testing.assert_allclose(
@@ -193,7 +197,7 @@ def test_stacked_slicing_and_scan():
 @pytest.mark.parametrize("double_quant", [True, False])
 def test_bnb_state_roundtrip(double_quant):
     w = jnp.asarray(_rng(4).standard_normal((96, 128)), jnp.float32)
-    t = quant.quantize_nf4(w, double_quant=double_quant)
+    t = _quantize(w, double_quant=double_quant)
     st = quant.to_bnb_state(t)
     assert ("nested_absmax" in st) == double_quant
     t2 = quant.from_bnb_state(st)
@@ -204,20 +208,20 @@ def test_bnb_state_roundtrip(double_quant):
     with pytest.raises(ValueError, match="nf4"):
         quant.from_bnb_state(bad)
     with pytest.raises(ValueError, match="batch dims"):
-        quant.to_bnb_state(quant.quantize_nf4(jnp.ones((2, 4, 64))))
+        quant.to_bnb_state(_quantize(jnp.ones((2, 4, 64))))
 
 
 def test_zero_block_and_errors():
     w = jnp.zeros((4, 128)).at[0, 70].set(1.5)
-    d = quant.dequantize_nf4(quant.quantize_nf4(w), jnp.float32)
+    d = quant.dequantize_nf4(_quantize(w), jnp.float32)
     assert bool(jnp.all(jnp.isfinite(d)))
     np.testing.assert_allclose(
         d, w, atol=1e-2
     )  # one nonzero -> exactly NF4 1.0 * absmax (+absmax dq)
     with pytest.raises(ValueError, match="multiple of block_size"):
-        quant.quantize_nf4(jnp.ones((4, 96)))
+        _quantize(jnp.ones((4, 96)))
     with pytest.raises(ValueError, match="even"):
-        quant.quantize_nf4(jnp.ones((3, 64)))
+        _quantize(jnp.ones((3, 64)))
     with pytest.raises(ValueError, match="quant_type"):
         quant.QuantConfig(quant_type="fp4")
 
@@ -258,7 +262,7 @@ def test_quantize_params_tree():
     ):
         assert isinstance(keep, jax.Array)
     assert q["lm_head"]["weight"] is params["lm_head"]["weight"]
-    one = quant.quantize_nf4(params["model"]["layers"]["self_attn"]["q_proj"]["weight"][1])
+    one = _quantize(params["model"]["layers"]["self_attn"]["q_proj"]["weight"][1])
     np.testing.assert_array_equal(np.asarray(qp.packed[1]), np.asarray(one.packed))
     np.testing.assert_allclose(
         np.asarray(qp.dequantize(jnp.float32)[1]),

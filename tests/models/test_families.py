@@ -10,6 +10,7 @@ per-kind RoPE with linear scaling, Phi-3's fused projections, partial rotary and
 
 from __future__ import annotations
 
+import functools
 import json
 
 import numpy as np
@@ -96,33 +97,44 @@ def _hf_logits(model, ids) -> np.ndarray:
         return model(torch.tensor(np.asarray(ids))).logits.float().numpy()
 
 
-def _forward(params, cfg, ids, **kw) -> np.ndarray:
-    fam = registry.family_of(cfg)
-    return np.asarray(fam.forward(params, jnp.asarray(ids), cfg=cfg, **kw))
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _jit_forward(params, ids, positions, segment_ids, lora, lora_scale, *, cfg):
+    return registry.family_of(cfg).forward(params, ids, cfg=cfg, positions=positions,
+                                           segment_ids=segment_ids, lora=lora, lora_scale=lora_scale)
+
+
+def _forward(params, cfg, ids, positions=None, segment_ids=None, lora=None, lora_scale=1.0) -> np.ndarray:
+    ids = jnp.asarray(ids, jnp.int32)
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(ids.shape[1], dtype=jnp.int32), ids.shape)
+    if segment_ids is None:
+        segment_ids = jnp.ones(ids.shape, jnp.int32)
+    return np.asarray(_jit_forward(params, ids, jnp.asarray(positions, jnp.int32),
+                                   jnp.asarray(segment_ids, jnp.int32), lora, lora_scale, cfg=cfg))
 
 
 def test_logits_and_packing_match_transformers(family_ckpt):
+    """Row 0: one sequence of 27 tokens. Row 1: 3 packed sequences and 2 padding tokens, which must equal
+    each sequence run alone by transformers."""
     name, ckpt, model, params, cfg = family_ckpt
     assert cfg.model_type == name and type(cfg).__name__ in json.dumps(registry.FAMILIES)
     rng = np.random.default_rng(0)
-    ids = rng.integers(0, cfg.vocab_size, (2, 23))
-    ref = _hf_logits(model, ids)
-    out = _forward(params, cfg, ids)
-    err = float(np.max(np.abs(out - ref)))
-    print(f"\n{name}: max |logits - transformers| = {err:.2e} (logit scale {np.abs(ref).max():.1f})")
-    np.testing.assert_allclose(out, ref, atol=ATOL, rtol=0)
-
-    # A packed row of 3 sequences (and trailing padding) equals each sequence run alone by transformers.
+    T = 27
     seqs = [rng.integers(0, cfg.vocab_size, n) for n in (17, 5, 3)]  # phi3: 17 > 16 needs long RoPE
-    pad = 2
-    packed_ids = np.concatenate(seqs + [np.zeros(pad, int)])[None]
-    segment_ids = np.concatenate([np.full(len(s), i + 1) for i, s in enumerate(seqs)] + [np.zeros(pad)])
-    positions = np.concatenate([np.arange(len(s)) for s in seqs] + [np.zeros(pad)])
-    packed = _forward(params, cfg, packed_ids, positions=jnp.asarray(positions[None], jnp.int32),
-                      segment_ids=jnp.asarray(segment_ids[None], jnp.int32))[0]
+    pad = T - sum(map(len, seqs))
+    ids = np.stack([rng.integers(0, cfg.vocab_size, T), np.concatenate(seqs + [np.zeros(pad, int)])])
+    segment_ids = np.stack([np.ones(T), np.concatenate(
+        [np.full(len(s), i + 1) for i, s in enumerate(seqs)] + [np.zeros(pad)])])
+    positions = np.stack([np.arange(T), np.concatenate([np.arange(len(s)) for s in seqs] + [np.zeros(pad)])])
+    out = _forward(params, cfg, ids, positions, segment_ids)
+
+    ref = _hf_logits(model, ids[:1])[0]
+    err = float(np.max(np.abs(out[0] - ref)))
+    print(f"\n{name}: max |logits - transformers| = {err:.2e} (logit scale {np.abs(ref).max():.1f})")
+    np.testing.assert_allclose(out[0], ref, atol=ATOL, rtol=0)
     start = 0
     for s in seqs:
-        np.testing.assert_allclose(packed[start:start + len(s)], _hf_logits(model, s[None])[0], atol=ATOL,
+        np.testing.assert_allclose(out[1, start:start + len(s)], _hf_logits(model, s[None])[0], atol=ATOL,
                                    rtol=0)
         start += len(s)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import jax
 import pytest
-
 from fastjax.pallas_kernels import _common
 
 # Interpret-mode kernels become large XLA while-loops; the optimizer is most of their compile time.

@@ -13,10 +13,10 @@ import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from benchmarks.shapes import TEST_SHAPES
 from fastjax.pallas_kernels import _common
 from fastjax.pallas_kernels import cross_entropy as C
+
+from benchmarks.shapes import TEST_SHAPES
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}  # relative L2 error, per input dtype
 # impl="xla" *is* cross_entropy_reference (full logits): comparing it with itself would test nothing.
@@ -122,7 +122,7 @@ def test_huge_logit_does_not_overflow(impl, run_fast):
 def test_sum_and_count_accumulates_micro_batches(run_fast):
     """sum(sums) / sum(counts) over two micro-batches == mean over the whole batch, grads included."""
     hidden, head, labels, _ = _inputs(("accum",), (42,), 40, 203, jnp.float32, ignore_frac=0.4)
-    kw = dict(impl="xla_chunked", block_sizes=SMALL)  # the reduction logic is shared by all impls
+    kw = {"impl": "xla_chunked", "block_sizes": SMALL}  # the reduction logic is shared by all impls
 
     def accumulated(h, w):
         s1, c1 = C.cross_entropy_sum_and_count(h[:21], w, labels[:21], **kw)

@@ -20,7 +20,7 @@ TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
 TOL_REF_VS_F64 = 1e-5  # the fp32 reference against float64 numpy
 
 ON_GPU = _common.on_gpu()
-_quantize = jax.jit(quant.quantize_nf4)
+_quantize = jax.jit(quant.quantize_nf4, static_argnames=("block_size", "double_quant"))
 
 
 def _rel(a, b) -> float:
@@ -138,21 +138,21 @@ def test_lora_zero_b_is_base_and_w_gets_no_gradient():
 
 def test_constraints_raise_clear_errors():
     x = jnp.ones((3, 128))
-    w = quant.quantize_nf4(jax.random.normal(jax.random.key(0), (48, 128)))
+    w = _quantize(jax.random.normal(jax.random.key(0), (48, 128)))
     with pytest.raises(ValueError, match="out % 32"):
         k.nf4_lora_linear(x, w)
     k.nf4_lora_linear(x, w, impl="xla")  # the reference takes any even out
-    w64 = quant.quantize_nf4(jax.random.normal(jax.random.key(1), (64, 128)))
+    w64 = _quantize(jax.random.normal(jax.random.key(1), (64, 128)))
     with pytest.raises(ValueError, match="does not end in"):
         k.nf4_lora_linear(jnp.ones((3, 64)), w64)
     with pytest.raises(ValueError, match="batch dims"):
-        k.nf4_lora_linear(x, quant.quantize_nf4(jnp.ones((2, 64, 128))))
+        k.nf4_lora_linear(x, _quantize(jnp.ones((2, 64, 128))))
     with pytest.raises(ValueError, match="both lora_a and lora_b"):
         k.nf4_lora_linear(x, w64, jnp.ones((4, 128)))
     with pytest.raises(ValueError, match="A \\[r, 128\\]"):
         k.nf4_lora_linear(x, w64, jnp.ones((4, 128)), jnp.ones((64, 5)))
     with pytest.raises(ValueError, match="block_size"):
-        k.nf4_lora_linear(x, quant.quantize_nf4(jnp.ones((64, 128)), block_size=128))
+        k.nf4_lora_linear(x, _quantize(jnp.ones((64, 128)), block_size=128))
     with pytest.raises(ValueError, match="impl"):
         k.nf4_lora_linear(x, w64, impl="cuda")
     with pytest.raises(ValueError, match="lookup"):
@@ -162,7 +162,7 @@ def test_constraints_raise_clear_errors():
 @pytest.mark.skipif(ON_GPU, reason="on a GPU both settings run")
 def test_interpret_switch_takes_effect(monkeypatch):
     x = jax.random.normal(jax.random.key(2), (4, 128))
-    w = quant.quantize_nf4(jax.random.normal(jax.random.key(3), (64, 128)))
+    w = _quantize(jax.random.normal(jax.random.key(3), (64, 128)))
     monkeypatch.setenv(_common.ENV_INTERPRET, "1")
     k.nf4_lora_linear(x, w)
     monkeypatch.setenv(_common.ENV_INTERPRET, "0")

@@ -11,10 +11,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from benchmarks.shapes import TEST_SHAPES
 from fastjax.pallas_kernels import _common
 from fastjax.pallas_kernels import swiglu as S
+
+from benchmarks.shapes import TEST_SHAPES
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}  # relative L2 error, per input dtype
 IMPLS = ["xla", "pallas", pytest.param("pallas-gpu", marks=pytest.mark.gpu)]
