@@ -191,7 +191,7 @@ def mode_check():
         dtype = jnp.dtype(dt)
         q, k, v, do = make_inputs(jax.random.key(100 + i), b, t, h, kv, d, dtype)
         seg = segment_ids_from(packed_lengths(rng, b, t, 1, 4, 0.05), t) if use_seg else None
-        kw = dict(seg=seg, causal=causal, window=window, softcap=softcap)
+        kw = {"seg": seg, "causal": causal, "window": window, "softcap": softcap}
         try:
             got = fns("pallas", **kw)[2](q, k, v, do)
             want = fns("xla", **kw)[2](q, k, v, do)
@@ -382,7 +382,8 @@ def step_bench(t, d, *, pallas_only=False, tokens=32768):
 
 
 def to_md(path):
-    rows = [json.loads(x) for x in open(path) if x.strip()]
+    with open(path) as f:
+        rows = [json.loads(x) for x in f if x.strip()]
     bench = [r for r in rows if r.get("kind") == "bench" and "ms" in r]
     cmd = next((r.get("command") for r in rows if r.get("command")), "")
     gpu = next((r.get("gpu") for r in rows if r.get("gpu")), "")
@@ -400,7 +401,9 @@ def to_md(path):
 
         def c(x, f_):
             v = x.get(f_)
-            return "n/a" if v is None or v != v else f"{v:.1f}" if f_ == "tflops" else f"{v:.2f}"
+            if v is None or math.isnan(v):
+                return "n/a"
+            return f"{v:.1f}" if f_ == "tflops" else f"{v:.2f}"
 
         print(f"| {k[0]} | {k[1]} | {k[2]} | {k[3]} | {k[4]} | {k[5]} | {c(f, 'ms')} | "
               f"{c(f, 'tflops')} | {c(fb, 'ms')} | {c(fb, 'tflops')} |")

@@ -6,7 +6,7 @@ for CPU tests (sizes chosen to not be multiples of any block size).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, asdict
+from dataclasses import asdict, dataclass
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ Usage (on the GPU machine)::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -65,8 +66,17 @@ def run_fastjax(system: str, shape_name: str, batch: int, seq: int, steps: int, 
 
     shape = get(shape_name)
     cfg = registry.config_from_hf(shape.hf_config())
-    ops = Ops.all("xla") if system == "plain-xla" else Ops()
+    if system == "plain-xla":
+        ops = Ops.all("xla")
+    elif system == "xla-cudnn":  # plain XLA except cuDNN attention (the anchors' "plain JAX")
+        ops = dataclasses.replace(Ops.all("xla"), attention="cudnn")
+    elif system.startswith("ablate-"):  # fastjax-lora with one op forced: ablate-<op>=<impl>
+        op, impl = system[len("ablate-"):].split("=")
+        ops = dataclasses.replace(Ops(), **{op: impl})
+    else:
+        ops = Ops()
     params = common.random_params(cfg, jax.random.key(0), quantize=(system == "fastjax-qlora"))
+    system = system.split(":")[0]
     lora, lcfg = lora_mod.get_peft_model(params, cfg, r=16, lora_alpha=16, target_modules="all-linear")
     scale = lora_mod.lora_scale(lcfg)
     rng = np.random.default_rng(0)
@@ -78,8 +88,10 @@ def run_fastjax(system: str, shape_name: str, batch: int, seq: int, steps: int, 
     else:
         seg = np.ones((batch, seq), np.int32)
         pos = np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq)).copy()
-    batch_arrays = {k: jnp.asarray(v)[None] for k, v in dict(input_ids=ids, labels=labels, segment_ids=seg,
-                                                             positions=pos).items()}  # [A=1, B, T]
+    arrays = dict(input_ids=ids, labels=labels, positions=pos)
+    if system == "fastjax-packed":  # one sequence per row needs no segment ids (cuDNN attention path)
+        arrays["segment_ids"] = seg
+    batch_arrays = {k: jnp.asarray(v)[None] for k, v in arrays.items()}  # [A=1, B, T]
     loss_sum = make_loss_fn(cfg, full_finetune=False, lora_scale=scale, lora_dropout=0.0,
                             remat_policy=remat, ops=ops)
     schedule = optax.constant_schedule(2e-4)
@@ -113,6 +125,7 @@ def main() -> None:
     ap.add_argument("--remat", default="full", help="fastjax remat preset(s), comma-separated")
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--out", default=None, help="append JSON lines here")
+    ap.add_argument("--proc-timeout", type=int, default=600, help="seconds per system process")
     ap.add_argument("--unsloth-dir", default=None, help="anchors dir with unsloth/ scripts (+ wheels)")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one system
     ap.add_argument("--ceiling", type=float, default=None, help=argparse.SUPPRESS)
@@ -131,17 +144,18 @@ def main() -> None:
         for cell in args.grid.split(","):
             b, s = (int(x) for x in cell.lower().split("x"))
             for system in args.systems.split(","):
-                if system in FASTJAX_SYSTEMS:
+                if system in FASTJAX_SYSTEMS or system.startswith(("ablate-", "xla-cudnn")):
                     for remat in args.remat.split(","):
                         rows = common.run_subprocess(
                             [here, "--steps", str(args.steps), "--ceiling", str(ceilings["matmul_tflops"]),
-                             "--one", f"{system}:{shape}:{b}:{s}:{remat}"])
+                             "--one", f"{system}:{shape}:{b}:{s}:{remat}"], timeout=args.proc_timeout)
                         for r in rows:
                             common.emit(dict(r, shape=shape, batch=b, seq=s), args.out)
                 elif system == "hf+peft":
                     torch_script = str(Path(here).with_name("torch_systems.py"))
                     for r in common.run_subprocess([torch_script, "--shape", shape, "--batch", str(b),
-                                                    "--seq", str(s), "--steps", str(args.steps)]):
+                                                    "--seq", str(s), "--steps", str(args.steps)],
+                                                   timeout=args.proc_timeout):
                         common.emit(common.record(**dict(r, system="hf+peft", shape=shape, batch=b,
                                                          seq=s)), args.out)
                 else:

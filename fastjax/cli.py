@@ -64,8 +64,8 @@ def qa_to_chat(rows: Sequence[dict], system_prompt: str | None = MATH_SYSTEM_PRO
     return out
 
 
-def load_training_rows(data: str, *, split: str = "train", num_arith: int = 2000, seed: int = 0
-                       ) -> list[dict]:
+def load_training_rows(data: str, *, split: str = "train", num_arith: int = 2000, seed: int = 0,
+                       system_prompt: str | None = MATH_SYSTEM_PROMPT) -> list[dict]:
     """``arith`` | JSONL path | HF dataset name -> rows; question/answer rows become chat rows."""
     from fastjax import data as data_lib
 
@@ -86,7 +86,7 @@ def load_training_rows(data: str, *, split: str = "train", num_arith: int = 2000
     if not rows:
         raise SystemExit(f"fastjax: dataset {data!r} is empty")
     if {"question", "answer"} <= set(rows[0]) and not ({"messages", "prompt", "text"} & set(rows[0])):
-        rows = qa_to_chat(rows)
+        rows = qa_to_chat(rows, system_prompt)
     return rows
 
 
@@ -111,6 +111,8 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
                    help="JSONL file, HF dataset name ('name' or 'name:config'), or 'arith' (built-in)")
     d.add_argument("--split", default="train", help="split of an HF dataset")
     d.add_argument("--num-arith", type=int, default=2000, help="examples generated for --data arith")
+    d.add_argument("--system-prompt", default=MATH_SYSTEM_PROMPT,
+                   help="system message for question/answer rows ('' for none)")
     d.add_argument("--max-seq-length", type=int, default=512, help="tokens per row")
     d.add_argument("--no-packing", dest="packing", action="store_false",
                    help="one example per padded row instead of packing several per row")
@@ -130,11 +132,13 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=int, default=8, help="rows per micro-batch")
     t.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     t.add_argument("--lr", type=float, default=2e-4, help="peak learning rate")
-    t.add_argument("--lr-scheduler", choices=("linear", "cosine", "constant"), default="linear")
+    t.add_argument("--lr-scheduler", choices=("linear", "cosine", "constant"), default="linear",
+                   help="decay after warm-up")
     t.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up steps")
     t.add_argument("--weight-decay", type=float, default=0.0, help="AdamW decay (not on norms/biases)")
     t.add_argument("--max-grad-norm", type=float, default=1.0, help="global-norm clip; 0 disables")
-    t.add_argument("--optimizer", choices=("adamw", "adamw_8bit"), default="adamw")
+    t.add_argument("--optimizer", choices=("adamw", "adamw_8bit"), default="adamw",
+                   help="adamw_8bit keeps Adam moments in 8 bits")
     t.add_argument("--remat", choices=remat.PRESETS, default="full", help="rematerialization preset")
     t.add_argument("--kernels", choices=("auto", "xla", "pallas"), default=None,
                    help="implementation of every op (default: env FASTJAX_KERNELS, else auto)")
@@ -156,7 +160,8 @@ def train_command(args: argparse.Namespace) -> int:
 
     params, cfg, tokenizer, path = load_model(args.model, dtype=args.dtype, load_in_4bit=args.load_in_4bit,
                                               max_seq_length=args.max_seq_length)
-    rows = load_training_rows(args.data, split=args.split, num_arith=args.num_arith, seed=args.seed)
+    rows = load_training_rows(args.data, split=args.split, num_arith=args.num_arith, seed=args.seed,
+                              system_prompt=args.system_prompt or None)
     config = SFTConfig(
         learning_rate=args.lr, lr_scheduler=args.lr_scheduler, warmup_steps=args.warmup_steps,
         max_steps=args.steps, num_epochs=args.epochs, batch_size=args.batch_size,
@@ -191,12 +196,12 @@ def add_generate_parser(subparsers, name: str = "generate") -> argparse.Argument
     p.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
     p.add_argument("--chat", action="store_true", default=chat, help="wrap prompts in the chat template")
     p.add_argument("--system", default=None, help="system message (with --chat)")
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", choices=DTYPES, default="bf16")
-    p.add_argument("--load-in-4bit", action="store_true")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (temperature > 0)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--dtype", choices=DTYPES, default="bf16", help="dtype of the weights")
+    p.add_argument("--load-in-4bit", action="store_true", help="NF4 decoder weights")
     p.set_defaults(func=generate_command)
     return p
 

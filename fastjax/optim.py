@@ -14,6 +14,9 @@ does), and requantizes; XLA fuses this into a few elementwise/reduce passes. Sta
 (``ScaleByAdam8bitState`` of count + two trees mirroring the params), so orbax and safetensors can save it.
 
 State bytes per quantized parameter: 2 (codes) + 8/256 (absmaxes) ~= 2.03, against fp32 AdamW's 8.
+Speed (H200, benchmarks/results/nf4_h200.md): one step takes 1.86 ms vs optax.adamw's 0.66 ms on the
+Llama-3-8B r=16 LoRA tree (42M params) and 38 ms vs 9.0 ms on a full 1.24B tree: memory, not speed, is
+what this buys; a fused Pallas update is the next step if the step time matters.
 """
 
 from __future__ import annotations

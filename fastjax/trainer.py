@@ -238,7 +238,7 @@ def make_loss_fn(cfg: Any, *, full_finetune: bool, lora_scale: float, lora_dropo
     def loss_sum(trainable, frozen, mb, rng):
         params, adapters = (trainable, None) if full_finetune else (frozen, trainable)
         hidden = fam.forward(params, mb["input_ids"], cfg=cfg, positions=mb["positions"],
-                             segment_ids=mb["segment_ids"], lora=adapters, lora_scale=lora_scale,
+                             segment_ids=mb.get("segment_ids"), lora=adapters, lora_scale=lora_scale,
                              lora_dropout=lora_dropout, dropout_rng=rng if lora_dropout > 0 else None,
                              remat_policy=remat_policy, ops=ops, return_hidden=True)
         B, T, D = hidden.shape

@@ -20,8 +20,20 @@ from typing import Any
 
 from fastjax.models.config import FULL, SLIDING, Arch, HFConfig, rope_type_of
 from fastjax.models.decoder import (  # noqa: F401  (the family function set)
-    CausalLM, final_logit_softcap, flops_per_token, forward, forward_cached, init_cache, init_params,
-    layer_param_shapes, linear_modules, lm_head, param_shapes, stack_layers, unstack_layers)
+    CausalLM,
+    final_logit_softcap,
+    flops_per_token,
+    forward,
+    forward_cached,
+    init_cache,
+    init_params,
+    layer_param_shapes,
+    linear_modules,
+    lm_head,
+    param_shapes,
+    stack_layers,
+    unstack_layers,
+)
 from fastjax.models.gemma2 import GELU_TANH, gemma_arch, validate_gemma
 
 log = logging.getLogger("fastjax")

@@ -15,9 +15,22 @@ from fastjax.models.config import Arch, HFConfig, kinds_from_windows
 from fastjax.models.config import freeze as _freeze  # noqa: F401  (kept for importers)
 from fastjax.models.config import thaw as _thaw  # noqa: F401
 from fastjax.models.decoder import (  # noqa: F401  (the family function set)
-    LAYER_PREFIX, CausalLM, cached_attention_reference, final_logit_softcap, flops_per_token, forward,
-    forward_cached, init_cache, init_params, layer_param_shapes, linear_modules, lm_head, param_shapes,
-    stack_layers, unstack_layers)
+    LAYER_PREFIX,
+    CausalLM,
+    cached_attention_reference,
+    final_logit_softcap,
+    flops_per_token,
+    forward,
+    forward_cached,
+    init_cache,
+    init_params,
+    layer_param_shapes,
+    linear_modules,
+    lm_head,
+    param_shapes,
+    stack_layers,
+    unstack_layers,
+)
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 

@@ -12,8 +12,20 @@ from typing import Any
 
 from fastjax.models.config import Arch, HFConfig, kinds_from_windows
 from fastjax.models.decoder import (  # noqa: F401  (the family function set)
-    CausalLM, final_logit_softcap, flops_per_token, forward, forward_cached, init_cache, init_params,
-    layer_param_shapes, linear_modules, lm_head, param_shapes, stack_layers, unstack_layers)
+    CausalLM,
+    final_logit_softcap,
+    flops_per_token,
+    forward,
+    forward_cached,
+    init_cache,
+    init_params,
+    layer_param_shapes,
+    linear_modules,
+    lm_head,
+    param_shapes,
+    stack_layers,
+    unstack_layers,
+)
 
 
 @dataclasses.dataclass(frozen=True)

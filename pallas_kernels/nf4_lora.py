@@ -364,6 +364,15 @@ def _check_pallas_shapes(w: NF4Tensor, lora_a):
         raise ValueError(f"nf4_lora_linear(impl='pallas'): LoRA rank {lora_a.shape[0]} > 128")
 
 
+def supports_pallas(w: NF4Tensor, lora_a: jax.Array | None = None) -> bool:
+    """Whether ``impl="pallas"`` accepts this weight / adapter (else use ``impl="xla"``)."""
+    try:
+        _check_pallas_shapes(w, lora_a)
+    except ValueError:
+        return False
+    return not w.batch_shape
+
+
 def _check_block_sizes(w: NF4Tensor, bs: BlockSizes):
     out, n_in = w.shape
     nh = out // 2

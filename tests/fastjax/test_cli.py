@@ -48,10 +48,11 @@ def test_help_lists_every_option(capsys):
     for option in TRAIN_OPTIONS:
         assert option in text, option
     parser = cli.build_parser()
-    train_parser = parser._subparsers._group_actions[0].choices["train"]  # every action has help text
-    for action in train_parser._actions:
-        if action.option_strings and action.dest != "help":
-            assert action.help, action.option_strings
+    for name in ("train", "generate", "chat"):  # every option has a help text
+        sub = parser._subparsers._group_actions[0].choices[name]
+        for action in sub._actions:
+            if action.option_strings and action.dest != "help":
+                assert action.help, (name, action.option_strings)
     gen = _help(["generate", "--help"], capsys)
     for option in ("--adapter", "--prompt", "--chat", "--max-new-tokens", "--temperature"):
         assert option in gen
@@ -91,7 +92,7 @@ def model_dir(tmp_path_factory):
 def test_tiny_train_then_generate(model_dir, tmp_path, capsys):
     out = tmp_path / "run"
     argv = ["train", "--model", str(model_dir / "tiny"), "--data", str(model_dir / "qa.jsonl"), "--dtype", "fp32",
-            "--steps", "4", "--batch-size", "2", "--max-seq-length", "128", "--lora-r", "4",
+            "--steps", "4", "--batch-size", "2", "--max-seq-length", "96", "--system-prompt", "", "--lora-r", "4",
             "--target-modules", "q_proj,v_proj", "--lr", "1e-2", "--remat", "none", "--kernels", "xla",
             "--save-steps", "2", "--output-dir", str(out), "--no-progress"]
     assert cli.main(argv) == 0

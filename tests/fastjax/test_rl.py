@@ -17,7 +17,7 @@ import pytest
 from fastjax.models import llama
 
 from fastjax import lora as lora_lib
-from fastjax import rl
+from fastjax import quant, rl
 from fastjax.rl_rewards import (
     RewardFunctionError,
     call_reward_func,
@@ -31,8 +31,8 @@ TOL = {"math": {"rtol": 1e-5, "atol": 1e-6}, "model": {"rtol": 1e-4, "atol": 1e-
 
 CFG = llama.LlamaConfig(
     vocab_size=32,
-    hidden_size=32,
-    intermediate_size=64,
+    hidden_size=64,  # NF4 blocks are 64 wide: every linear's input dim is a multiple of 64
+    intermediate_size=128,
     num_hidden_layers=2,
     num_attention_heads=4,
     num_key_value_heads=2,
@@ -67,12 +67,13 @@ def _config(tmp_path, **kw) -> rl.GRPOConfig:
 
 @pytest.fixture(scope="module")
 def model():
+    """A QLoRA policy: NF4 decoder linears (fastjax.quant), fp32 embeddings/head, LoRA r=4."""
     lora_config = lora_lib.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear")
 
     @jax.jit  # one compilation instead of one per eager op
     def build(key):
         # std 0.3 (not 0.02): logits large enough that LoRA on the layers can move p(token) far
-        params = llama.init_params(CFG, key, std=0.3)
+        params = quant.quantize_params(llama.init_params(CFG, key, std=0.3))
         return params, lora_lib.init_lora(params, lora_config)
 
     params, lora = build(jax.random.key(0))
@@ -333,3 +334,16 @@ def test_gsm8k_rewards():
     answers = ["... #### 7", "#### 7", "#### 7", "#### 1000"]
     assert gsm8k_correctness_reward(None, comps, answers) == [1.0, 1.0, 0.0, 1.0]
     assert gsm8k_format_reward(None, comps) == [1.0, 0.5, 0.0, 1.0]
+
+
+@pytest.mark.slow
+def test_bench_grpo_tiny_qlora():
+    """benchmarks/bench_grpo.py --tiny in-process: a QLoRA (NF4 base) GRPO run with 2 micro-batches."""
+    from benchmarks import bench_grpo
+
+    row = bench_grpo.run_one("tiny", 4, 16, 8, 2, 1, None, "full")
+    assert (
+        row["fits"] and row["steps_timed"] == 1 and row["note"] is None
+    )  # NF4 leaves, no fallback
+    assert row["gen_tokens_per_s"] > 0 and row["train_tokens_per_s"] > 0
+    assert np.isfinite(row["kl"]) and row["completion_length"] == 16

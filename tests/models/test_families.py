@@ -13,14 +13,13 @@ from __future__ import annotations
 import functools
 import json
 
-import numpy as np
-import pytest
-
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
+from fastjax.models import registry
 
 import fastjax
-from fastjax.models import registry
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -30,9 +29,10 @@ peft = pytest.importorskip("peft")
 LOGITS_ATOL = {"float32": 1e-4}
 ATOL = LOGITS_ATOL["float32"]
 
-_SMALL = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, vocab_size=131,
-              max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-_LONGROPE = dict(rope_type="longrope", short_factor=[1.0, 1.3, 2.1, 3.0], long_factor=[1.5, 2.5, 4.0, 7.0])
+_SMALL = {"hidden_size": 64, "intermediate_size": 96, "num_attention_heads": 4, "vocab_size": 131,
+          "max_position_embeddings": 64, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+_LONGROPE = {"rope_type": "longrope", "short_factor": [1.0, 1.3, 2.1, 3.0],
+             "long_factor": [1.5, 2.5, 4.0, 7.0]}
 
 # family -> (HF causal LM class, HF config class, config kwargs)
 FAMILIES = {
@@ -116,7 +116,7 @@ def _forward(params, cfg, ids, positions=None, segment_ids=None, lora=None, lora
 def test_logits_and_packing_match_transformers(family_ckpt):
     """Row 0: one sequence of 27 tokens. Row 1: 3 packed sequences and 2 padding tokens, which must equal
     each sequence run alone by transformers."""
-    name, ckpt, model, params, cfg = family_ckpt
+    name, _, model, params, cfg = family_ckpt
     assert cfg.model_type == name and type(cfg).__name__ in json.dumps(registry.FAMILIES)
     rng = np.random.default_rng(0)
     T = 27
@@ -141,7 +141,8 @@ def test_logits_and_packing_match_transformers(family_ckpt):
 
 def test_save_reload_in_transformers(family_ckpt, tmp_path):
     name, _, model, params, cfg = family_ckpt
-    saved = fastjax.save_pretrained(params, cfg, None, tmp_path / "saved")
+    saved = fastjax.save_pretrained(params, cfg, None, tmp_path / "saved", max_shard_size=40_000)
+    assert (saved / "model.safetensors.index.json").exists(), f"{name}: a small shard size must shard"
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(saved, attn_implementation="eager")
     assert type(reloaded) is type(model)
     assert registry.config_from_hf(json.loads((saved / "config.json").read_text())) == cfg
@@ -248,11 +249,14 @@ def test_unsupported_family_lists_supported(tmp_path):
 
 
 _HUB_STYLE = {  # transformers 4 / hub config.json spellings of the same settings
-    "gemma3_text": dict(rope_theta=1e6, rope_local_base_freq=1e4, sliding_window_pattern=3,
-                        rope_scaling={"rope_type": "linear", "factor": 8.0}, sliding_window=7),
-    "phi3": dict(rope_scaling={"type": "longrope", **{k: v for k, v in _LONGROPE.items() if k != "rope_type"}},
-                 original_max_position_embeddings=16, partial_rotary_factor=0.5, max_position_embeddings=64),
-    "qwen2": dict(use_sliding_window=False, sliding_window=32768, max_window_layers=1, rope_theta=1e6),
+    "gemma3_text": {"rope_theta": 1e6, "rope_local_base_freq": 1e4, "sliding_window_pattern": 3,
+                    "rope_scaling": {"rope_type": "linear", "factor": 8.0}, "sliding_window": 7},
+    "phi3": {"rope_scaling": {"type": "longrope", "short_factor": _LONGROPE["short_factor"],
+                              "long_factor": _LONGROPE["long_factor"]},
+             "original_max_position_embeddings": 16, "partial_rotary_factor": 0.5,
+             "max_position_embeddings": 64},
+    "qwen2": {"use_sliding_window": False, "sliding_window": 32768, "max_window_layers": 1,
+              "rope_theta": 1e6},
 }
 
 
