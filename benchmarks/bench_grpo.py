@@ -136,7 +136,7 @@ def main() -> None:
     ap.add_argument("--completion-len", type=int, default=1024)
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--steps", type=int, default=1, help="timed steps (after one warm-up step)")
-    ap.add_argument("--remat", default="full")
+    ap.add_argument("--remat", default=None, help="remat preset (default: full; none with --tiny)")
     ap.add_argument("--cap-gib", type=float, default=24.0, help="memory cap; 0 = none")
     ap.add_argument("--all", action="store_true", help="run every attempt, not only until one fits")
     ap.add_argument("--timeout", type=int, default=540, help="seconds per configuration")
@@ -145,8 +145,9 @@ def main() -> None:
     args = ap.parse_args()
     from benchmarks import common
 
+    args.remat = args.remat if args.tiny else args.remat or "full"
     if args.tiny:  # in-process, small enough for CPU CI
-        args.shape = "tiny"
+        args.shape, args.remat = "tiny", args.remat or "none"
         G, new = min(args.num_generations, 4), min(args.completion_len, 16)
         row = run_one("tiny", G, new, min(args.prompt_len, 8), G // 2, args.steps, None, args.remat)
         common.emit(row, args.out)

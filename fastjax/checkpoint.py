@@ -2,12 +2,12 @@
 
 Layout: ``<output_dir>/checkpoints/<step>/`` with two orbax items:
 
-    state   the pytree ``{"trainable": adapters or params, "opt_state": ..., "rng": uint32 key data}``
+    state   pytree ``{"trainable": adapters or params, "opt_state": ..., "rng": uint32 key data}``
     meta    JSON ``{"step": int, "data": DataLoader.state(), "seed": int, "fingerprint": {...}}``
 
 Orbax writes every step into a temporary directory and renames it when complete, so a process killed
-mid-save leaves the previous checkpoint as the latest one. Saving is synchronous: LoRA adapters and their
-optimizer state are small, and the train step donates these buffers right after the save.
+mid-save leaves the previous checkpoint as the latest one. Saving is synchronous: LoRA adapters and
+their optimizer state are small, and the train step donates these buffers right after the save.
 """
 
 from __future__ import annotations
@@ -59,8 +59,9 @@ class Checkpointer:
         """Restore ``step`` into a tree shaped like ``like`` (arrays or ShapeDtypeStructs)."""
         ocp = _ocp()
         abstract = jax.tree.map(_abstract, like)
-        out = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                                                  meta=ocp.args.JsonRestore()))
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                  meta=ocp.args.JsonRestore())
+        out = self._manager.restore(step, args=args)
         return out["state"], dict(out["meta"])
 
     def close(self) -> None:

@@ -1,15 +1,19 @@
-"""Training telemetry: metrics.jsonl, optional tensorboard scalars, the tqdm bar, the loss-curve PNG.
+"""Training telemetry: metrics.jsonl, optional tensorboard scalars, the tqdm bar, the loss-curve
+PNG.
 
-``MetricsLogger`` appends one JSON object per step to ``<output_dir>/metrics.jsonl`` (flushed every line, so
-a killed run keeps what it logged) and mirrors the scalars to tensorboard when ``tensorboardX`` is importable
-(it is not a dependency; without it tensorboard logging is skipped silently).
+``MetricsLogger`` appends one JSON object per step to ``<output_dir>/metrics.jsonl`` (flushed every
+line, so a killed run keeps what it logged) and mirrors the scalars to tensorboard when
+``tensorboardX`` is importable (it is not a dependency; without it tensorboard logging is skipped
+silently).
 
-``write_loss_curve`` draws the loss curve with matplotlib (extra ``fastjax[plot]``) or, when matplotlib is
-missing, with a tiny pure-numpy rasteriser and PNG encoder (zlib + struct): axes, tick marks, the curve.
+``write_loss_curve`` draws the loss curve with matplotlib (extra ``fastjax[plot]``) or, when
+matplotlib is missing, with a tiny pure-numpy rasteriser and PNG encoder (zlib + struct): axes, tick
+marks, the curve.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import struct
@@ -25,10 +29,11 @@ from fastjax._io import atomic_write_bytes
 
 
 def device_memory_gib() -> tuple[float, float] | None:
-    """(bytes in use, peak bytes in use) of the first device in GiB, or None where not reported (CPU)."""
+    """(bytes in use, peak bytes in use) of the first device in GiB, or None where not reported
+    (CPU)."""
     try:
         stats = jax.devices()[0].memory_stats()
-    except Exception:  # backends without memory stats
+    except (RuntimeError, AttributeError, NotImplementedError):  # backends without memory stats
         return None
     if not stats or "bytes_in_use" not in stats:
         return None
@@ -37,7 +42,8 @@ def device_memory_gib() -> tuple[float, float] | None:
 
 
 class MetricsLogger:
-    """metrics.jsonl + tensorboard. ``truncate_after(step)`` drops lines of steps a resumed run redoes."""
+    """metrics.jsonl + tensorboard. ``truncate_after(step)`` drops lines of steps a resumed run
+    redoes."""
 
     def __init__(self, output_dir: str | os.PathLike, *, tensorboard: bool = True):
         self.dir = Path(output_dir)
@@ -61,7 +67,8 @@ class MetricsLogger:
 
     def log(self, record: Mapping[str, Any]) -> None:
         if self._file is None:
-            self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (kept open across steps)
+            # kept open across steps (closed in close()); one flushed line per step
+            self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
         self._file.write(json.dumps(dict(record)) + "\n")
         self._file.flush()
         if self._tb is not None:
@@ -93,9 +100,9 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
     return out
 
 
-# --------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Loss curve
-# --------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 def write_loss_curve(path: str | os.PathLike, steps: Sequence[float], losses: Sequence[float], *,
                      title: str = "training loss", backend: str = "auto") -> Path:
@@ -129,9 +136,11 @@ def write_loss_curve(path: str | os.PathLike, steps: Sequence[float], losses: Se
 
 def render_curve(xs: Sequence[float], ys: Sequence[float], *, width: int = 640, height: int = 400,
                  margin: int = 40) -> np.ndarray:
-    """A white RGB image ``[height, width, 3]`` uint8 with black axes, ticks and the curve in blue."""
+    """A white RGB image ``[height, width, 3]`` uint8 with black axes, ticks and the curve in
+    blue."""
     img = np.full((height, width, 3), 255, np.uint8)
-    x0, x1, y0, y1 = margin, width - margin // 2, height - margin, margin // 2  # plot box (y grows down)
+    # plot box; image rows grow downwards
+    x0, x1, y0, y1 = margin, width - margin // 2, height - margin, margin // 2
     black, grey, blue = (0, 0, 0), (220, 220, 220), (31, 119, 180)
     for i in range(1, 5):  # light grid + ticks
         gx = x0 + (x1 - x0) * i // 4
@@ -158,7 +167,7 @@ def render_curve(xs: Sequence[float], ys: Sequence[float], *, width: int = 640, 
     pts = np.stack([px, py], 1)
     if len(pts) == 1:
         pts = np.concatenate([pts, pts])
-    for (ax_, ay), (bx, by) in zip(pts[:-1], pts[1:]):
+    for (ax_, ay), (bx, by) in itertools.pairwise(pts):
         n = int(max(abs(bx - ax_), abs(by - ay))) + 1
         t = np.linspace(0.0, 1.0, n + 1)
         cx = np.rint(ax_ + t * (bx - ax_)).astype(int)
@@ -177,7 +186,8 @@ def encode_png(img: np.ndarray) -> bytes:
     raw = np.concatenate([np.zeros((h, 1), np.uint8), img.reshape(h, w * 3)], axis=1).tobytes()
 
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        crc = struct.pack(">I", zlib.crc32(kind + data))
+        return struct.pack(">I", len(data)) + kind + data + crc
 
     header = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
     return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 9))

@@ -46,13 +46,13 @@ Dividing by the sampling temperature makes ``old`` the distribution sampled from
 is not modelled, as in TRL). Adapters run without dropout so sampled/old/new log-probs agree.
 
 Logged per step (``metrics.jsonl``, tqdm bar): loss, grad_norm, lr, reward mean/std, per reward
-function ``rewards/<name>/mean|std``, kl (token mean of k3), clip_ratio, completion_length
-mean/min/max, frac_terminated (rows that emitted EOS), gen_tokens_per_s (generated tokens /
-generation time), train_tokens_per_s (real prompt + completion tokens x mu / time of the update
-phase, reference and old log-prob passes included), memory. The first step's rates include
-compilation. Checkpoints (``fastjax.checkpoint``): adapters, optimizer state, RNG key, step;
-``resume=True`` continues from the newest one and redoes exactly the steps an uninterrupted run
-would do.
+function ``rewards/<name>/mean|std``, kl (token mean of k3; 0 when beta = 0, as there is no
+reference pass), clip_ratio, completion_length mean/min/max, frac_terminated (rows that emitted
+EOS), gen_tokens_per_s (generated tokens / generation time), train_tokens_per_s (real prompt +
+completion tokens x mu / time of the update phase, reference and old log-prob passes included),
+memory; the first step's rates include compilation. Checkpoints (``fastjax.checkpoint``):
+adapters, optimizer state, RNG key, step; ``resume=True`` continues from the newest one and redoes
+exactly the steps an uninterrupted run would do.
 """
 
 from __future__ import annotations
@@ -278,6 +278,7 @@ def batched_logprobs(params: Mapping, lora: Mapping | None, batch: Mapping[str, 
     """``completion_logprobs`` over micro-batches, ``[M, mb, ...] -> [M, mb, N]``, no gradient.
     ``lora=None`` is the reference policy."""
     inputs = {k: batch[k] for k in ("input_ids", "positions", "segment_ids", "completion_mask")}
+
     def one(mb):
         return completion_logprobs(params, cfg, mb, lora=lora, lora_scale=lora_scale,
                                    temperature=temperature, ops=ops)
@@ -325,7 +326,9 @@ def grpo_step(lora: Any, opt_state: Any, params: Mapping, batch: Mapping[str, ja
     updates, opt_state = optimizer.update(grads, opt_state, lora)
     lora = optax.apply_updates(lora, updates)
     tokens = jnp.maximum(jnp.sum(batch["completion_mask"]), 1)
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "kl": aux["kl_sum"] / tokens,
+    grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32)))
+                             for g in jax.tree.leaves(grads)))
+    metrics = {"loss": loss, "grad_norm": grad_norm, "kl": aux["kl_sum"] / tokens,
                "clip_ratio": aux["clipped"] / tokens}
     return lora, opt_state, metrics
 

@@ -1,6 +1,6 @@
-"""fastjax.cli: ``--help`` documents every option; a tiny ``fastjax train`` run on a random model directory
-(char-level tokenizer, chat template) writes metrics, checkpoint and a PEFT adapter that ``fastjax generate``
-loads."""
+"""fastjax.cli: ``--help`` documents every option; a tiny ``fastjax train`` run on a random model
+directory (char-level tokenizer, chat template) writes metrics, checkpoint and a PEFT adapter that
+``fastjax generate`` loads."""
 
 from __future__ import annotations
 
@@ -11,13 +11,13 @@ import sys
 import jax
 import numpy as np
 import pytest
+from fastjax.models import llama
 from tokenizers import Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as BackendTokenizer
 
 from fastjax import cli
 from fastjax.loading import save_pretrained
 from fastjax.logging_utils import read_metrics
-from fastjax.models import llama
 from fastjax.tokenizer import Tokenizer
 
 CHATML = (
@@ -25,10 +25,13 @@ CHATML = (
     " + '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}"
     "{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
-TRAIN_OPTIONS = ("--model", "--dtype", "--load-in-4bit", "--data", "--split", "--num-arith", "--max-seq-length",
+TRAIN_OPTIONS = ("--model", "--dtype", "--load-in-4bit", "--data", "--split", "--num-arith",
+                 "--max-seq-length",
                  "--no-packing", "--no-truncation", "--lora-r", "--lora-alpha", "--lora-dropout",
-                 "--target-modules", "--use-rslora", "--full-finetune", "--steps", "--epochs", "--batch-size",
-                 "--grad-accum", "--lr", "--lr-scheduler", "--warmup-steps", "--weight-decay", "--max-grad-norm",
+                 "--target-modules", "--use-rslora", "--full-finetune", "--steps", "--epochs",
+                 "--batch-size",
+                 "--grad-accum", "--lr", "--lr-scheduler", "--warmup-steps", "--weight-decay",
+                 "--max-grad-norm",
                  "--optimizer", "--remat", "--kernels", "--seed", "--output-dir", "--save-steps",
                  "--logging-steps", "--resume", "--no-progress")
 
@@ -59,8 +62,9 @@ def test_help_lists_every_option(capsys):
 
 
 def test_console_script_entry_point():
-    out = subprocess.run([sys.executable, "-m", "fastjax.cli", "train", "--help"], capture_output=True,
-                         text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-m", "fastjax.cli", "train", "--help"],
+                         capture_output=True,
+                         text=True, timeout=120, check=False)
     assert out.returncode == 0 and "--lora-r" in out.stdout
 
 
@@ -72,7 +76,8 @@ def model_dir(tmp_path_factory):
     backend = BackendTokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     backend.decoder = decoders.Fuse()
-    tok = Tokenizer(backend, chat_template=CHATML, eos_token="<|im_end|>", pad_token="<pad>", unk_token="<unk>")
+    tok = Tokenizer(backend, chat_template=CHATML, eos_token="<|im_end|>", pad_token="<pad>",
+                    unk_token="<unk>")
     cfg = llama.LlamaConfig(vocab_size=len(vocab) + 3, hidden_size=32, intermediate_size=48,
                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                             max_position_embeddings=256, eos_token_id=vocab["<|im_end|>"],
@@ -84,16 +89,20 @@ def model_dir(tmp_path_factory):
     rows = []
     for _ in range(30):
         a, b = (int(x) for x in rng.integers(1, 50, 2))
-        rows.append({"question": f"What is {a} + {b}?", "answer": f"{a} + {b} = {a + b}\n#### {a + b}"})
+        rows.append({"question": f"What is {a} + {b}?",
+                     "answer": f"{a} + {b} = {a + b}\n#### {a + b}"})
     (out / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return out
 
 
 def test_tiny_train_then_generate(model_dir, tmp_path, capsys):
     out = tmp_path / "run"
-    argv = ["train", "--model", str(model_dir / "tiny"), "--data", str(model_dir / "qa.jsonl"), "--dtype", "fp32",
-            "--steps", "4", "--batch-size", "2", "--max-seq-length", "96", "--system-prompt", "", "--lora-r", "4",
-            "--target-modules", "q_proj,v_proj", "--lr", "1e-2", "--remat", "none", "--kernels", "xla",
+    argv = ["train", "--model", str(model_dir / "tiny"), "--data", str(model_dir / "qa.jsonl"),
+            "--dtype", "fp32",
+            "--steps", "4", "--batch-size", "2", "--max-seq-length", "96", "--system-prompt", "",
+            "--lora-r", "4",
+            "--target-modules", "q_proj,v_proj", "--lr", "1e-2", "--remat", "none", "--kernels",
+            "xla",
             "--save-steps", "2", "--output-dir", str(out), "--no-progress"]
     assert cli.main(argv) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -115,7 +124,8 @@ def test_tiny_train_then_generate(model_dir, tmp_path, capsys):
 
 def test_cli_errors(model_dir, tmp_path):
     with pytest.raises(ValueError, match="available"):
-        cli.main(["train", "--model", str(model_dir / "tiny"), "--data", str(model_dir / "qa.jsonl"),
+        cli.main(["train", "--model", str(model_dir / "tiny"), "--data",
+                  str(model_dir / "qa.jsonl"),
                   "--target-modules", "nope_proj", "--steps", "1", "--output-dir", str(tmp_path)])
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")

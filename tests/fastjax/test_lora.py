@@ -1,5 +1,6 @@
-"""fastjax.lora: the adapter tree spec, target_modules resolution, B=0 == base, merged == unmerged, PEFT files
-(round trip, and transformers + peft computing the same logits), QLoRA (NF4) weights, fused modules."""
+"""fastjax.lora: the adapter tree spec, target_modules resolution, B=0 == base, merged == unmerged,
+PEFT files (round trip, and transformers + peft computing the same logits), QLoRA (NF4) weights,
+fused modules."""
 
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from fastjax.models import llama
 
 from fastjax import lora as L
-from fastjax.models import llama
 
 # Tolerances, stated once: (atol, rtol) per dtype.
 TOL = {jnp.float32: (1e-5, 1e-5), jnp.bfloat16: (2e-2, 2e-2)}
@@ -46,7 +47,8 @@ def _ids(seed: int, shape=(2, 11), vocab=CFG.vocab_size):
 
 
 def _random_b(lora, seed: int, std: float = 0.05):
-    """Adapters with non-zero B (a trained-looking adapter); layers where A == 0 (unselected) stay zero."""
+    """Adapters with non-zero B (a trained-looking adapter); layers where A == 0 (unselected) stay
+    zero."""
     out = jax.tree.map(lambda x: x, lora)
     for i, path in enumerate(L.adapter_paths(lora)):
         node = out
@@ -203,7 +205,8 @@ def test_merged_equals_unmerged(rslora):
 
 
 def test_fused_modules_of_other_families():
-    """Any stacked [L, out, in] linear under model.layers is a module: fused qkv / gate_up included."""
+    """Any stacked [L, out, in] linear under model.layers is a module: fused qkv / gate_up
+    included."""
     k = iter(jax.random.split(jax.random.key(0), 8))
     L_, D = 2, 24
     params = {

@@ -1,5 +1,5 @@
-"""fastjax.remat: every preset computes the same forward and the same gradients as ``none`` (it only changes
-what the backward pass keeps), for LoRA adapters and for full-parameter gradients."""
+"""fastjax.remat: every preset computes the same forward and the same gradients as ``none`` (it only
+changes what the backward pass keeps), for LoRA adapters and for full-parameter gradients."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from fastjax.models import llama
+from fastjax.models.ops import Ops
 
 from fastjax import lora as L
 from fastjax import remat
-from fastjax.models import llama
-from fastjax.models.ops import Ops
 
 # Tolerances, stated once: (atol, rtol) per dtype.
 TOL = {jnp.float32: (1e-5, 1e-5), jnp.bfloat16: (2e-2, 2e-2)}
@@ -37,14 +37,15 @@ def _setup(seed: int):
     return params, lora, L.lora_scale(config), ids, segments, positions, cot
 
 
-@functools.lru_cache(maxsize=None)  # the "none" reference is computed once for all presets
+@functools.cache  # the "none" reference is computed once for all presets
 def _grads(policy: str, seed: int):
     params, lora, scale, ids, segments, positions, cot = _setup(seed)
 
     @jax.jit
     def run(params, lora):
         def f(params, lora):
-            return llama.forward(params, ids, cfg=CFG, positions=positions, segment_ids=segments, lora=lora,
+            return llama.forward(params, ids, cfg=CFG, positions=positions, segment_ids=segments,
+                                 lora=lora,
                                  lora_scale=scale, remat_policy=policy, ops=OPS, return_hidden=True)
 
         out, vjp = jax.vjp(f, params, lora)

@@ -1,6 +1,6 @@
-"""fastjax.trainer: accumulation == one big batch, packing == separate rows, convergence and outputs, NaN stop
-keeping the last good checkpoint, resume after SIGKILL == uninterrupted, data errors, full fine-tuning,
-layer-subset adapters staying zero, the pure-numpy loss-curve PNG."""
+"""fastjax.trainer: accumulation == one big batch, packing == separate rows, convergence and
+outputs, NaN stop keeping the last good checkpoint, resume after SIGKILL == uninterrupted, data
+errors, full fine-tuning, layer-subset adapters staying zero, the pure-numpy loss-curve PNG."""
 
 from __future__ import annotations
 
@@ -17,14 +17,23 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from fastjax.models import llama
+from fastjax.models.ops import Ops
 
 from fastjax import lora as L
 from fastjax.logging_utils import read_metrics, write_loss_curve
-from fastjax.models import llama
-from fastjax.models.ops import Ops
 from fastjax.packing import assemble_rows
-from fastjax.trainer import (NonFiniteLossError, SFTConfig, SFTTrainer, decay_mask, make_loss_fn,
-                             make_optimizer, make_schedule, make_train_step, train)
+from fastjax.trainer import (
+    NonFiniteLossError,
+    SFTConfig,
+    SFTTrainer,
+    decay_mask,
+    make_loss_fn,
+    make_optimizer,
+    make_schedule,
+    make_train_step,
+    train,
+)
 
 # Tolerances, stated once: (atol, rtol) per dtype.
 TOL = {jnp.float32: (1e-6, 1e-5), jnp.bfloat16: (2e-2, 2e-2)}
@@ -63,7 +72,8 @@ def _counting_examples(n, seed, vocab=CFG.vocab_size):
 
 def _trained_lora(params, seed, r=4):
     """All-linear adapters with a non-zero B, as after some training."""
-    lora, config = L.get_peft_model(params, CFG, r=r, lora_alpha=8, target_modules="all-linear", seed=seed)
+    lora, config = L.get_peft_model(params, CFG, r=r, lora_alpha=8, target_modules="all-linear",
+                                    seed=seed)
     for i, path in enumerate(L.adapter_paths(lora)):
         node = lora["model"]["layers"][path[2]][path[3]]
         key = jax.random.fold_in(jax.random.key(seed + 100), i)
@@ -72,8 +82,9 @@ def _trained_lora(params, seed, r=4):
 
 
 def _config(tmp_path, **kw):
-    base = dict(learning_rate=1e-2, batch_size=2, max_seq_length=32, remat_policy="none", ops=OPS,
-                progress_bar=False, output_dir=str(tmp_path / "out"), max_grad_norm=None)
+    base = {"learning_rate": 1e-2, "batch_size": 2, "max_seq_length": 32, "remat_policy": "none",
+            "ops": OPS, "progress_bar": False, "output_dir": str(tmp_path / "out"),
+            "max_grad_norm": None}
     return SFTConfig(**{**base, **kw})
 
 
@@ -91,11 +102,12 @@ def test_accumulation_equals_one_big_batch():
                          [[0], [1], [2], [3]], 32)
     counts = (rows["labels"] != -100).sum(axis=1)
     assert len(set(counts.tolist())) > 1
-    sft = SFTConfig(learning_rate=1e-3, weight_decay=0.1, max_grad_norm=1.0, ops=OPS, remat_policy="none")
+    sft = SFTConfig(learning_rate=1e-3, weight_decay=0.1, max_grad_norm=1.0, ops=OPS,
+                    remat_policy="none")
     schedule = make_schedule(sft, 10)
     opt = make_optimizer(sft, lora, schedule)
-    loss_sum = make_loss_fn(CFG, full_finetune=False, lora_scale=L.lora_scale(config), lora_dropout=0.0,
-                            remat_policy="none", ops=OPS)
+    loss_sum = make_loss_fn(CFG, full_finetune=False, lora_scale=L.lora_scale(config),
+                            lora_dropout=0.0, remat_policy="none", ops=OPS)
     step = make_train_step(loss_sum, opt, schedule, donate=False)
     big = {k: jnp.asarray(v[None]) for k, v in rows.items()}  # [1, 4, T]
     accum = {k: jnp.asarray(v[:, None]) for k, v in rows.items()}  # [4, 1, T]
@@ -108,11 +120,13 @@ def test_accumulation_equals_one_big_batch():
     assert int(m_acc["num_label_tokens"]) == int(counts.sum())
     _close(lora_acc, lora_big)
     _close(state_acc, state_big)
-    moved = max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(lora_big), jax.tree.leaves(lora)))
+    pairs = zip(jax.tree.leaves(lora_big), jax.tree.leaves(lora))
+    moved = max(float(jnp.abs(a - b).max()) for a, b in pairs)
     assert moved > 1e-4  # the step really updated the adapter
     # the per-micro-batch mean would be a different (wrong) loss
     loss_jit = jax.jit(loss_sum)
-    per_row = [float(loss_jit(lora, params, {k: jnp.asarray(v[i:i + 1]) for k, v in rows.items()}, None))
+    per_row = [float(loss_jit(lora, params, {k: jnp.asarray(v[i:i + 1]) for k, v in rows.items()},
+                              None))
                for i in range(4)]
     assert abs(np.mean(np.array(per_row) / counts) - float(m_big["loss"])) > 1e-3
 
@@ -123,8 +137,8 @@ def test_packing_equals_separate_sequences():
     examples = [(e["input_ids"], e["loss_mask"]) for e in _examples(3, 6, lo=7, hi=12)]
     packed = assemble_rows(examples, [[0, 1, 2]], 40)
     separate = assemble_rows(examples, [[0], [1], [2]], 12)
-    loss_sum = make_loss_fn(CFG, full_finetune=False, lora_scale=L.lora_scale(config), lora_dropout=0.0,
-                            remat_policy="none", ops=OPS)
+    loss_sum = make_loss_fn(CFG, full_finetune=False, lora_scale=L.lora_scale(config),
+                            lora_dropout=0.0, remat_policy="none", ops=OPS)
     grad = jax.jit(jax.value_and_grad(loss_sum))
     v1, g1 = grad(lora, params, {k: jnp.asarray(v) for k, v in packed.items()}, None)
     v2, g2 = grad(lora, params, {k: jnp.asarray(v) for k, v in separate.items()}, None)
@@ -207,17 +221,20 @@ def test_full_finetune_and_decay_mask(tmp_path):
     assert mask["model"]["norm"]["weight"] is False
     head = np.asarray(params["lm_head"]["weight"])
     res = train(params, CFG, _counting_examples(40, 12),
-                _config(tmp_path, max_steps=3, full_finetune=True, weight_decay=0.1, learning_rate=1e-3))
+                _config(tmp_path, max_steps=3, full_finetune=True, weight_decay=0.1,
+                        learning_rate=1e-3))
     assert not np.allclose(np.asarray(res.trainable["lm_head"]["weight"]), head)
     assert all(np.isfinite(res.losses))
     assert (tmp_path / "out" / "model" / "config.json").is_file()
     from fastjax import quant
 
-    qcfg = llama.LlamaConfig(vocab_size=53, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+    qcfg = llama.LlamaConfig(vocab_size=53, hidden_size=64, intermediate_size=128,
+                             num_hidden_layers=1,
                              num_attention_heads=4, num_key_value_heads=2)
     qparams = quant.quantize_params(_params(0, qcfg))
     with pytest.raises(ValueError, match="NF4"):
-        SFTTrainer(qparams, qcfg, _examples(4, 0), _config(tmp_path, max_steps=1, full_finetune=True))
+        SFTTrainer(qparams, qcfg, _examples(4, 0), _config(tmp_path, max_steps=1,
+                                                           full_finetune=True))
 
 
 def test_layer_subset_adapters_stay_zero_with_8bit_adamw(tmp_path):
@@ -225,11 +242,13 @@ def test_layer_subset_adapters_stay_zero_with_8bit_adamw(tmp_path):
     regex = r"model\.layers\.1\.(self_attn\.q_proj|mlp\.down_proj)"
     lora, config = L.get_peft_model(params, CFG, r=4, target_modules=regex)
     res = train(params, CFG, _counting_examples(40, 14),
-                _config(tmp_path, max_steps=3, weight_decay=0.1, optimizer="adamw_8bit", save_final=False),
+                _config(tmp_path, max_steps=3, weight_decay=0.1, optimizer="adamw_8bit",
+                        save_final=False),
                 lora=lora, lora_config=config)
     for path in L.adapter_paths(res.trainable):
         node = res.trainable["model"]["layers"][path[2]][path[3]]
-        assert not np.any(np.asarray(node["lora_A"][0])) and not np.any(np.asarray(node["lora_B"][0]))
+        assert not np.any(np.asarray(node["lora_A"][0]))
+        assert not np.any(np.asarray(node["lora_B"][0]))
         assert np.any(np.asarray(node["lora_B"][1]))
 
 
@@ -242,7 +261,8 @@ def test_loss_curve_png_without_matplotlib(tmp_path):
     width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
     idat = data.index(b"IDAT")
     raw = zlib.decompress(data[idat + 4: idat + 4 + int.from_bytes(data[idat - 4:idat], "big")])
-    img = np.frombuffer(raw, np.uint8).reshape(height, 1 + 3 * width)[:, 1:].reshape(height, width, 3)
+    img = np.frombuffer(raw, np.uint8).reshape(height, 1 + 3 * width)[:, 1:].reshape(height, width,
+                                                                                     3)
     blue = np.all(img == (31, 119, 180), axis=-1)
     assert blue.sum() > 200  # the curve
     cols = np.nonzero(blue.any(axis=0))[0]
@@ -264,7 +284,8 @@ _SCRIPT = textwrap.dedent("""
     from fastjax.models.ops import Ops
     from fastjax.trainer import SFTConfig, train
     out, mode = sys.argv[1], sys.argv[2]
-    cfg = llama.LlamaConfig(vocab_size=53, hidden_size=32, intermediate_size=56, num_hidden_layers=2,
+    cfg = llama.LlamaConfig(vocab_size=53, hidden_size=32, intermediate_size=56,
+                            num_hidden_layers=2,
                             num_attention_heads=4, num_key_value_heads=2)
     params = llama.init_params(cfg, jax.random.key(0), std=0.1)
     rng = np.random.default_rng(0)
@@ -273,17 +294,17 @@ _SCRIPT = textwrap.dedent("""
         k = int(rng.integers(6, 20))
         ex.append({"input_ids": rng.integers(0, 53, k).astype(np.int32),
                    "loss_mask": np.r_[np.zeros(2, np.int32), np.ones(k - 2, np.int32)]})
-    lora, config = L.get_peft_model(params, cfg, r=4, target_modules="all-linear", seed=1)
+    lora, lora_cfg = L.get_peft_model(params, cfg, r=4, target_modules="all-linear", seed=1)
 
     def kill(step, record):
         if mode == "kill" and step == 7:  # a checkpoint exists at step 4; steps 5..7 are lost
             os.kill(os.getpid(), signal.SIGKILL)
 
-    train(params, cfg, ex, SFTConfig(max_steps=10, batch_size=2, grad_accum_steps=2, max_seq_length=24,
-                                     learning_rate=5e-3, warmup_steps=2, weight_decay=0.01, save_steps=4,
-                                     remat_policy="none", ops=Ops.all("xla"), progress_bar=False,
-                                     output_dir=out, resume=mode == "resume"),
-          lora=lora, lora_config=config, callbacks=[kill])
+    config = SFTConfig(max_steps=10, batch_size=2, grad_accum_steps=2, max_seq_length=24,
+                       learning_rate=5e-3, warmup_steps=2, weight_decay=0.01, save_steps=4,
+                       remat_policy="none", ops=Ops.all("xla"), progress_bar=False,
+                       tensorboard=False, plot=False, output_dir=out, resume=mode == "resume")
+    train(params, cfg, ex, config, lora=lora, lora_config=lora_cfg, callbacks=[kill])
 """)
 
 
@@ -291,14 +312,18 @@ def test_resume_after_sigkill_equals_uninterrupted(tmp_path):
     script = tmp_path / "run.py"
     script.write_text(_SCRIPT)
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    run = lambda out, mode: subprocess.Popen([sys.executable, str(script), str(out), mode], env=env,  # noqa
-                                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+    def run(out, mode):
+        return subprocess.Popen([sys.executable, str(script), str(out), mode], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
     ref, killed = run(tmp_path / "ref", "ref"), run(tmp_path / "run", "kill")
     ref_out, killed_out = ref.communicate(timeout=300)[0], killed.communicate(timeout=300)[0]
     assert ref.returncode == 0, ref_out.decode()[-3000:]
     assert killed.returncode == -signal.SIGKILL, killed_out.decode()[-3000:]
     assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["4"]
-    assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")] == list(range(1, 8))
+    assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")] == list(range(1,
+                                                                                               8))
     resumed = run(tmp_path / "run", "resume")
     resumed_out = resumed.communicate(timeout=300)[0]
     assert resumed.returncode == 0, resumed_out.decode()[-3000:]
