@@ -11,8 +11,9 @@ Rules (one place, stated once):
   the same shapes: ``optimizer_sharding`` maps each state leaf to its parameter's sharding by shape).
 
 XLA's SPMD partitioner inserts the all-gathers (weights, per layer inside the scan) and the reduce-scatters /
-all-reduces (gradients). Pallas kernels are not auto-partitioned: ``shard_map_ops`` runs the token-parallel ops
-(attention, norms, RoPE, GLU) per device on the local batch shard under ``shard_map``.
+all-reduces (gradients). Pallas kernels are not auto-partitioned by XLA: under a mesh of more than one device
+the trainer runs every op on its XLA reference (cuDNN attention stays available through ``impl="cudnn"``,
+which XLA partitions), until the kernels are wrapped in ``shard_map``.
 """
 
 from __future__ import annotations
@@ -79,24 +80,28 @@ def replicated(tree: Any, mesh: Mesh) -> Any:
     return jax.tree.map(lambda _: NamedSharding(mesh, P()), tree)
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, P(BATCH_AXES))
+def batch_sharding(mesh: Mesh, *, axis: int = 0, ndim: int = 2) -> NamedSharding:
+    """Split array axis ``axis`` (the batch axis) over both mesh axes."""
+    spec = [None] * ndim
+    spec[axis] = BATCH_AXES
+    return NamedSharding(mesh, P(*spec))
 
 
-def shard_batch(batch: Mapping[str, Any], mesh: Mesh) -> dict:
-    """Place a host batch (``[B, T]`` arrays) on the mesh, split on the batch axis."""
+def shard_batch(batch: Mapping[str, Any], mesh: Mesh, *, axis: int = 0) -> dict:
+    """Place a host batch on the mesh, split on the batch axis (``axis=1`` for the trainer's ``[A, B, T]``
+    micro-batch stacks)."""
     n = mesh.shape[DATA] * mesh.shape[FSDP]
     out = {}
     for k, v in batch.items():
-        if v.shape[0] % n:
-            raise ValueError(f"batch[{k!r}] has batch size {v.shape[0]}, not divisible by the {n} devices "
+        if v.shape[axis] % n:
+            raise ValueError(f"batch[{k!r}] has batch size {v.shape[axis]}, not divisible by the {n} devices "
                              f"of the mesh")
-        out[k] = jax.device_put(v, batch_sharding(mesh))
+        out[k] = jax.device_put(v, batch_sharding(mesh, axis=axis, ndim=v.ndim))
     return out
 
 
-def shard_params(params: Any, mesh: Mesh) -> Any:
-    return jax.device_put(params, param_shardings(params, mesh))
+def shard_params(params: Any, mesh: Mesh, *, min_shard_elements: int = 2**14) -> Any:
+    return jax.device_put(params, param_shardings(params, mesh, min_shard_elements=min_shard_elements))
 
 
 def optimizer_sharding(opt_state: Any, trainable: Any, trainable_shardings: Any, mesh: Mesh) -> Any:
