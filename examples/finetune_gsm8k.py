@@ -46,28 +46,34 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "('openai/gsm8k:main'); default: the built-in generated problems")
     p.add_argument("--eval-data", default=None,
                    help="held-out JSONL (default: test.jsonl beside --data)")
-    p.add_argument("--train-size", type=int, default=2000, help="training problems used (at most)")
-    p.add_argument("--eval-size", type=int, default=48 if not ON_GPU else 500,
+    p.add_argument("--train-size", type=int, default=2000 if not ON_GPU else 20000,
+                   help="training problems used (at most; GSM8K train has 7473)")
+    p.add_argument("--eval-size", type=int, default=32 if not ON_GPU else 500,
                    help="held-out problems scored")
-    p.add_argument("--steps", type=int, default=60 if not ON_GPU else 600, help="optimizer steps")
-    p.add_argument("--batch-size", type=int, default=4 if not ON_GPU else 16,
+    p.add_argument("--steps", type=int, default=20 if not ON_GPU else 300, help="optimizer steps")
+    p.add_argument("--batch-size", type=int, default=2 if not ON_GPU else 16,
                    help="packed rows per step")
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--max-seq-length", type=int, default=256 if not ON_GPU else 1024)
-    p.add_argument("--lr", type=float, default=2e-3 if not ON_GPU else 1e-3)
-    p.add_argument("--warmup-steps", type=int, default=5 if not ON_GPU else 30)
-    p.add_argument("--lora-r", type=int, default=16)
-    p.add_argument("--lora-alpha", type=float, default=32)
-    p.add_argument("--target-modules", default="all-linear")
-    p.add_argument("--max-new-tokens", type=int, default=80 if not ON_GPU else 256)
-    p.add_argument("--eval-batch-size", type=int, default=48 if not ON_GPU else 128)
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step")
+    p.add_argument("--max-seq-length", type=int, default=256 if not ON_GPU else 1024,
+                   help="tokens per packed row")
+    p.add_argument("--lr", type=float, default=2e-3 if not ON_GPU else 5e-4,
+                   help="peak learning rate (cosine decay)")
+    p.add_argument("--warmup-steps", type=int, default=3 if not ON_GPU else 30, help="warm-up")
+    p.add_argument("--lora-r", type=int, default=16, help="adapter rank")
+    p.add_argument("--lora-alpha", type=float, default=32, help="adapter alpha (scale alpha/r)")
+    p.add_argument("--target-modules", default="all-linear", help="names, all-linear or a regex")
+    p.add_argument("--max-new-tokens", type=int, default=72 if not ON_GPU else 256,
+                   help="generation budget per answer (built-in answers need <= 69)")
+    p.add_argument("--eval-batch-size", type=int, default=32 if not ON_GPU else 128,
+                   help="prompts per generate() call")
     p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16" if ON_GPU else "fp32",
                    help="frozen weights and activations (adapters are always fp32)")
     p.add_argument("--load-in-4bit", action="store_true", help="QLoRA: NF4 frozen decoder weights")
-    p.add_argument("--remat", default="full" if ON_GPU else "none", help="rematerialization preset")
-    p.add_argument("--output-dir", default="outputs/gsm8k")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--remat", default="none",
+                   help="rematerialization preset (a 135M model needs none, even on a GPU)")
+    p.add_argument("--output-dir", default="outputs/gsm8k", help="adapter, metrics, loss curve")
+    p.add_argument("--seed", type=int, default=0, help="data, adapter init and split seed")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     return p.parse_args(argv)
 
 

@@ -1,6 +1,6 @@
 """Named rematerialization presets built on ``jax.checkpoint`` policies and ``checkpoint_name``.
 
-The model names its activations (``models/llama.py``): ``layer_input`` (the residual stream entering a layer),
+The model names its activations (``models/decoder.py``): ``layer_input`` (the residual stream entering a layer),
 ``qkv`` (q, k, v after projection and RoPE), ``attn_out`` (attention output before ``o_proj``), ``mlp_up``
 (gate and up projections), ``mlp_out`` (down projection). A preset decides what the backward pass keeps:
 
