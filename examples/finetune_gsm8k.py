@@ -30,7 +30,7 @@ import jax
 from fastjax import lora as lora_lib
 from fastjax.arith_data import arith_splits, gsm8k_answer, load_gsm8k
 from fastjax.cli import MATH_SYSTEM_PROMPT, load_model, qa_to_chat
-from fastjax.generate import generate
+from fastjax.generation import generate
 from fastjax.trainer import SFTConfig, train
 
 ON_GPU = jax.default_backend() == "gpu"

@@ -31,7 +31,7 @@ import jax
 from fastjax import lora as lora_lib
 from fastjax.arith_data import arith_splits, gsm8k_answer, load_gsm8k
 from fastjax.cli import MATH_SYSTEM_PROMPT, load_model
-from fastjax.generate import generate
+from fastjax.generation import generate
 from fastjax.rl import GRPOConfig, train_grpo
 from fastjax.rl_rewards import FINAL_LINE, gsm8k_correctness_reward, gsm8k_format_reward
 

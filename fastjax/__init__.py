@@ -22,7 +22,7 @@ _EXPORTS = {
     "smollm2_gguf_path": "fastjax.gguf_io",
     "save_gguf": "fastjax.gguf_io",
     "Tokenizer": "fastjax.tokenizer",
-    "generate": "fastjax.generate",
+    "generate": "fastjax.generation",
     "get_peft_model": "fastjax.lora",
     "LoraConfig": "fastjax.lora",
     "merge_lora": "fastjax.lora",

@@ -235,7 +235,7 @@ def add_generate_parser(subparsers, name: str = "generate") -> argparse.Argument
 
 def generate_command(args: argparse.Namespace) -> int:
     from fastjax import lora as lora_lib
-    from fastjax.generate import generate
+    from fastjax.generation import generate
 
     params, cfg, tokenizer, _ = load_model(args.model, dtype=args.dtype,
                                            load_in_4bit=args.load_in_4bit)

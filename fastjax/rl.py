@@ -14,7 +14,7 @@ One step (``GRPOTrainer.train``):
      ``np.random.default_rng([seed, e]).permutation``) and each is repeated G = ``num_generations``
      times: B = prompts_per_step * G rows, grouped contiguously (row ``p * G + g``).
   2. The current policy (base params + adapters) samples completions with the KV-cache generator
-     (``fastjax.generate.generate_arrays``: temperature, top-p, ``max_new_tokens``, stop at EOS).
+     (``fastjax.generation.generate_arrays``: temperature, top-p, ``max_new_tokens``, stop at EOS).
   3. Reward functions score them (``fastjax.rl_rewards``); the total is ``r = sum_k w_k r_k``.
   4. Group-normalised advantages ``A = (r - mean_group r) / (std_group r + eps)`` (unbiased std, as
      TRL); ``scale_rewards=False`` drops the division (Dr. GRPO).
@@ -76,7 +76,7 @@ from fastjax import lora as lora_lib
 from fastjax import remat
 from fastjax import rl_rewards as R
 from fastjax.checkpoint import Checkpointer
-from fastjax.generate import BUCKET, generate_arrays
+from fastjax.generation import BUCKET, generate_arrays
 from fastjax.logging_utils import MetricsLogger, device_memory_gib, write_loss_curve
 from fastjax.models import ops as O
 from fastjax.models import registry

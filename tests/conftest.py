@@ -25,8 +25,8 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def tiny_llama_dir(tmp_path):
     """Factory: build a tiny random fp32 ``LlamaForCausalLM``, save it, return (dir, torch model)."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
+    import torch
+    import transformers
 
     def make(seed: int = 0, **overrides):
         kw = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,

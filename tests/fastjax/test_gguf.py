@@ -17,11 +17,11 @@ import fastjax
 from fastjax import gguf_export, gguf_io
 from fastjax.tokenizer import Tokenizer
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-gguf = pytest.importorskip("gguf")
-llama = pytest.importorskip("fastjax.models.llama", reason="models/llama.py has not landed yet")
-pytest.importorskip("fastjax.loading", reason="fastjax/loading.py has not landed yet")
+import torch
+import transformers
+import gguf
+import fastjax.models.llama as llama
+import fastjax.loading  # noqa: F401
 
 SAME_WEIGHTS_REL = 1e-4  # fastjax vs transformers on the same dequantized GGUF weights
 # Logits of the exported file (as transformers reads it) vs fastjax on the original fp32 weights.

@@ -274,9 +274,9 @@ def test_nf4_weights():
 
 
 def test_peft_files_load_in_transformers_peft(tmp_path):
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    peft = pytest.importorskip("peft")
+    import torch
+    import transformers
+    import peft
     from fastjax.loading import save_pretrained
 
     params = _params(13)

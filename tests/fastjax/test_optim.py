@@ -149,7 +149,7 @@ def test_finetune_200_steps_matches_fp32_adamw():
 
 
 def test_orbax_checkpoint_roundtrip_is_bit_exact(tmp_path):
-    ocp = pytest.importorskip("orbax.checkpoint")
+    import orbax.checkpoint as ocp
     params = _tree(jax.random.key(3), big=((256, 64), (40, 200)))
     opt = optim.adamw_8bit(optax.linear_schedule(1e-3, 1e-4, 100))
     state = opt.init(params)

@@ -17,7 +17,7 @@ from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
 from fastjax.tokenizer import Tokenizer
 
-transformers = pytest.importorskip("transformers")
+import transformers
 
 CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content']"

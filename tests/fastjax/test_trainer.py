@@ -272,7 +272,7 @@ def test_loss_curve_png_without_matplotlib(tmp_path):
     last_row = np.nonzero(blue[:, cols.max()])[0].mean()
     assert first_row < last_row
     assert np.all(img[height - 40, 45:500] == 0)  # the x axis
-    mpl = pytest.importorskip("matplotlib.image")
+    import matplotlib.image as mpl
     assert mpl.imread(str(path)).shape[:2] == (height, width)
 
 

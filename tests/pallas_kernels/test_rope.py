@@ -87,8 +87,8 @@ def test_rope_matches_reference(impl, case, run_fast):
                                      {"type": "linear", "factor": 2.0}],
                          ids=["default", "linear", "llama3", "old-type-key"])
 def test_inv_freq_and_reference_match_transformers(scaling):
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
+    import torch
+    import transformers
     from transformers.models.llama import modeling_llama as hf
 
     cfg = transformers.LlamaConfig(hidden_size=256, num_attention_heads=2, head_dim=128,
@@ -97,7 +97,9 @@ def test_inv_freq_and_reference_match_transformers(scaling):
     emb = hf.LlamaRotaryEmbedding(cfg)
     inv_freq = R.rope_inv_freq(128, 500000.0, scaling)
     assert inv_freq.dtype == np.float32 and inv_freq.shape == (64,)
-    np.testing.assert_array_equal(inv_freq, emb.inv_freq.numpy())
+    # within 2 fp32 ulps: ours is computed in fp64 then rounded once, torch's pow runs in fp32 and its
+    # last bit depends on the CPU kernel torch picks (torch 2.13 CPU differs from 2.11 in 13 of 64).
+    np.testing.assert_allclose(inv_freq, emb.inv_freq.numpy(), rtol=2.5e-7, atol=0)
 
     ks = jax.random.split(_key("hf", str(scaling)), 3)
     q = jax.random.normal(ks[0], (1, 11, 2, 128), jnp.float32)
@@ -106,7 +108,9 @@ def test_inv_freq_and_reference_match_transformers(scaling):
     tq, tk = (torch.tensor(np.asarray(x)).transpose(1, 2) for x in (q, k))  # HF: [B, H, T, Dh]
     cos, sin = emb(tq, torch.tensor(np.asarray(pos), dtype=torch.long))
     want_q, want_k = hf.apply_rotary_pos_emb(tq, tk, cos, sin)
-    got_q, got_k = R.rope_reference(q, k, pos, inv_freq)
+    # the rotation itself, on HF's own frequencies: at positions ~1e5 one ulp of inv_freq moves the
+    # angle by ~1e-2 rad, which would swamp the comparison of the rotation math
+    got_q, got_k = R.rope_reference(q, k, pos, emb.inv_freq.numpy())
     assert _rel(got_q, want_q.transpose(1, 2).numpy()) < 1e-5
     assert _rel(got_k, want_k.transpose(1, 2).numpy()) < 1e-5
 
