@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -126,16 +126,24 @@ def _is_quantizable(name: str, skip_modules: tuple[str, ...]) -> bool:
 
 
 def params_from_flat(
-    flat: Mapping[str, Any], cfg, *, dtype=jnp.bfloat16, source: str = "checkpoint", quantize=None
+    flat: Mapping[str, Any],
+    cfg,
+    *,
+    dtype=jnp.bfloat16,
+    source: str | Callable[[str], str] = "checkpoint",
+    quantize=None,
 ) -> dict:
     """HF-named tensors -> the stacked device param tree, validating names and shapes against ``cfg``.
 
     ``flat`` maps names to arrays (numpy or jax) or is an iterator of ``(name, array)`` pairs (consumed one
-    at a time). ``quantize(name, array) -> leaf | None`` may replace a tensor (NF4 on load).
+    at a time). ``source`` names where the tensors come from in error messages: a string, or a function
+    from tensor name to the file holding it. ``quantize(name, array) -> leaf | None`` may replace a tensor
+    (NF4 on load).
     """
     fam = registry.family_of(cfg)
     expected = fam.param_shapes(cfg)
     items = flat.items() if isinstance(flat, Mapping) else flat
+    where = source if callable(source) else (lambda _name: source)
     loaded: dict[str, Any] = {}
     for name, value in items:
         if name not in expected:
@@ -143,7 +151,7 @@ def params_from_flat(
         shape = tuple(value.shape)
         if shape != tuple(expected[name]):
             raise CheckpointError(
-                f"{name} in {source}: shape {shape} does not match the config's "
+                f"{name} in {where(name)}: shape {shape} does not match the config's "
                 f"{tuple(expected[name])}"
             )
         arr = jnp.asarray(
@@ -188,8 +196,10 @@ def from_pretrained(
 ):
     """Load an HF checkpoint (directory, hub repo id, or a ``.gguf`` file) -> ``(params, cfg, tokenizer)``.
 
-    ``max_seq_length`` (optional) is checked against the config's ``max_position_embeddings`` and recorded
-    for generation and training limits. ``load_in_4bit`` stores every decoder linear as NF4 (QLoRA).
+    ``max_seq_length`` (optional) is checked against the config's ``max_position_embeddings`` (a warning
+    when it is longer: RoPE scaling may make that legitimate) and recorded as the tokenizer's
+    ``model_max_length``. ``load_in_4bit`` stores every decoder linear as NF4 (QLoRA), quantizing each
+    one as it is read, so the 16-bit model is never resident on the device.
     """
     if str(path_or_repo_id).endswith(".gguf"):
         from fastjax.gguf_io import from_gguf
@@ -197,7 +207,7 @@ def from_pretrained(
         params, cfg, tok = from_gguf(path_or_repo_id, dtype=dtype, max_seq_length=max_seq_length)
         if load_in_4bit:
             params = _quantize_tree(params, cfg, quant_config)
-        return params, cfg, tok
+        return params, cfg, _record_max_seq_length(tok, max_seq_length)
     ckpt = _resolve_dir(path_or_repo_id)
     cfg = load_config(ckpt)
     if max_seq_length is not None and max_seq_length > cfg.max_position_embeddings:
@@ -225,8 +235,9 @@ def from_pretrained(
         )
     missing = sorted(set(expected) - set(weight_map))
     if missing:
+        listing = SAFETENSORS_INDEX if (ckpt / SAFETENSORS_INDEX).exists() else SAFETENSORS_SINGLE
         raise CheckpointError(
-            f"{ckpt}: missing tensor {missing[0]}"
+            f"{ckpt / listing}: missing tensor {missing[0]}"
             + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
         )
     quantize = _make_quantizer(quant_config) if load_in_4bit else None
@@ -234,7 +245,7 @@ def from_pretrained(
         _iter_tensors(ckpt, weight_map, set(expected)),
         cfg,
         dtype=dtype,
-        source=str(ckpt),
+        source=lambda name: str(ckpt / weight_map[name]),
         quantize=quantize,
     )
     tokenizer = None
@@ -242,7 +253,17 @@ def from_pretrained(
         from fastjax.tokenizer import Tokenizer
 
         tokenizer = Tokenizer.from_pretrained(ckpt)
-    return params, cfg, tokenizer
+    return params, cfg, _record_max_seq_length(tokenizer, max_seq_length)
+
+
+def _record_max_seq_length(tokenizer, max_seq_length: int | None):
+    """``max_seq_length`` becomes the tokenizer's ``model_max_length`` (HF's field for the longest
+    sequence the model is used with), so it travels with the tokenizer into training and exports."""
+    if tokenizer is not None and max_seq_length is not None:
+        if max_seq_length < 1:
+            raise ValueError(f"{max_seq_length=} must be positive")
+        tokenizer.model_max_length = int(max_seq_length)
+    return tokenizer
 
 
 def _quantize_tree(params, cfg, quant_config):

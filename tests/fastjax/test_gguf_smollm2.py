@@ -19,7 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fastjax import gguf_io
+import fastjax
+from fastjax import gguf_io, loading
+from fastjax.generation import generate
+from fastjax.models import llama
 
 import torch
 import transformers
@@ -111,9 +114,12 @@ def hf_model(smol):
 
 @pytest.fixture(scope="module")
 def fj(smol):
-    _, ckpt = smol
-    cfg = llama.LlamaConfig.from_hf(ckpt.config)
-    return loading.params_from_flat(ckpt.tensors, cfg, dtype=jnp.float32), cfg
+    """The public path: ``fastjax.from_pretrained`` on the .gguf file."""
+    path, ckpt = smol
+    params, cfg, tok = fastjax.from_pretrained(path, dtype=jnp.float32, max_seq_length=512)
+    assert cfg == llama.LlamaConfig.from_hf(ckpt.config)
+    assert tok.model_max_length == 512 and tok.eos_token_id == ckpt.tokenizer.eos_token_id
+    return params, cfg
 
 
 def test_config(smol, hf_model):
@@ -187,12 +193,15 @@ def test_chat_template_matches_transformers(smol, hf_tokenizer):
     assert ours.decode([i for i, m in zip(ids, mask, strict=True) if m]) == "4<|im_end|>"
 
 
-def test_tensors_match_transformers(smol, hf_model):
+def test_tensors_match_transformers(smol, hf_model, fj):
     _, ckpt = smol
     ref = {k: v.numpy() for k, v in hf_model.state_dict().items()}
     ref.pop("lm_head.weight")  # tied: the same tensor as the embedding
     assert sorted(ckpt.tensors) == sorted(ref)
+    loaded = {k: np.asarray(v) for k, v in loading.flat_from_params(fj[0], fj[1]).items()}
+    assert sorted(loaded) == sorted(ref)
     for name, want in ref.items():
+        np.testing.assert_array_equal(loaded[name], ckpt.tensors[name], err_msg=name)
         got = ckpt.tensors[name]
         assert got.dtype == np.float32 and got.shape == want.shape, name
         np.testing.assert_allclose(got, want, atol=TENSOR_ATOL, rtol=0, err_msg=name)

@@ -58,8 +58,21 @@ def test_missing_shard_and_missing_key(tiny_llama_dir, tmp_path):
     name = "model.layers.1.mlp.up_proj.weight"
     del index["weight_map"][name]
     (out / "model.safetensors.index.json").write_text(json.dumps(index))
-    with pytest.raises(CheckpointError, match=f"missing tensor {name}"):
+    with pytest.raises(CheckpointError, match=f"index.json: missing tensor {name}"):
         fastjax.from_pretrained(out, dtype=jnp.float32)
+    # the index names a shard that does not hold the tensor
+    shards = sorted(set(index["weight_map"].values()))
+    index["weight_map"][name] = next(f for f in shards if name not in _keys(out / f))
+    (out / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=rf"{name}: the index names .* but that shard lacks it"):
+        fastjax.from_pretrained(out, dtype=jnp.float32)
+
+
+def _keys(path):
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as f:
+        return set(f.keys())
 
 
 def test_shape_mismatch_names_tensor(tiny_llama_dir):
@@ -68,8 +81,23 @@ def test_shape_mismatch_names_tensor(tiny_llama_dir):
     config = json.loads(cfg_path.read_text())
     config["intermediate_size"] = 100
     cfg_path.write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match=r"mlp\.\w+_proj\.weight.*shape"):
+    with pytest.raises(CheckpointError, match=r"mlp\.\w+_proj\.weight in .*model\.safetensors: shape"):
         fastjax.from_pretrained(ckpt, dtype=jnp.float32)
+
+
+def test_max_seq_length_is_recorded_on_the_tokenizer(tiny_llama_dir, tmp_path):
+    from fastjax.tokenizer import Tokenizer
+
+    ckpt, _ = tiny_llama_dir(seed=4)
+    params, cfg, _ = fastjax.from_pretrained(ckpt, dtype=jnp.float32)
+    from tokenizers import Tokenizer as BackendTokenizer
+    from tokenizers import models
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "a": 3}
+    tok = Tokenizer(BackendTokenizer(models.WordLevel(vocab, unk_token="<unk>")), eos_token="</s>")
+    fastjax.save_pretrained(params, cfg, tok, ckpt)
+    _, _, tok = fastjax.from_pretrained(ckpt, dtype=jnp.float32, max_seq_length=48)
+    assert tok.model_max_length == 48
 
 
 def test_offline_repo_id_says_pass_local_path(monkeypatch):
