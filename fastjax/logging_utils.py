@@ -1,10 +1,11 @@
-"""Training telemetry: metrics.jsonl, optional tensorboard scalars, the tqdm bar, the loss-curve
-PNG.
+"""Training telemetry: metrics.jsonl, tensorboard scalars, the tqdm bar, the loss-curve PNG.
 
-``MetricsLogger`` appends one JSON object per step to ``<output_dir>/metrics.jsonl`` (flushed every
-line, so a killed run keeps what it logged) and mirrors the scalars to tensorboard when
-``tensorboardX`` is importable (it is not a dependency; without it tensorboard logging is skipped
-silently).
+``MetricsLogger`` appends one JSON object per step to ``<output_dir>/metrics.jsonl`` and, with
+``tensorboard=True``, the same numeric scalars (tags ``train/<key>``) to an event file under
+``<output_dir>/tensorboard/``, written by ``fastjax.tb_events`` (no tensorboardX or TensorFlow
+needed). Both are flushed every step, so a killed run keeps what it logged. ``truncate_after(step)``
+drops the jsonl lines a resumed run redoes and writes a TensorBoard ``SessionLog.START`` at
+``step + 1``, so TensorBoard discards those steps' old points too.
 
 ``write_loss_curve`` draws the loss curve with matplotlib (extra ``fastjax[plot]``) or, when
 matplotlib is missing, with a tiny pure-numpy rasteriser and PNG encoder (zlib + struct): axes, tick
@@ -26,6 +27,7 @@ import jax
 import numpy as np
 
 from fastjax._io import atomic_write_bytes
+from fastjax.tb_events import EventFileWriter
 
 
 def device_memory_gib() -> tuple[float, float] | None:
@@ -42,27 +44,22 @@ def device_memory_gib() -> tuple[float, float] | None:
 
 
 class MetricsLogger:
-    """metrics.jsonl + tensorboard. ``truncate_after(step)`` drops lines of steps a resumed run
-    redoes."""
+    """metrics.jsonl + tensorboard event file. ``truncate_after(step)`` drops the records of steps a
+    resumed run redoes."""
 
     def __init__(self, output_dir: str | os.PathLike, *, tensorboard: bool = True):
         self.dir = Path(output_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.path = self.dir / "metrics.jsonl"
         self._file = None
-        self._tb = None
-        if tensorboard:
-            try:
-                from tensorboardX import SummaryWriter
-            except ImportError:  # optional: not a dependency
-                SummaryWriter = None
-            if SummaryWriter is not None:
-                self._tb = SummaryWriter(str(self.dir / "tensorboard"))
+        self._tb = EventFileWriter(self.dir / "tensorboard") if tensorboard else None
 
     def truncate_after(self, step: int) -> list[dict]:
         """Keep only records with ``step <= step`` (a resumed run redoes the rest); returns them."""
         kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= step]
         atomic_write_bytes(self.path, "".join(json.dumps(r) + "\n" for r in kept).encode())
+        if self._tb is not None:  # tensorboard drops already-logged events with step >= step + 1
+            self._tb.add_session_start(step + 1)
         return kept
 
     def log(self, record: Mapping[str, Any]) -> None:
@@ -72,10 +69,9 @@ class MetricsLogger:
         self._file.write(json.dumps(dict(record)) + "\n")
         self._file.flush()
         if self._tb is not None:
-            step = int(record["step"])
-            for k, v in record.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self._tb.add_scalar(f"train/{k}", v, step)
+            scalars = {f"train/{k}": float(v) for k, v in record.items()
+                       if k != "step" and isinstance(v, (int, float))}
+            self._tb.add_scalars(scalars, int(record["step"]))  # one event per step
 
     def close(self) -> None:
         if self._file is not None:

@@ -65,11 +65,11 @@ def _dequantize(q: QuantizedMoment, code: np.ndarray, shape: tuple[int, ...]) ->
     return flat[: int(np.prod(shape))].reshape(shape)
 
 
-def _zeros_moment(p: jax.Array, min_8bit_size: int):
+def _zeros_moment(p: jax.Array, min_8bit_size: int, dtype: Any = None):
     if p.size >= min_8bit_size:
         nb = -(-p.size // BLOCK)
         return QuantizedMoment(jnp.zeros((nb, BLOCK), jnp.uint8), jnp.zeros((nb,), jnp.float32))
-    return jnp.zeros(p.shape, jnp.float32)
+    return jnp.zeros(p.shape, dtype or jnp.float32)
 
 
 def _is_moment(x) -> bool:
@@ -77,12 +77,25 @@ def _is_moment(x) -> bool:
 
 
 def scale_by_adam_8bit(
-    b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, *, min_8bit_size: int = 4096
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    eps_root: float = 0.0,
+    mu_dtype: Any = None,
+    *,
+    nesterov: bool = False,
+    min_8bit_size: int = 4096,
 ) -> optax.GradientTransformation:
-    """``optax.scale_by_adam`` with blockwise 8-bit moments (module docstring)."""
+    """``optax.scale_by_adam`` with blockwise 8-bit moments (module docstring).
+
+    Same arguments and math as optax: ``eps_root`` inside the square root, Nesterov momentum as in
+    ``optax.scale_by_adam(nesterov=True)``; ``mu_dtype`` applies to the first moment of the tensors kept in
+    full precision (8-bit moments are 8-bit whatever it says).
+    """
+    mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
 
     def init_fn(params):
-        mu = jax.tree.map(lambda p: _zeros_moment(p, min_8bit_size), params)
+        mu = jax.tree.map(lambda p: _zeros_moment(p, min_8bit_size, mu_dtype), params)
         nu = jax.tree.map(lambda p: _zeros_moment(p, min_8bit_size), params)
         return ScaleByAdam8bitState(jnp.zeros([], jnp.int32), mu, nu)
 
@@ -91,6 +104,7 @@ def scale_by_adam_8bit(
         count = optax.safe_int32_increment(state.count)
         bc1 = 1.0 - jnp.asarray(b1, jnp.float32) ** count
         bc2 = 1.0 - jnp.asarray(b2, jnp.float32) ** count
+        bc1_next = 1.0 - jnp.asarray(b1, jnp.float32) ** optax.safe_int32_increment(count)
         leaves, treedef = jax.tree.flatten(updates)
         mus = treedef.flatten_up_to(state.mu)
         nus = treedef.flatten_up_to(state.nu)
@@ -100,11 +114,17 @@ def scale_by_adam_8bit(
             m = _dequantize(m_s, DYNAMIC_MAP_SIGNED, g.shape) if quantized else m_s
             v = _dequantize(v_s, DYNAMIC_MAP_UNSIGNED, g.shape) if quantized else v_s
             g32 = g.astype(jnp.float32)
-            m = b1 * m + (1.0 - b1) * g32
+            m = b1 * m.astype(jnp.float32) + (1.0 - b1) * g32
             v = b2 * v + (1.0 - b2) * jnp.square(g32)
-            new_u.append(((m / bc1) / (jnp.sqrt(v / bc2) + eps)).astype(g.dtype))
+            if nesterov:
+                m_hat = b1 * m / bc1_next + (1.0 - b1) * g32 / bc1
+            else:
+                m_hat = m / bc1
+            new_u.append((m_hat / (jnp.sqrt(v / bc2 + eps_root) + eps)).astype(g.dtype))
             if quantized:
                 m, v = _quantize(m, DYNAMIC_MAP_SIGNED), _quantize(v, DYNAMIC_MAP_UNSIGNED)
+            elif mu_dtype is not None:
+                m = m.astype(mu_dtype)
             new_mu.append(m)
             new_nu.append(v)
         return (
@@ -120,14 +140,19 @@ def adamw_8bit(
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
-    weight_decay: float = 0.01,
+    eps_root: float = 0.0,
+    mu_dtype: Any = None,
+    weight_decay: optax.ScalarOrSchedule = 1e-4,
     mask: Any = None,
     *,
+    nesterov: bool = False,
     min_8bit_size: int = 4096,
 ) -> optax.GradientTransformation:
-    """Drop-in for ``optax.adamw`` with 8-bit Adam moments (same chain, same defaults but the moments)."""
+    """Drop-in for ``optax.adamw``: the same signature, defaults and chain, with 8-bit Adam moments."""
     return optax.chain(
-        scale_by_adam_8bit(b1, b2, eps, min_8bit_size=min_8bit_size),
+        scale_by_adam_8bit(
+            b1, b2, eps, eps_root, mu_dtype, nesterov=nesterov, min_8bit_size=min_8bit_size
+        ),
         optax.add_decayed_weights(weight_decay, mask),
         optax.scale_by_learning_rate(learning_rate),
     )

@@ -4,6 +4,7 @@ editable (``pip install -e``), so without this test a broken package-dir mapping
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,14 +12,20 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
+IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc")
 
 
 @pytest.mark.slow
 def test_non_editable_install_ships_every_package(tmp_path):
-    site = tmp_path / "site"
+    src, site = tmp_path / "src", tmp_path / "site"
+    src.mkdir()
+    # a copy of the sources, so setuptools' in-tree build folders never land in the checkout
+    for name in ("pyproject.toml", "README.md", "fastjax", "models", "pallas_kernels"):
+        copy = shutil.copytree if (REPO / name).is_dir() else shutil.copy2
+        copy(REPO / name, src / name, **({"ignore": IGNORE} if copy is shutil.copytree else {}))
     build = subprocess.run(
         [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-         "--no-index", "--target", str(site), str(REPO)],
+         "--no-index", "--target", str(site), str(src)],
         capture_output=True, text=True, cwd=tmp_path, timeout=600,
     )
     assert build.returncode == 0, build.stderr[-3000:]
