@@ -427,12 +427,17 @@ def read_gguf(path: str | os.PathLike[str]) -> GGUFCheckpoint:
 
 
 def from_gguf(
-    path: str | os.PathLike[str], *, dtype: Any = jnp.bfloat16, max_seq_length: int | None = None
+    path: str | os.PathLike[str],
+    *,
+    dtype: Any = jnp.bfloat16,
+    max_seq_length: int | None = None,
+    quantize: Any = None,
 ) -> tuple[dict, Any, Tokenizer | None]:
     """Loads a GGUF into `(params, cfg, tokenizer)` like `fastjax.from_pretrained` does for HF dirs.
 
     Tensors are dequantized to float32 one at a time and cast to `dtype` on the device, so peak host
-    memory is about one float32 tensor above the result.
+    memory is about one float32 tensor above the result. `quantize(name, array) -> leaf | None` (what
+    `from_pretrained(..., load_in_4bit=True)` passes) re-quantizes each tensor as it arrives.
     """
     from fastjax.loading import params_from_flat
     from fastjax.models import registry
@@ -445,7 +450,9 @@ def from_gguf(
             max_seq_length,
             cfg.max_position_embeddings,
         )
-    params = params_from_flat(_iter_tensors(reader, config), cfg, dtype=dtype, source=str(path))
+    params = params_from_flat(
+        _iter_tensors(reader, config), cfg, dtype=dtype, source=str(path), quantize=quantize
+    )
     return params, cfg, tokenizer_from_metadata(meta)
 
 

@@ -204,9 +204,10 @@ def from_pretrained(
     if str(path_or_repo_id).endswith(".gguf"):
         from fastjax.gguf_io import from_gguf
 
-        params, cfg, tok = from_gguf(path_or_repo_id, dtype=dtype, max_seq_length=max_seq_length)
-        if load_in_4bit:
-            params = _quantize_tree(params, cfg, quant_config)
+        quantize = _make_quantizer(quant_config) if load_in_4bit else None
+        params, cfg, tok = from_gguf(
+            path_or_repo_id, dtype=dtype, max_seq_length=max_seq_length, quantize=quantize
+        )
         return params, cfg, _record_max_seq_length(tok, max_seq_length)
     ckpt = _resolve_dir(path_or_repo_id)
     cfg = load_config(ckpt)
@@ -264,12 +265,6 @@ def _record_max_seq_length(tokenizer, max_seq_length: int | None):
             raise ValueError(f"{max_seq_length=} must be positive")
         tokenizer.model_max_length = int(max_seq_length)
     return tokenizer
-
-
-def _quantize_tree(params, cfg, quant_config):
-    from fastjax import quant
-
-    return quant.quantize_params(params, quant_config or quant.QuantConfig())
 
 
 def flat_from_params(params: Mapping, cfg) -> dict[str, Any]:

@@ -220,6 +220,20 @@ def test_export_reads_back_and_matches_transformers(tiny_models, tied, quant):
         assert tok2.encode(text) == tok.encode(text), text
     assert tok2.chat_template == tok.chat_template
 
+    # 4. QLoRA straight from a GGUF: each tensor NF4-quantized as it is read, bit-identical to
+    # quantizing the dense load afterwards.
+    if quant == "f16":
+        from fastjax import quant as nf4
+
+        qc = nf4.QuantConfig(skip_modules=("lm_head", "embed_tokens", "down_proj"))  # in=160
+        q4, _, _ = fastjax.from_pretrained(path, dtype=jnp.float32, load_in_4bit=True,
+                                           quant_config=qc)
+        assert isinstance(q4["model"]["layers"]["self_attn"]["q_proj"]["weight"], nf4.NF4Tensor)
+        want = nf4.quantize_params(params2, qc)
+        assert jax.tree.structure(q4) == jax.tree.structure(want)
+        for a, b in zip(jax.tree.leaves(q4), jax.tree.leaves(want), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
 
 def test_export_llama3_rope_round_trip(tmp_path):
     tok = _tiny_tokenizer()

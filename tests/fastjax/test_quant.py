@@ -277,3 +277,27 @@ def test_quantize_params_donate_frees_source():
     quant.quantize_params(params, donate=True)
     assert src.is_deleted()
     assert not params["model"]["embed_tokens"]["weight"].is_deleted()
+
+
+def test_from_pretrained_load_in_4bit_quantizes_on_load(tiny_llama_dir):
+    """``from_pretrained(load_in_4bit=True)`` quantizes each decoder linear as it is read: the result is
+    bit-identical to quantizing the dense load, ``skip_modules`` stay dense, and so do the embeddings,
+    norms and head."""
+    import fastjax
+
+    ckpt, _ = tiny_llama_dir(seed=7, tie_word_embeddings=False, intermediate_size=128)  # in % 64 == 0
+    qc = quant.QuantConfig(skip_modules=("lm_head", "embed_tokens", "o_proj"))
+    q4, cfg, _ = fastjax.from_pretrained(ckpt, dtype=jnp.float32, load_in_4bit=True, quant_config=qc)
+    dense, _, _ = fastjax.from_pretrained(ckpt, dtype=jnp.float32)
+    want = quant.quantize_params(dense, qc)
+    assert jax.tree.structure(q4) == jax.tree.structure(want)
+    for a, b in zip(jax.tree.leaves(q4), jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    lay = q4["model"]["layers"]
+    for module in ("q_proj", "k_proj", "v_proj"):
+        assert isinstance(lay["self_attn"][module]["weight"], quant.NF4Tensor), module
+    for module in ("gate_proj", "up_proj", "down_proj"):
+        assert isinstance(lay["mlp"][module]["weight"], quant.NF4Tensor), module
+    for keep in (lay["self_attn"]["o_proj"]["weight"], q4["lm_head"]["weight"],
+                 q4["model"]["embed_tokens"]["weight"], lay["input_layernorm"]["weight"]):
+        assert isinstance(keep, jax.Array)
