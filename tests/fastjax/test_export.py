@@ -559,3 +559,9 @@ def test_cli_export_end_to_end(base, tmp_path):
     assert cfg3.to_hf() | same == cfg.to_hf() | same
     got = _fj_logits(params3, cfg, ids)
     assert np.abs(got - want).max() / np.abs(want).max() < GGUF_F16_REL
+    # and transformers' own GGUF reader on the merged-adapter file gives the LoRA model's logits
+    hf_gguf = transformers.AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32
+    ).eval()
+    got_hf = _hf_logits(hf_gguf, ids)
+    assert np.abs(got_hf - want).max() / np.abs(want).max() < GGUF_F16_REL
