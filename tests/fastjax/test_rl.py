@@ -336,3 +336,27 @@ def test_gsm8k_rewards():
     answers = ["... #### 7", "#### 7", "#### 7", "#### 1000"]
     assert gsm8k_correctness_reward(None, comps, answers) == [1.0, 1.0, 0.0, 1.0]
     assert gsm8k_format_reward(None, comps) == [1.0, 0.5, 0.0, 1.0]
+
+
+def test_dense_lora_base_and_weighted_reward_functions(tmp_path):
+    """GRPO on a plain LoRA policy (dense fp32 base, no NF4), with two reward functions weighted
+    2 : -1: the logged total is exactly that weighted sum of the per-function means, KL starts at
+    0, and the weighted objective still raises the toy reward."""
+    lora_config = lora_lib.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear")
+    params = jax.jit(lambda k: llama.init_params(CFG, k, std=0.3))(jax.random.key(1))
+    lora = lora_lib.init_lora(params, lora_config)
+    rng = np.random.default_rng(1)
+    rows = [{"prompt_ids": rng.integers(4, 32, int(rng.integers(3, 9))).tolist()} for _ in range(16)]
+
+    def eights(prompts, completions, completion_ids):
+        return [float(np.mean(np.asarray(ids) == 8)) for ids in completion_ids]
+
+    config = _config(tmp_path, reward_weights=(2.0, -1.0), max_steps=8)
+    result = rl.train_grpo(params, CFG, rows, [sevens, eights], config, lora=lora,
+                           lora_config=lora_config)
+    assert abs(result.history[0]["kl"]) < 1e-6
+    for h in result.history:
+        want = 2.0 * h["rewards/sevens/mean"] - 1.0 * h["rewards/eights/mean"]
+        np.testing.assert_allclose(h["reward"], want, **TOL["math"])
+    sev = np.array([h["rewards/sevens/mean"] for h in result.history])
+    assert sev[-3:].mean() > sev[:3].mean() + 0.05, sev
