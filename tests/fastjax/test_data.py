@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -35,7 +36,8 @@ from fastjax.packing import assemble_rows, plan_rows
 from fastjax.tokenizer import Tokenizer
 
 FRACTION_TOL = 1e-12
-GSM8K_DIR = "/work/shared/data/gsm8k"
+# shared/ lies beside the checkout (in CI too: a copy beside the clone)
+GSM8K_DIR = str(Path(__file__).resolve().parents[3] / "shared" / "data" / "gsm8k")
 CHATML = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
