@@ -70,6 +70,20 @@ def rms_norm(x: jax.Array, w: jax.Array, *, eps: float, offset: float = 0.0, ops
     return k.rms_norm(x, w, eps=eps, offset=offset, impl=ops.resolve("rms_norm"), interpret=ops.interpret)
 
 
+def rms_norm_residual(x: jax.Array, residual: jax.Array, w: jax.Array, *, eps: float,
+                      offset: float = 0.0, ops: Ops) -> tuple[jax.Array, jax.Array]:
+    """Fused ``s = x + residual`` then ``rms_norm(s)``: returns ``(s, normed)``, both ``x.dtype``.
+
+    The sum is rounded to ``x.dtype`` before the norm, exactly as ``rms_norm(x + residual)``; one
+    kernel reads both inputs once and writes both outputs (the ``rms_norm`` field picks the
+    implementation).
+    """
+    from fastjax.pallas_kernels import rms_norm as k
+
+    return k.rms_norm_residual(x, residual, w, eps=eps, offset=offset, impl=ops.resolve("rms_norm"),
+                               interpret=ops.interpret)
+
+
 def rope(q: jax.Array, k: jax.Array, positions: jax.Array, inv_freq: jax.Array, *,
          attention_scaling: float = 1.0, ops: Ops) -> tuple[jax.Array, jax.Array]:
     from fastjax.pallas_kernels import rope as kr

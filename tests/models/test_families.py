@@ -5,7 +5,8 @@ softcaps and norms matter), saved with ``save_pretrained`` and loaded with ``fas
 configs exercise each family's special features: sliding windows shorter than the test sequences, mixed
 layer kinds (switch), explicit head_dim != hidden / heads, tied embeddings, q/k norms, softcaps, Gemma 3's
 per-kind RoPE with linear scaling, Phi-3's fused projections, partial rotary and longrope on both sides of
-``original_max_position_embeddings``.
+``original_max_position_embeddings``. ``VARIANTS`` re-runs the logits/packing and save -> reload
+parity with the other kv-head counts (1, 2, 4 of 4 query heads) and embedding tyings.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import fastjax
 import torch
 import transformers
 import peft
+import safetensors
 
 # Tolerances (fp32 end to end), stated once.
 LOGITS_ATOL = {"float32": 1e-4}
@@ -60,6 +62,20 @@ FAMILIES = {
 }
 GEMMA = ("gemma2", "gemma3_text")
 
+# Beyond each family's main config above: other kv-head counts (1 = MQA, 2 = GQA, 4 = MHA) and the
+# other embedding tying, for the logits/packing and save -> reload parity (family, overrides).
+VARIANTS = [
+    ("mistral", {"num_key_value_heads": 1, "tie_word_embeddings": False}),
+    ("mistral", {"num_key_value_heads": 4, "tie_word_embeddings": True}),
+    ("qwen2", {"num_key_value_heads": 1, "tie_word_embeddings": False}),
+    ("qwen2", {"num_key_value_heads": 2, "tie_word_embeddings": False}),
+    ("qwen3", {"num_key_value_heads": 1, "tie_word_embeddings": True}),
+    ("qwen3", {"num_key_value_heads": 4, "tie_word_embeddings": False}),
+    ("phi3", {"num_key_value_heads": 1, "tie_word_embeddings": False}),
+    ("gemma2", {"num_key_value_heads": 1, "tie_word_embeddings": False}),
+    ("gemma3_text", {"num_key_value_heads": 2, "tie_word_embeddings": False}),
+]
+
 
 def _randomize(model, family: str, seed: int) -> None:
     """Re-draw every weight at a scale where the network is far from linear (HF's init is std 0.02)."""
@@ -77,19 +93,27 @@ def _randomize(model, family: str, seed: int) -> None:
                 p.copy_(r * p.shape[-1] ** -0.5)
 
 
+def _build(name: str, ckpt, seed: int, **overrides):
+    """Tiny random HF model of a family saved to ``ckpt``: (HF eager model, fastjax params, cfg)."""
+    model_cls, config_cls, kwargs = FAMILIES[name]
+    config = getattr(transformers, config_cls)(**dict(kwargs, **overrides),
+                                               attn_implementation="eager")
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_cls)(config).float().eval()
+    _randomize(model, name, seed=seed)
+    model.save_pretrained(ckpt)
+    params, cfg, _ = fastjax.from_pretrained(ckpt, dtype=jnp.float32)
+    assert cfg.num_key_value_heads == config.num_key_value_heads
+    assert cfg.tie_word_embeddings == config.tie_word_embeddings
+    return model, params, cfg
+
+
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def family_ckpt(request, tmp_path_factory):
     """(family, checkpoint dir, HF eager model, fastjax params, fastjax cfg)."""
     name = request.param
-    model_cls, config_cls, kwargs = FAMILIES[name]
-    config = getattr(transformers, config_cls)(**kwargs, attn_implementation="eager")
-    torch.manual_seed(0)
-    model = getattr(transformers, model_cls)(config).float().eval()
-    _randomize(model, name, seed=len(name))
     ckpt = tmp_path_factory.mktemp(name)
-    model.save_pretrained(ckpt)
-    params, cfg, _ = fastjax.from_pretrained(ckpt, dtype=jnp.float32)
-    return name, ckpt, model, params, cfg
+    return (name, ckpt, *_build(name, ckpt, seed=len(name)))
 
 
 def _hf_logits(model, ids) -> np.ndarray:
@@ -114,10 +138,33 @@ def _forward(params, cfg, ids, positions=None, segment_ids=None, lora=None, lora
 
 
 def test_logits_and_packing_match_transformers(family_ckpt):
-    """Row 0: one sequence of 27 tokens. Row 1: 3 packed sequences and 2 padding tokens, which must equal
-    each sequence run alone by transformers."""
     name, _, model, params, cfg = family_ckpt
     assert cfg.model_type == name and type(cfg).__name__ in json.dumps(registry.FAMILIES)
+    _check_logits_and_packing(name, model, params, cfg)
+
+
+@pytest.mark.parametrize("name,overrides", VARIANTS, ids=[
+    f"{n}-kv{o['num_key_value_heads']}-{'tied' if o['tie_word_embeddings'] else 'untied'}"
+    for n, o in VARIANTS])
+def test_variant_logits_packing_and_reload(name, overrides, tmp_path):
+    """The parity and export checks for the other kv-head counts and embedding tyings (VARIANTS)."""
+    model, params, cfg = _build(name, tmp_path / "hf", seed=len(name) + 7, **overrides)
+    _check_logits_and_packing(name, model, params, cfg)
+    saved = fastjax.save_pretrained(params, cfg, None, tmp_path / "saved")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(saved, attn_implementation="eager")
+    assert reloaded.config.tie_word_embeddings == cfg.tie_word_embeddings
+    with safetensors.safe_open(saved / "model.safetensors", "np") as f:
+        names = set(f.keys())
+    assert names == set(registry.family_of(cfg).param_shapes(cfg))
+    assert ("lm_head.weight" in names) != cfg.tie_word_embeddings
+    ids = np.random.default_rng(5).integers(0, cfg.vocab_size, (1, 11))
+    np.testing.assert_allclose(_hf_logits(reloaded.float().eval(), ids), _hf_logits(model, ids),
+                               atol=ATOL, rtol=0)
+
+
+def _check_logits_and_packing(name, model, params, cfg) -> None:
+    """Row 0: one sequence of 27 tokens. Row 1: 3 packed sequences and 2 padding tokens, which must
+    equal each sequence run alone by transformers."""
     rng = np.random.default_rng(0)
     T = 27
     seqs = [rng.integers(0, cfg.vocab_size, n) for n in (17, 5, 3)]  # phi3: 17 > 16 needs long RoPE
