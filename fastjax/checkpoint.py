@@ -8,6 +8,11 @@ Layout: ``<output_dir>/checkpoints/<step>/`` with two orbax items:
 Orbax writes every step into a temporary directory and renames it when complete, so a process killed
 mid-save leaves the previous checkpoint as the latest one. Saving is synchronous: LoRA adapters and
 their optimizer state are small, and the train step donates these buffers right after the save.
+
+Multi-device: orbax writes each array as its shards (a full fine-tune's FSDP-sharded params and
+Adam moments are never gathered on one device) and ``restore`` reads them into the shardings of
+``like``, whatever mesh wrote them: a checkpoint from 8 devices resumes on 1
+(``tests/fastjax/test_sharding.py``).
 """
 
 from __future__ import annotations

@@ -158,6 +158,9 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     t.add_argument("--kernels", choices=("auto", "xla", "pallas"), default=None,
                    help="implementation of every op (default: env FASTJAX_KERNELS, else auto)")
     t.add_argument("--seed", type=int, default=0, help="data order, adapter init, dropout")
+    t.add_argument("--num-devices", type=int, default=None,
+                   help="train on this many devices (frozen weights FSDP-sharded, rows of each "
+                        "batch split over all; --batch-size stays global); default: one device")
     o = p.add_argument_group("output")
     o.add_argument("--output-dir", default="outputs",
                    help="checkpoints, metrics, adapter, loss curve")
@@ -191,7 +194,8 @@ def train_command(args: argparse.Namespace) -> int:
         seed=args.seed, remat_policy=args.remat, packing=args.packing, truncation=args.truncation,
         logging_steps=args.logging_steps, save_steps=args.save_steps, output_dir=args.output_dir,
         resume=args.resume, ops=Ops.all(args.kernels) if args.kernels else None,
-        full_finetune=args.full_finetune, progress_bar=args.progress, base_model_name_or_path=path)
+        full_finetune=args.full_finetune, progress_bar=args.progress, base_model_name_or_path=path,
+        num_devices=args.num_devices)
     lora = lora_config = None
     if not args.full_finetune:
         lora, lora_config = lora_lib.get_peft_model(

@@ -1,43 +1,68 @@
-"""Multi-device training on ``jax.sharding``: a (data, fsdp) mesh and the rules that place every array.
+"""Multi-device training on ``jax.sharding``: a (data, fsdp) mesh and the rules placing every array.
+
+``SFTTrainer(..., mesh=mesh)`` or ``SFTConfig(num_devices=8)`` (optionally ``mesh_data=2,
+mesh_fsdp=4``) is all a user changes; the trainer calls ``resolve_mesh`` and ``step_shardings`` and
+jits its step with the resulting in/out shardings. XLA's SPMD partitioner inserts the all-gathers
+(FSDP weights, per layer inside the ``lax.scan``) and the reduce-scatters / all-reduces (gradients,
+loss sums).
 
 Rules (one place, stated once):
-- **Batch**: the batch axis is split over both mesh axes, ``P(("data", "fsdp"))`` — FSDP is data parallel too.
-- **Frozen base weights** (bf16 arrays or the arrays inside an NF4Tensor): FSDP-sharded over ``"fsdp"`` along
-  their largest axis that the fsdp size divides, never the stacked-layer axis 0 (``lax.scan`` slices it);
-  replicated over ``"data"``. Leaves too small to matter (< ``min_shard_elements``) stay replicated.
-- **Trainable tensors**: LoRA adapters are replicated (they are ~0.5% of the model, and replicated adapters
-  keep the update a local op after the gradient all-reduce). In full fine-tuning the trainable params are the
-  base weights and follow the frozen rule. **Optimizer state** follows the tree it updates (adam moments have
-  the same shapes: ``optimizer_sharding`` maps each state leaf to its parameter's sharding by shape).
+- **Mesh**: axes ``(data, fsdp)``. Default split: every device on ``fsdp`` (``data=1``): for a
+  frozen base that is the most memory-efficient layout, and on one host the per-layer all-gather is
+  cheap next to the matmuls.
+- **Batch**: the batch (row) axis is split over BOTH mesh axes, ``P(("data", "fsdp"))``: FSDP is
+  data parallel too, so every device works on different rows. ``batch_size`` (rows per micro-batch)
+  is the GLOBAL micro-batch and must be divisible by the device count; the loss is a sum over the
+  global batch divided by the global label count, so 1 and N devices compute the same loss and the
+  same update.
+- **Frozen base weights** (bf16/fp32 arrays, and each array inside an ``NF4Tensor``): FSDP-sharded
+  over ``"fsdp"`` along their largest axis that the fsdp size divides, never the stacked-layer axis
+  0 of ``params["model"]["layers"]`` (``lax.scan`` slices it); replicated over ``"data"``. Leaves
+  with fewer than ``min_shard_elements`` elements, or with no divisible axis, stay replicated.
+- **Trainable tensors**: LoRA adapters are replicated (about 0.5% of the model; replicated adapters
+  keep the optimizer update a local op after the gradient all-reduce). In full fine-tuning the
+  trainable params are the base weights and follow the frozen rule.
+- **Optimizer state** follows its trainable tree's rule applied leaf by leaf
+  (``optimizer_sharding``): with replicated adapters everything is replicated; in full fine-tuning
+  each state leaf gets the FSDP rule by its own shape and path, so Adam moments (same shape, same
+  path under ``mu``/``nu``) land exactly like their parameter, and counts / scales stay replicated.
+- **Kernels**: Pallas kernels are not partitioned by XLA, so under a mesh of more than one device
+  ``partitionable_ops`` moves every op that would run a Pallas kernel to its XLA reference
+  (cross-entropy to ``"xla_chunked"``, which never holds ``[T, V]`` logits); explicit ``"cudnn"``
+  attention stays (XLA partitions it). Wrapping the kernels in ``shard_map`` over the batch axes is
+  the next step.
 
-XLA's SPMD partitioner inserts the all-gathers (weights, per layer inside the scan) and the reduce-scatters /
-all-reduces (gradients). Pallas kernels are not auto-partitioned by XLA: under a mesh of more than one device
-the trainer runs every op on its XLA reference (cuDNN attention stays available through ``impl="cudnn"``,
-which XLA partitions), until the kernels are wrapped in ``shard_map``.
+Checkpoints: orbax writes each array's shards (``fastjax.checkpoint``) and restores into whatever
+shardings the restoring run asks for, so a run saved on 8 devices resumes on 1 (or 2, or 4) with
+``resume=True``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from collections.abc import Mapping
 from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+log = logging.getLogger("fastjax")
 
 DATA, FSDP = "data", "fsdp"
 BATCH_AXES = (DATA, FSDP)
+MIN_SHARD_ELEMENTS = 2**14
 
 
 def make_mesh(num_devices: int | None = None, *, data: int | None = None, fsdp: int | None = None,
               devices=None) -> Mesh:
-    """A ``(data, fsdp)`` mesh over the first ``num_devices`` devices (all by default).
-
-    By default every device goes on the fsdp axis (data=1): for a frozen base that is both the most memory
-    efficient and, with the base all-gathered per layer, as fast as pure data parallelism on one host.
-    """
+    """A ``(data, fsdp)`` mesh over the first ``num_devices`` devices (default: ``data * fsdp`` if
+    both are given, else all). Every device goes on fsdp unless ``data``/``fsdp`` say otherwise;
+    giving one of them derives the other."""
     devices = list(devices if devices is not None else jax.devices())
-    n = num_devices or len(devices)
+    n = num_devices or (data * fsdp if data and fsdp else len(devices))
     if n > len(devices):
         raise ValueError(f"make_mesh: {num_devices=} but only {len(devices)} devices are visible")
     if data is None and fsdp is None:
@@ -46,15 +71,39 @@ def make_mesh(num_devices: int | None = None, *, data: int | None = None, fsdp: 
         data = n // fsdp
     elif fsdp is None:
         fsdp = n // data
-    if data * fsdp != n:
+    if data < 1 or fsdp < 1 or data * fsdp != n:
         raise ValueError(f"make_mesh: data={data} x fsdp={fsdp} != {n} devices")
     return Mesh(np.asarray(devices[:n]).reshape(data, fsdp), (DATA, FSDP))
+
+
+def resolve_mesh(mesh: Mesh | None = None, num_devices: int | None = None, *,
+                 data: int | None = None, fsdp: int | None = None) -> Mesh | None:
+    """The trainer's mesh: ``mesh`` as given, else one built from ``num_devices`` / ``data`` /
+    ``fsdp``, else None (no mesh: the single-device path, nothing is placed)."""
+    if mesh is not None:
+        if tuple(mesh.axis_names) != BATCH_AXES:
+            raise ValueError(f"mesh axes {mesh.axis_names} must be {BATCH_AXES} (make it with "
+                             "fastjax.sharding.make_mesh)")
+        given = {"num_devices": (num_devices, mesh.size),
+                 "mesh_data": (data, mesh.shape[DATA]), "mesh_fsdp": (fsdp, mesh.shape[FSDP])}
+        for name, (want, got) in given.items():
+            if want is not None and want != got:
+                raise ValueError(f"{name}={want} disagrees with the mesh given "
+                                 f"({dict(mesh.shape)})")
+        return mesh
+    if num_devices is None and data is None and fsdp is None:
+        return None
+    return make_mesh(num_devices, data=data, fsdp=fsdp)
+
+
+def num_batch_shards(mesh: Mesh) -> int:
+    return mesh.shape[DATA] * mesh.shape[FSDP]
 
 
 def _fsdp_spec(shape: tuple[int, ...], fsdp_size: int, min_elements: int, stacked: bool) -> P:
     if fsdp_size == 1 or int(np.prod(shape)) < min_elements:
         return P()
-    first = 1 if stacked and len(shape) > 1 else 0
+    first = 1 if stacked else 0
     candidates = [a for a in range(first, len(shape)) if shape[a] % fsdp_size == 0]
     if not candidates:
         return P()
@@ -64,14 +113,20 @@ def _fsdp_spec(shape: tuple[int, ...], fsdp_size: int, min_elements: int, stacke
     return P(*spec)
 
 
-def param_shardings(tree: Any, mesh: Mesh, *, min_shard_elements: int = 2**14) -> Any:
-    """NamedShardings for a frozen/full-fine-tune param tree (NF4Tensor leaves included) by the FSDP rule."""
+def _is_stacked(path) -> bool:
+    return any(getattr(k, "key", None) == "layers" for k in path)
+
+
+def param_shardings(tree: Any, mesh: Mesh, *,
+                    min_shard_elements: int = MIN_SHARD_ELEMENTS) -> Any:
+    """NamedShardings for a frozen / full-fine-tune param tree (NF4Tensor leaves included) by the
+    FSDP rule. Works on arrays and ``jax.ShapeDtypeStruct`` leaves alike."""
     fsdp_size = mesh.shape[FSDP]
 
     def leaf_sharding(path, leaf):
-        stacked = any(getattr(k, "key", None) == "layers" for k in path)
         shape = tuple(getattr(leaf, "shape", ()))
-        return NamedSharding(mesh, _fsdp_spec(shape, fsdp_size, min_shard_elements, stacked))
+        spec = _fsdp_spec(shape, fsdp_size, min_shard_elements, _is_stacked(path))
+        return NamedSharding(mesh, spec)
 
     return jax.tree_util.tree_map_with_path(leaf_sharding, tree)
 
@@ -88,27 +143,77 @@ def batch_sharding(mesh: Mesh, *, axis: int = 0, ndim: int = 2) -> NamedSharding
 
 
 def shard_batch(batch: Mapping[str, Any], mesh: Mesh, *, axis: int = 0) -> dict:
-    """Place a host batch on the mesh, split on the batch axis (``axis=1`` for the trainer's ``[A, B, T]``
-    micro-batch stacks)."""
-    n = mesh.shape[DATA] * mesh.shape[FSDP]
+    """Place a host batch on the mesh, split on the batch axis (``axis=1`` for the trainer's
+    ``[A, B, T]`` micro-batch stacks)."""
+    n = num_batch_shards(mesh)
     out = {}
     for k, v in batch.items():
         if v.shape[axis] % n:
-            raise ValueError(f"batch[{k!r}] has batch size {v.shape[axis]}, not divisible by the {n} devices "
-                             f"of the mesh")
+            raise ValueError(f"batch[{k!r}] has batch size {v.shape[axis]}, not divisible by "
+                             f"the {n} devices of the mesh")
         out[k] = jax.device_put(v, batch_sharding(mesh, axis=axis, ndim=v.ndim))
     return out
 
 
-def shard_params(params: Any, mesh: Mesh, *, min_shard_elements: int = 2**14) -> Any:
-    return jax.device_put(params, param_shardings(params, mesh, min_shard_elements=min_shard_elements))
+def shard_params(params: Any, mesh: Mesh, *,
+                 min_shard_elements: int = MIN_SHARD_ELEMENTS) -> Any:
+    """``params`` placed by the FSDP rule (a no-op for leaves already placed that way)."""
+    shardings = param_shardings(params, mesh, min_shard_elements=min_shard_elements)
+    return jax.device_put(params, shardings)
 
 
-def optimizer_sharding(opt_state: Any, trainable: Any, trainable_shardings: Any, mesh: Mesh) -> Any:
-    """Shardings for an optax state: a leaf shaped like a trainable leaf takes that leaf's sharding (adam
-    moments), anything else (step counts, scalars, 8-bit scales) is replicated."""
-    by_shape: dict[tuple, Any] = {}
-    for leaf, sh in zip(jax.tree.leaves(trainable), jax.tree.leaves(trainable_shardings)):
-        by_shape.setdefault(tuple(leaf.shape), sh)
-    return jax.tree.map(lambda x: by_shape.get(tuple(getattr(x, "shape", ())), NamedSharding(mesh, P())),
-                        opt_state)
+def optimizer_sharding(opt_state: Any, mesh: Mesh, *, fsdp: bool,
+                       min_shard_elements: int = MIN_SHARD_ELEMENTS) -> Any:
+    """Shardings for an optax state (arrays or ``jax.eval_shape`` output): the trainable tree's rule
+    applied leaf by leaf. ``fsdp=False`` (replicated adapters): all replicated. ``fsdp=True`` (full
+    fine-tuning): the FSDP rule by each leaf's shape and path, which puts Adam moments exactly where
+    their parameter is."""
+    if not fsdp:
+        return replicated(opt_state, mesh)
+    return param_shardings(opt_state, mesh, min_shard_elements=min_shard_elements)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepShardings:
+    """Where every argument of the trainer's step lives: pytrees of NamedShardings (``frozen`` is
+    None when nothing is frozen); ``batch`` splits the row axis of ``[A, B, T]``; ``scalar`` is
+    replicated (step index, RNG key, metrics)."""
+
+    mesh: Mesh
+    trainable: Any
+    opt_state: Any
+    frozen: Any
+    batch: NamedSharding
+    scalar: NamedSharding
+
+
+def step_shardings(mesh: Mesh, trainable: Any, frozen: Any, opt_state: Any, *,
+                   full_finetune: bool,
+                   min_shard_elements: int = MIN_SHARD_ELEMENTS) -> StepShardings:
+    """The rules above for one train step; ``opt_state`` may be abstract (``jax.eval_shape``)."""
+    kw = {"min_shard_elements": min_shard_elements}
+    trainable_sh = (param_shardings(trainable, mesh, **kw) if full_finetune
+                    else replicated(trainable, mesh))
+    return StepShardings(
+        mesh=mesh,
+        trainable=trainable_sh,
+        opt_state=optimizer_sharding(opt_state, mesh, fsdp=full_finetune, **kw),
+        frozen=None if frozen is None else param_shardings(frozen, mesh, **kw),
+        batch=batch_sharding(mesh, axis=1, ndim=3),
+        scalar=NamedSharding(mesh, P()))
+
+
+def partitionable_ops(ops: Any, mesh: Mesh | None) -> Any:
+    """``ops`` with every op that would run a Pallas kernel moved to its XLA reference when
+    ``mesh`` spans more than one device (see the module docstring); ``ops`` unchanged otherwise."""
+    if mesh is None or mesh.size == 1:
+        return ops
+    names = ("rms_norm", "rope", "glu", "attention", "linear", "cross_entropy")
+    changes = {}
+    for name in names:
+        if ops.resolve(name) in ("pallas", "auto"):
+            changes[name] = "xla_chunked" if name == "cross_entropy" else "xla"
+    if changes:
+        log.info("mesh of %d devices: %s run on their XLA references (Pallas kernels are not "
+                 "partitioned by XLA)", mesh.size, ", ".join(sorted(changes)))
+    return dataclasses.replace(ops, **changes)

@@ -15,22 +15,34 @@ a ``fastjax.data.DataLoader`` (one loader batch = one micro-batch), a list of to
 (``{"input_ids", "loss_mask"}``), or raw rows / a JSONL path (then ``tokenizer`` is needed and
 ``fastjax.data`` tokenizes them, training on responses only for prompt/completion and chat rows).
 
-The step (``make_train_step``): ``batch`` arrays are ``[A, B, T]`` (A = ``grad_accum_steps``
-micro-batches of B rows). A ``lax.scan`` over the A micro-batches sums the token cross-entropy and
-its gradient; both are then divided by the TOTAL number of label tokens in the step (sum-loss /
-total-count), so accumulating over A micro-batches is exactly one big batch. The loss is
+The step (``make_train_step`` in ``fastjax.train_step``): ``batch`` arrays are ``[A, B, T]`` (A =
+``grad_accum_steps`` micro-batches of B rows). A ``lax.scan`` over the A micro-batches sums the
+token cross-entropy and its gradient; both are then divided by the TOTAL number of label tokens in
+the step (sum-loss / total-count), so accumulating over A micro-batches is exactly one big batch.
+The loss is
 ``ops.cross_entropy`` on ``forward(..., return_hidden=True)`` and ``lm_head`` (the CE kernel never
 materialises ``[T, V]`` logits). Only the trainable tree (adapters, or all params with
 ``full_finetune``) is differentiated; the frozen params are a non-donated jit argument, so they are
 neither copied nor baked in as constants. Trainable tree and optimizer state are donated.
+
+Several devices: ``SFTConfig(num_devices=N)`` (or ``mesh_data``/``mesh_fsdp``, or
+``SFTTrainer(mesh=...)``) and nothing else changes: frozen weights (bf16 or NF4) FSDP-sharded,
+adapters and their optimizer state replicated, rows of every batch split over all devices, the step
+jitted with those in/out shardings (rules in ``fastjax.sharding``). Checkpoints are written sharded
+and resume on any device count.
+
+The data layout is reported once per run: a WARNING-level log line (``packed 1234 sequences into 56
+rows of 2048 tokens, padding 3.1%, 2 truncated, 0 dropped``), a ``data`` field on the first line the
+run writes to ``metrics.jsonl``, and ``data`` / ``data_report`` in ``train_summary.json`` and
+``TrainResult.data_stats``.
 
 The host loop keeps one step in flight: it dispatches step s, then reads step s-1's scalars (the
 only host sync), so data assembly and logging overlap device work. A non-finite loss or gradient
 norm stops training with ``NonFiniteLossError`` naming the step; checkpoints are written only after
 the losses up to them were checked, so the newest checkpoint on disk is always a good one.
 
-Outputs in ``output_dir``: ``metrics.jsonl`` (one line per step), ``tensorboard/`` (if tensorboardX
-is importable), ``checkpoints/<step>/`` (orbax, every ``save_steps``), ``loss_curve.png``,
+Outputs in ``output_dir``: ``metrics.jsonl`` (one line per step), ``tensorboard/`` (the same scalars
+as events), ``checkpoints/<step>/`` (orbax, every ``save_steps``), ``loss_curve.png``,
 ``train_summary.json``, and ``adapter/`` (PEFT format) or ``model/`` (HF, with ``full_finetune``).
 ``resume=True`` restores the newest checkpoint and continues; the loss sequence equals an
 uninterrupted run.
@@ -42,7 +54,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -51,20 +62,30 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
+from jax.sharding import Mesh
 
 from fastjax import lora as lora_lib
 from fastjax import remat
+from fastjax import sharding as sharding_lib
 from fastjax.checkpoint import Checkpointer
 from fastjax.logging_utils import MetricsLogger, device_memory_gib, read_metrics, write_loss_curve
 from fastjax.models import ops as O
-from fastjax.models import registry
+from fastjax.train_step import (  # noqa: F401  (re-exported: the step's pieces)
+    IGNORE_INDEX,
+    OPTIMIZERS,
+    cross_entropy_sum,
+    decay_mask,
+    default_ops,
+    global_norm,
+    make_loss_fn,
+    make_optimizer,
+    make_schedule,
+    make_train_step,
+)
 
 log = logging.getLogger("fastjax")
 
-IGNORE_INDEX = -100
 SCHEDULERS = ("linear", "cosine", "constant")
-OPTIMIZERS = ("adamw", "adamw_8bit")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -84,6 +105,13 @@ class SFTConfig:
     passed in are donated to the train step (their buffers are reused; use ``result.trainable``).
     ``truncation=False`` turns sequences longer than ``max_seq_length`` into an error instead of a
     truncation warning.
+
+    Multi-device (``fastjax.sharding`` states the placement rules): ``num_devices`` builds a
+    ``(data, fsdp)`` mesh over that many devices, by default all on fsdp; ``mesh_data`` /
+    ``mesh_fsdp`` pick the split (give one, the other is derived). ``SFTTrainer(mesh=...)`` takes a
+    ready ``jax.sharding.Mesh`` instead. ``batch_size`` stays the GLOBAL rows per micro-batch (split
+    over all devices, so it must be divisible by their number): the same config trains the same
+    model on 1 or N devices. None of them set: single device, nothing is placed.
     """
 
     learning_rate: float = 2e-4
@@ -116,6 +144,9 @@ class SFTConfig:
     plot: bool = True
     save_final: bool = True
     base_model_name_or_path: str | None = None
+    num_devices: int | None = None
+    mesh_data: int | None = None
+    mesh_fsdp: int | None = None
 
     def __post_init__(self):
         def bad(name, expected):
@@ -128,6 +159,10 @@ class SFTConfig:
         for name in ("batch_size", "grad_accum_steps", "num_epochs", "logging_steps"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 bad(name, "an integer >= 1")
+        for name in ("num_devices", "mesh_data", "mesh_fsdp"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, int) and value >= 1):
+                bad(name, "None or an integer >= 1")
         for name in ("warmup_steps", "save_steps"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 bad(name, "an integer >= 0")
@@ -158,161 +193,11 @@ class TrainResult:
     tokens_per_s: float | None
     output_dir: Path
     saved_to: Path | None
+    data_stats: dict | None = None  # how the data was laid out in rows (``data_summary``)
 
     @property
     def losses(self) -> list[float]:
         return [h["loss"] for h in self.history]
-
-
-# --------------------------------------------------------------------------------------------------
-# Optimizer, schedule, loss
-# --------------------------------------------------------------------------------------------------
-
-def make_schedule(config: SFTConfig, total_steps: int) -> optax.Schedule:
-    """Linear warm-up from 0 over ``warmup_steps``, then linear decay to 0 / cosine to 0 /
-    constant."""
-    lr, warmup = config.learning_rate, config.warmup_steps
-    decay_steps = max(total_steps - warmup, 1)
-    if config.lr_scheduler == "linear":
-        main = optax.linear_schedule(lr, 0.0, decay_steps)
-    elif config.lr_scheduler == "cosine":
-        main = optax.cosine_decay_schedule(lr, decay_steps)
-    else:
-        main = optax.constant_schedule(lr)
-    if warmup == 0:
-        return main
-    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), main], [warmup])
-
-
-def decay_mask(tree: Any) -> Any:
-    """True for leaves weight decay applies to: not norms, not biases, not 1-D per layer."""
-
-    def keep(path, leaf) -> bool:
-        keys = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
-        if keys and keys[-1] == "bias" or any("norm" in k for k in keys):
-            return False
-        per_layer_ndim = len(leaf.shape) - (1 if "layers" in keys else 0)
-        return per_layer_ndim >= 2
-
-    return jax.tree_util.tree_map_with_path(keep, tree)
-
-
-def make_optimizer(config: SFTConfig, trainable: Any, schedule: optax.Schedule,
-                   layer_masks: Any = None) -> optax.GradientTransformation:
-    """Clipping -> AdamW (or 8-bit AdamW, or the given transform) -> zero updates of unselected
-    layers."""
-    parts = []
-    if config.max_grad_norm is not None:
-        parts.append(optax.clip_by_global_norm(config.max_grad_norm))
-    mask = decay_mask(trainable)
-    kw = {"b1": config.adam_beta1, "b2": config.adam_beta2, "eps": config.adam_epsilon,
-          "weight_decay": config.weight_decay, "mask": mask}
-    if config.optimizer == "adamw":
-        parts.append(optax.adamw(schedule, **kw))
-    elif config.optimizer == "adamw_8bit":
-        from fastjax.optim import adamw_8bit
-
-        parts.append(adamw_8bit(schedule, **kw))
-    elif isinstance(config.optimizer, optax.GradientTransformation):
-        parts.append(config.optimizer)
-    else:
-        raise ValueError(f"SFTConfig.optimizer={config.optimizer!r}: expected {OPTIMIZERS} or an "
-                         "optax GradientTransformation")
-    parts.append(lora_lib.mask_unselected_layers(layer_masks))
-    return optax.chain(*parts)
-
-
-def cross_entropy_sum(hidden: jax.Array, head: jax.Array, labels: jax.Array, *, ops: O.Ops,
-                      softcap: float | None = None, head_trainable: bool = True) -> jax.Array:
-    """Sum of token cross-entropies over labels != -100. hidden ``[N, D]``, head ``[V, D]``,
-    labels ``[N]``.
-
-    With ``head_trainable=False`` (LoRA: the head is frozen) the kernel skips the ``[V, D]`` head
-    gradient, a matmul as large as the logits themselves. ``ops.cross_entropy`` does not take that
-    flag yet, so the kernel module is called directly here with the implementation ``ops`` picks.
-    """
-    head = head.astype(hidden.dtype)
-    if head_trainable:
-        return O.cross_entropy(hidden, head, labels, softcap=softcap, reduction="sum", ops=ops)
-    from fastjax.pallas_kernels import cross_entropy as ce
-
-    return ce.cross_entropy(hidden, head, labels, softcap=softcap, reduction="sum",
-                            head_trainable=False, impl=ops.resolve("cross_entropy"),
-                            interpret=ops.interpret)
-
-
-def default_ops() -> O.Ops:
-    """``Ops()``, except that where cross-entropy would fall back to the full-logits reference (no
-    GPU, no explicit ``FASTJAX_KERNELS``) it uses ``"xla_chunked"``: the step never holds ``[T, V]``
-    logits."""
-    ops = O.Ops()
-    if ops.resolve("cross_entropy") == "xla" and not os.environ.get(O.ENV_KERNELS):
-        ops = dataclasses.replace(ops, cross_entropy="xla_chunked")
-    return ops
-
-
-def make_loss_fn(cfg: Any, *, full_finetune: bool, lora_scale: float, lora_dropout: float,
-                 remat_policy: str, ops: O.Ops) -> Callable:
-    """``loss_sum(trainable, frozen, micro_batch, rng) -> (sum of token CE, number of label
-    tokens)``."""
-    fam = registry.family_of(cfg)
-    softcap = getattr(cfg, "final_logit_softcapping", None)
-
-    def loss_sum(trainable, frozen, mb, rng):
-        params, adapters = (trainable, None) if full_finetune else (frozen, trainable)
-        hidden = fam.forward(params, mb["input_ids"], cfg=cfg, positions=mb["positions"],
-                             segment_ids=mb.get("segment_ids"), lora=adapters,
-                             lora_scale=lora_scale, lora_dropout=lora_dropout,
-                             dropout_rng=rng if lora_dropout > 0 else None,
-                             remat_policy=remat_policy, ops=ops, return_hidden=True)
-        B, T, D = hidden.shape
-        labels = mb["labels"].reshape(B * T)
-        total = cross_entropy_sum(hidden.reshape(B * T, D), fam.lm_head(params, cfg), labels,
-                                  ops=ops, softcap=softcap, head_trainable=full_finetune)
-        return total.astype(jnp.float32)
-
-    return loss_sum
-
-
-def global_norm(tree: Any) -> jax.Array:
-    """fp32 L2 norm over all leaves (optax renamed its helper across versions)."""
-    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
-
-
-def make_train_step(loss_sum: Callable, optimizer: optax.GradientTransformation,
-                    schedule: optax.Schedule,
-                    *, donate: bool = True) -> Callable:
-    """``step(trainable, opt_state, frozen, batch [A, B, T], step, rng_key) -> (trainable,
-    opt_state, metrics)``, jitted, trainable and opt_state donated. ``metrics``: loss, grad_norm,
-    lr, num_label_tokens."""
-    grad_fn = jax.value_and_grad(loss_sum)
-
-    def step(trainable, opt_state, frozen, batch, step_idx, key):
-        num_micro = batch["labels"].shape[0]
-        count = jnp.sum(batch["labels"] != IGNORE_INDEX)
-        denom = jnp.maximum(count, 1).astype(jnp.float32)
-        step_key = jax.random.fold_in(key, step_idx)
-
-        def micro(carry, xs):
-            grads, total = carry
-            mb, i = xs
-            value, g = grad_fn(trainable, frozen, mb, jax.random.fold_in(step_key, i))
-            grads = jax.tree.map(lambda acc, x: acc + x.astype(jnp.float32), grads, g)
-            return (grads, total + value), None
-
-        zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), trainable)
-        xs = (batch, jnp.arange(num_micro))
-        (grads, total), _ = jax.lax.scan(micro, (zeros, jnp.float32(0)), xs)
-        grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, trainable)
-        loss = total / denom
-        updates, opt_state = optimizer.update(grads, opt_state, trainable)
-        trainable = optax.apply_updates(trainable, updates)
-        metrics = {"loss": loss, "grad_norm": global_norm(grads),
-                   "update_norm": global_norm(updates),
-                   "lr": jnp.asarray(schedule(step_idx), jnp.float32), "num_label_tokens": count}
-        return trainable, opt_state, metrics
-
-    return jax.jit(step, donate_argnums=(0, 1) if donate else ())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -374,15 +259,26 @@ class SFTTrainer:
     ``full_finetune``, adapters are created from ``lora_config`` or the default ``LoraConfig``).
     ``callbacks``: functions
     ``fn(step, record)`` called with each step's host-side metrics record (1-based step).
+    ``mesh``: a ``(data, fsdp)`` ``jax.sharding.Mesh`` (``fastjax.sharding.make_mesh``) to train
+    on several devices, instead of ``SFTConfig.num_devices``; the frozen params are then placed
+    FSDP-sharded (``self.frozen``; params already placed that way are not copied).
     """
 
     def __init__(self, params: Mapping, cfg: Any, train_data: Any, config: SFTConfig | None = None,
                  *,
                  lora: Mapping | None = None, lora_config: lora_lib.LoraConfig | None = None,
-                 tokenizer: Any = None, callbacks: Sequence[Callable[[int, dict], None]] = ()):
+                 tokenizer: Any = None, callbacks: Sequence[Callable[[int, dict], None]] = (),
+                 mesh: Mesh | None = None):
         self.config = config = config or SFTConfig()
         self.params, self.cfg, self.tokenizer = params, cfg, tokenizer
         self.callbacks = list(callbacks)
+        self.mesh = sharding_lib.resolve_mesh(mesh, config.num_devices, data=config.mesh_data,
+                                              fsdp=config.mesh_fsdp)
+        if self.mesh is not None and config.batch_size % self.mesh.size:
+            raise ValueError(f"SFTConfig.batch_size={config.batch_size} (global rows per "
+                             f"micro-batch) must be divisible by the {self.mesh.size} devices of "
+                             f"the mesh {dict(self.mesh.shape)}: the rows are split over all of "
+                             "them")
         self.loader = build_loader(train_data, config, tokenizer)
         if config.full_finetune:
             if lora is not None:
@@ -415,12 +311,25 @@ class SFTTrainer:
                              "with num_epochs=None")
         self.schedule = make_schedule(config, self.max_steps)
         self.optimizer = make_optimizer(config, self.trainable, self.schedule, self.layer_masks)
-        self.ops = config.ops or default_ops()
+        self.ops = sharding_lib.partitionable_ops(config.ops or default_ops(), self.mesh)
+        self.shardings = None
+        if self.mesh is not None:
+            abstract_state = jax.eval_shape(self.optimizer.init, self.trainable)
+            self.shardings = sharding_lib.step_shardings(
+                self.mesh, self.trainable, self.frozen, abstract_state,
+                full_finetune=config.full_finetune)
+            # place the params once, here; the trainer keeps only the placed copy alive
+            if self.frozen is not None:
+                self.frozen = self.params = jax.device_put(self.frozen, self.shardings.frozen)
+            else:
+                self.trainable = self.params = jax.device_put(self.trainable,
+                                                              self.shardings.trainable)
         dropout = 0.0 if self.lora_config is None else self.lora_config.lora_dropout
         loss_sum = make_loss_fn(cfg, full_finetune=config.full_finetune, lora_scale=self.lora_scale,
                                 lora_dropout=dropout, remat_policy=config.remat_policy,
                                 ops=self.ops)
-        self.step_fn = make_train_step(loss_sum, self.optimizer, self.schedule)
+        self.step_fn = make_train_step(loss_sum, self.optimizer, self.schedule,
+                                       shardings=self.shardings)
         self.output_dir = Path(config.output_dir)
         self.key = jax.random.key(config.seed)
 
@@ -432,6 +341,30 @@ class SFTTrainer:
         micro = [self.loader.batch_at(step * A + i) for i in range(A)]
         return {k: np.stack([m[k] for m in micro]) for k in micro[0]}
 
+    def _initial_state(self) -> tuple[Any, Any]:
+        """Trainable tree and fresh optimizer state, placed on the mesh when there is one. The step
+        donates the trainable tree: the caller's adapters (small) are copied so their arrays
+        survive; with full_finetune the params themselves are donated (a copy would double the
+        model's memory)."""
+        trainable = (self.trainable if self.config.full_finetune
+                     else jax.tree.map(jnp.copy, self.trainable))
+        if self.shardings is None:
+            return trainable, self.optimizer.init(trainable)
+        # (a replicated device_put may keep the source buffer as one of its shards: copy first)
+        trainable = jax.device_put(trainable, self.shardings.trainable)
+        init = jax.jit(self.optimizer.init, out_shardings=self.shardings.opt_state)
+        return trainable, init(trainable)
+
+    def place_batch(self, host_batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
+        """Host ``[A, B, T]`` arrays on the device(s), rows split over the mesh if there is one."""
+        if self.shardings is None:
+            return {k: jnp.asarray(v) for k, v in host_batch.items()}
+        return jax.device_put(dict(host_batch), self.shardings.batch)
+
+    def data_summary(self) -> dict:
+        """How the data was laid out in rows (``fastjax.packing.PackingStats`` + the mode)."""
+        return {"packing": bool(self.loader.packing), **dataclasses.asdict(self.loader.stats)}
+
     def _state(self, trainable, opt_state) -> dict:
         return {"trainable": trainable, "opt_state": opt_state,
                 "rng": jax.random.key_data(self.key)}
@@ -442,12 +375,14 @@ class SFTTrainer:
                 "max_seq_length": c.max_seq_length, "seed": c.seed, "max_steps": self.max_steps,
                 "full_finetune": c.full_finetune}
 
-    def _restore(self, ckpt: Checkpointer, opt_state) -> tuple[Any, Any, int]:
+    def _restore(self, ckpt: Checkpointer, trainable, opt_state) -> tuple[Any, Any, int]:
+        """The newest checkpoint, restored into the shardings of ``trainable``/``opt_state`` (so
+        a run saved on N devices resumes on this run's devices, whatever their number)."""
         step = ckpt.latest_step()
         if step is None:
             log.info("resume=True but %s holds no checkpoint: starting from step 0", ckpt.directory)
-            return self.trainable, opt_state, 0
-        state, meta = ckpt.restore(step, self._state(self.trainable, opt_state))
+            return trainable, opt_state, 0
+        state, meta = ckpt.restore(step, self._state(trainable, opt_state))
         saved, mine = dict(meta.get("fingerprint", {})), self._fingerprint()
         if saved.pop("max_steps", None) != mine.pop("max_steps"):
             log.warning("resuming with max_steps=%d (the checkpoint's run had another): the learning "
@@ -457,7 +392,7 @@ class SFTTrainer:
             raise ValueError(f"checkpoint {ckpt.directory / str(step)} was written with {saved}, "
                              f"this run has {mine}: resume needs the same data layout and seed")
         self.loader.load_state(meta["data"])
-        self.key = jax.random.wrap_key_data(jnp.asarray(state["rng"]))
+        self.key = jax.random.wrap_key_data(np.asarray(state["rng"]))  # uncommitted: any mesh
         log.info("resumed from %s (step %d)", ckpt.directory / str(step), step)
         return state["trainable"], state["opt_state"], int(meta["step"])
 
@@ -465,16 +400,14 @@ class SFTTrainer:
     def train(self) -> TrainResult:
         c = self.config
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        # The step donates the trainable tree: copy the caller's adapters (small) so their arrays
-        # survive; with full_finetune the params themselves are donated (a copy would double the
-        # model's memory).
-        trainable = self.trainable if c.full_finetune else jax.tree.map(jnp.copy, self.trainable)
-        opt_state = self.optimizer.init(trainable)
+        trainable, opt_state = self._initial_state()
         ckpt = Checkpointer(self.output_dir / "checkpoints", max_to_keep=c.save_total_limit) \
             if (c.save_steps or c.resume) else None
         start = 0
         if c.resume and ckpt is not None:
-            trainable, opt_state, start = self._restore(ckpt, opt_state)
+            trainable, opt_state, start = self._restore(ckpt, trainable, opt_state)
+        data_stats = self.data_summary()
+        log.warning("%s", packing_report(data_stats))
         logger = MetricsLogger(self.output_dir, tensorboard=c.tensorboard)
         history = logger.truncate_after(start)  # a resumed run redoes the steps after its ckpt
         n_train = (lora_lib.num_trainable_params(trainable, self.lora_config) if self.lora_config
@@ -485,8 +418,10 @@ class SFTTrainer:
         timing = {"t_last": None, "tokens": 0, "seconds": 0.0}
         pending: list[tuple[int, dict, int]] = []
         last_saved = start
+        data_logged = False  # the first line this run writes to metrics.jsonl carries data_stats
 
         def process(item):
+            nonlocal data_logged
             step_idx, metrics, n_tokens = item
             host = jax.device_get(metrics)
             now = time.perf_counter()
@@ -513,7 +448,8 @@ class SFTTrainer:
                     "data.")
             history.append(record)
             if record["step"] % c.logging_steps == 0 or record["step"] == self.max_steps:
-                logger.log(record)
+                logger.log(record if data_logged else {**record, "data": data_stats})
+                data_logged = True
                 if bar is not None:
                     bar.set_postfix(_postfix(record), refresh=False)
             if bar is not None:
@@ -525,7 +461,7 @@ class SFTTrainer:
             for step_idx in range(start, self.max_steps):
                 host_batch = self.batch(step_idx)
                 n_tokens = int(np.count_nonzero(host_batch["segment_ids"]))
-                batch = {k: jnp.asarray(v) for k, v in host_batch.items()}
+                batch = self.place_batch(host_batch)
                 trainable, opt_state, metrics = self.step_fn(trainable, opt_state, self.frozen,
                                                              batch, jnp.int32(step_idx), self.key)
                 while pending:
@@ -539,7 +475,7 @@ class SFTTrainer:
                     self.loader.step = done * c.grad_accum_steps
                     ckpt.save(done, self._state(trainable, opt_state),
                               {"step": done, "data": self.loader.state(), "seed": c.seed,
-                               "fingerprint": self._fingerprint()})
+                               "fingerprint": self._fingerprint(), "mesh": self._mesh_shape()})
                     last_saved = done
             while pending:
                 process(pending.pop(0))
@@ -557,11 +493,15 @@ class SFTTrainer:
                              [h["loss"] for h in history])
         summary = {"steps": self.max_steps, "resumed_from": start, "final_loss": history[-1]["loss"]
                    if history else None, "tokens_per_s": tokens_per_s, "trainable_params": n_train,
-                   "saved_to": str(saved_to) if saved_to else None}
+                   "saved_to": str(saved_to) if saved_to else None, "mesh": self._mesh_shape(),
+                   "data": data_stats, "data_report": packing_report(data_stats)}
         (self.output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         self.trainable = trainable
         return TrainResult(trainable, opt_state, history, self.max_steps, tokens_per_s,
-                           self.output_dir, saved_to)
+                           self.output_dir, saved_to, data_stats)
+
+    def _mesh_shape(self) -> dict[str, int] | None:
+        return None if self.mesh is None else {k: int(v) for k, v in self.mesh.shape.items()}
 
     def _save_final(self, trainable) -> Path:
         base = self.config.base_model_name_or_path or ""
@@ -581,16 +521,25 @@ class SFTTrainer:
 
 def train(params: Mapping, cfg: Any, train_data: Any, config: SFTConfig | None = None, *,
           lora: Mapping | None = None, lora_config: lora_lib.LoraConfig | None = None,
-          tokenizer: Any = None,
-          callbacks: Sequence[Callable[[int, dict], None]] = ()) -> TrainResult:
+          tokenizer: Any = None, callbacks: Sequence[Callable[[int, dict], None]] = (),
+          mesh: Mesh | None = None) -> TrainResult:
     """``SFTTrainer(params, cfg, train_data, config, ...).train()``; see the module docstring."""
     return SFTTrainer(params, cfg, train_data, config, lora=lora, lora_config=lora_config,
-                      tokenizer=tokenizer, callbacks=callbacks).train()
+                      tokenizer=tokenizer, callbacks=callbacks, mesh=mesh).train()
 
 
 def load_history(output_dir: str | Path) -> list[dict]:
     """The per-step records of a run (``metrics.jsonl``)."""
     return read_metrics(Path(output_dir) / "metrics.jsonl")
+
+
+def packing_report(stats: Mapping[str, Any]) -> str:
+    """One line for the user: ``packed 1234 sequences into 56 rows of 2048 tokens, padding 3.1%,
+    2 truncated, 0 dropped``."""
+    return (f"{'packed' if stats['packing'] else 'padded'} {stats['num_sequences']} sequences into "
+            f"{stats['num_rows']} rows of {stats['max_seq_length']} tokens, padding "
+            f"{100 * stats['padding_fraction']:.1f}%, {stats['truncated']} truncated, "
+            f"{stats['dropped']} dropped")
 
 
 def _is_quantized(x: Any) -> bool:

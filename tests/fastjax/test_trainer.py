@@ -339,3 +339,35 @@ def test_resume_after_sigkill_equals_uninterrupted(tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_padding_fraction_is_reported(tmp_path, caplog):
+    import logging
+
+    T = 32
+    examples = _examples(30, 21, lo=6, hi=20) + [
+        {"input_ids": np.arange(45, dtype=np.int32) % CFG.vocab_size,
+         "loss_mask": np.ones(45, np.int32)}]  # longer than a row: truncated to T
+    n_tokens = sum(min(len(e["input_ids"]), T) for e in examples)
+    with caplog.at_level(logging.WARNING, logger="fastjax"):
+        res = train(_params(21), CFG, examples,
+                    _config(tmp_path, max_steps=2, max_seq_length=T, save_final=False, plot=False))
+    stats = res.data_stats
+    rows = stats["num_rows"]
+    assert -(-n_tokens // T) <= rows < len(examples)  # packed: several sequences per row
+    assert stats["num_tokens"] == n_tokens and stats["num_sequences"] == len(examples)
+    assert (stats["truncated"], stats["dropped"], stats["packing"]) == (1, 0, True)
+    assert stats["padding_fraction"] == pytest.approx(1 - n_tokens / (rows * T))
+    line = (f"packed {len(examples)} sequences into {rows} rows of {T} tokens, padding "
+            f"{100 * (1 - n_tokens / (rows * T)):.1f}%, 1 truncated, 0 dropped")
+    assert line in [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    recs = read_metrics(tmp_path / "out" / "metrics.jsonl")
+    assert [r["step"] for r in recs] == [1, 2]
+    assert recs[0]["data"] == stats and "data" not in recs[1]  # once, on the first line
+    summary = json.loads((tmp_path / "out" / "train_summary.json").read_text())
+    assert summary["data"] == stats and summary["data_report"] == line
+    padded = SFTTrainer(_params(21), CFG, examples,
+                        _config(tmp_path, max_seq_length=T, packing=False)).data_summary()
+    assert (padded["packing"], padded["num_rows"]) == (False, len(examples))
+    assert padded["padding_fraction"] == pytest.approx(1 - n_tokens / (len(examples) * T))
+    assert padded["padding_fraction"] > stats["padding_fraction"]
