@@ -205,7 +205,8 @@ def train_command(args: argparse.Namespace) -> int:
     result = train(params, cfg, rows, config, lora=lora, lora_config=lora_config,
                    tokenizer=tokenizer)
     summary = {"steps": result.steps, "final_loss": result.losses[-1] if result.losses else None,
-               "tokens_per_s": result.tokens_per_s, "saved_to": str(result.saved_to)}
+               "tokens_per_s": result.tokens_per_s, "saved_to": str(result.saved_to),
+               "data": result.data_stats}
     print(json.dumps(summary))
     return 0
 
