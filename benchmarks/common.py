@@ -1,50 +1,23 @@
-"""Shared benchmark plumbing: device ceilings, random weights built on the device, timing, result records."""
+"""Benchmark plumbing on the device: ceilings, random weights built on the device, timing, memory.
+
+Everything that must not touch the GPU (run context, result rows, child processes, FLOP counts)
+lives in ``benchmarks/harness.py`` and is re-exported here for the benchmark scripts that import
+``common``.
+"""
 
 from __future__ import annotations
 
-import datetime
-import json
-import os
-import platform
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from benchmarks.harness import RESULTS, emit, record, run_subprocess, versions  # noqa: F401
 
 
 def device_name() -> str:
     d = jax.devices()[0]
     return getattr(d, "device_kind", str(d))
-
-
-def versions() -> dict:
-    out = {"jax": jax.__version__, "python": platform.python_version()}
-    try:
-        import jaxlib
-
-        out["jaxlib"] = jaxlib.__version__
-    except ImportError:
-        pass
-    return out
-
-
-def record(**fields) -> dict:
-    """A result row with the context every row carries (GPU, versions, date, command)."""
-    return dict(fields, gpu=device_name(), date=datetime.date.today().isoformat(),
-                command=" ".join([Path(sys.executable).name] + sys.argv), **versions())
-
-
-def emit(row: dict, path: str | os.PathLike | None = None) -> None:
-    line = json.dumps(row, sort_keys=True)
-    print(line, flush=True)
-    if path:
-        with open(path, "a") as f:
-            f.write(line + "\n")
 
 
 def median_time(fn, *args, warmup: int = 2, iters: int = 10) -> float:
@@ -73,15 +46,23 @@ def measure_ceilings() -> dict:
 
 
 def peak_gib() -> float:
+    """Peak bytes the allocator handed out in this process so far (``peak_bytes_in_use``), GiB."""
     stats = jax.devices()[0].memory_stats() or {}
     return stats.get("peak_bytes_in_use", 0) / 2**30
+
+
+def bytes_limit_gib() -> float | None:
+    """The allocator's pool limit (``bytes_limit``: what ``XLA_PYTHON_CLIENT_MEM_FRACTION`` set),
+    GiB."""
+    stats = jax.devices()[0].memory_stats() or {}
+    return round(stats["bytes_limit"] / 2**30, 2) if "bytes_limit" in stats else None
 
 
 def random_params(cfg, key, *, dtype=jnp.bfloat16, quantize: bool = False, std: float = 0.02):
     """Random weights for ``cfg`` built on the device one layer slice at a time.
 
-    With ``quantize``, every decoder linear is NF4-quantized slice by slice, so the 16-bit model is never
-    resident (what a 24 GiB card needs for a 20B model).
+    With ``quantize``, every decoder linear is NF4-quantized slice by slice, so the 16-bit model is
+    never resident (what a 24 GiB card needs for a 20B model).
     """
     from fastjax.models import registry
 
@@ -92,9 +73,13 @@ def random_params(cfg, key, *, dtype=jnp.bfloat16, quantize: bool = False, std: 
         from fastjax import quant
 
         qc = quant.QuantConfig()
-        qfn = jax.jit(lambda w: quant.quantize_nf4(w, block_size=qc.block_size, double_quant=qc.double_quant))
-    normal = jax.jit(lambda k, shape: (std * jax.random.normal(k, shape, jnp.float32)).astype(dtype),
-                     static_argnums=1)
+        qfn = jax.jit(
+            lambda w: quant.quantize_nf4(w, block_size=qc.block_size, double_quant=qc.double_quant)
+        )
+    normal = jax.jit(
+        lambda k, shape: (std * jax.random.normal(k, shape, jnp.float32)).astype(dtype),
+        static_argnums=1,
+    )
     flat = {}
     for i, (name, shape) in enumerate(sorted(shapes.items())):
         if name.endswith("norm.weight"):
@@ -103,30 +88,11 @@ def random_params(cfg, key, *, dtype=jnp.bfloat16, quantize: bool = False, std: 
             value = jnp.zeros(shape, dtype)
         else:
             value = normal(jax.random.fold_in(key, i), tuple(shape))
-            if qfn is not None and name.startswith("model.layers.") and name.endswith("_proj.weight"):
+            if (
+                qfn is not None
+                and name.startswith("model.layers.")
+                and name.endswith("_proj.weight")
+            ):
                 value = qfn(value)
         flat[name] = value
     return fam.stack_layers(flat, cfg.num_hidden_layers)
-
-
-def run_subprocess(args: list[str], *, env: dict | None = None, timeout: int = 900) -> list[dict]:
-    """Run one benchmark system in its own process (fresh device memory); return its JSON rows."""
-    full_env = dict(os.environ, **(env or {}))
-    try:
-        proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=full_env,
-                              timeout=timeout)
-        out, err, rc = proc.stdout, proc.stderr, proc.returncode
-    except subprocess.TimeoutExpired as e:
-        out, err, rc = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or ""), \
-            "timeout", -9
-    rows = []
-    for line in out.splitlines():
-        if line.startswith("{"):
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                pass
-    if not rows:
-        tail = "\n".join((err or "").strip().splitlines()[-15:])
-        rows.append({"system": args[-1] if args else "?", "error": f"rc={rc}: {tail[-1500:]}"})
-    return rows

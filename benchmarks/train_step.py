@@ -1,21 +1,38 @@
 """Training-step benchmark: fastjax vs transformers+PEFT vs Unsloth vs plain XLA, in one invocation.
 
-Every system runs in its own process, one after the other, on the same GPU, with random weights built on the
-device, the same shapes, seeds and token counts: 2 warm-up steps and ``--steps`` timed steps. Each row records
-tokens/s, step time, peak device memory and MFU = (4·N·tokens + attention FLOPs) / step time / the bf16 matmul
-ceiling measured at the start of the same invocation.
+Every system runs in its own process, one after the other, on the same GPU, with random weights
+built on the device, the same shapes, token ids (``harness.token_batch``, seed 0) and token counts:
+``--warmup`` (2) warm-up steps, then ``--steps`` (6) timed steps. The parent never creates a device
+client (``harness``): the first child measures the bf16 matmul ceiling, and every row of the
+invocation gets MFU = (4·N·tokens + attention FLOPs) / step time / that ceiling
+(``harness.train_flops``), plus tokens/s, step time, peak device memory, GPU, versions, date,
+``run_id`` and the command.
 
-Systems:
-  fastjax-lora       bf16 base, fp32 LoRA r=16 on all 7 projections, Pallas kernels (auto), fused CE
-  fastjax-qlora      NF4 base (fused dequant-LoRA kernel), same adapters
-  fastjax-packed     fastjax-lora on rows of 4-8 packed segments (less attention work: reported apart)
-  plain-xla          the same fastjax model with every op on its XLA reference (Ops.all("xla"))
-  hf+peft            benchmarks/torch_systems.py (sdpa, gradient checkpointing)
-  unsloth            ../shared/anchors/unsloth scripts when their wheels are carried (--unsloth-dir)
+Systems (``--systems``; default all but ``xla-cudnn``):
+  fastjax-lora    bf16 base, fp32 LoRA r=16 alpha=16 on all 7 projections, Pallas kernels
+                  (``auto``), fused CE
+  fastjax-qlora   NF4 base (double-quantized absmax), same adapters
+  fastjax-lean    fastjax-lora with the lean preset: ``--lean-remat`` (offload_layer_input: the
+                  scan carry goes to pinned host memory) and micro-batches of ``--lean-rows`` rows
+                  (gradient accumulation, the same tokens per step); aims at <= 17.8 GiB on
+                  Llama-3-8B (Unsloth 16-bit LoRA's peak)
+  fastjax-packed  fastjax-lora on rows of 4-8 packed segments (less attention work: MFU counts it)
+  plain-xla       the same model with every op on its XLA reference (``Ops.all("xla")``)
+  xla-cudnn       plain XLA except cuDNN attention (the "plain JAX" row of ../shared/ANCHORS.md)
+  ablate-OP=IMPL  fastjax-lora with one op forced, e.g. ``ablate-cross_entropy=xla_chunked``
+  hf+peft         ``torch_systems.py``: sdpa, gradient checkpointing, bf16
+  hf+peft-qlora   ``torch_systems.py --qlora``: bitsandbytes NF4 (bitsandbytes from the Unsloth
+                  site dir when it is not installed)
+  unsloth-lora    ``unsloth_runner.py``: Unsloth 16-bit LoRA, from the wheels in ``--unsloth-dir``
+  unsloth-qlora   ``unsloth_runner.py --qlora``
+A system that cannot run here (no GPU, torch / bitsandbytes / Unsloth absent) yields a ``skipped``
+row.
 
-Usage (on the GPU machine)::
+Usage (GPU machine, repo root; ``--budget-s`` stops starting systems in time for a 10-minute call)::
 
-    python3 benchmarks/train_step.py --shapes llama-3-8b --grid 4x2048,1x8192 --out benchmarks/results/train_step.jsonl
+    python3 benchmarks/train_step.py --shapes llama-3-8b --grid 4x2048 --unsloth-dir .whl-b \\
+        --budget-s 560 --out benchmarks/results/train_step_h200.jsonl
+    python3 benchmarks/train_step.py --dry-run        # print the plan (child command lines) only
 """
 
 from __future__ import annotations
@@ -30,136 +47,448 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import common  # noqa: E402
-from benchmarks.shapes import get  # noqa: E402
+from benchmarks import harness  # noqa: E402
+from benchmarks.shapes import ModelShape, get  # noqa: E402
 
-FASTJAX_SYSTEMS = ("fastjax-lora", "fastjax-qlora", "fastjax-packed", "plain-xla")
+HERE = Path(__file__).resolve().parent
+FASTJAX_SYSTEMS = (
+    "fastjax-lora",
+    "fastjax-qlora",
+    "fastjax-lean",
+    "fastjax-packed",
+    "plain-xla",
+    "xla-cudnn",
+)
+TORCH_SYSTEMS = ("hf+peft", "hf+peft-qlora")
+UNSLOTH_SYSTEMS = ("unsloth-lora", "unsloth-qlora")
+DEFAULT_SYSTEMS = (
+    "fastjax-lora",
+    "fastjax-qlora",
+    "fastjax-lean",
+    "fastjax-packed",
+    "plain-xla",
+    "hf+peft",
+    "hf+peft-qlora",
+    "unsloth-lora",
+    "unsloth-qlora",
+)
+ENV_ALLOW_CPU = "FASTJAX_BENCH_ALLOW_CPU"  # tests: let a fastjax child run on the CPU backend
 
 
-def _packed_segments(batch: int, seq: int, seed: int):
-    import numpy as np
+# ---------------------------------------------------------------------------- fastjax, in the child
+def _ops_for(system: str):
+    from fastjax.models.ops import Ops
 
-    rng = np.random.default_rng(seed)
-    seg = np.zeros((batch, seq), np.int32)
-    pos = np.zeros((batch, seq), np.int32)
-    for b in range(batch):
-        n = int(rng.integers(4, 9))
-        cuts = np.sort(rng.choice(np.arange(1, seq), n - 1, replace=False))
-        bounds = [0, *cuts.tolist(), seq]
-        for i in range(n):
-            seg[b, bounds[i]:bounds[i + 1]] = i + 1
-            pos[b, bounds[i]:bounds[i + 1]] = np.arange(bounds[i + 1] - bounds[i])
-    return seg, pos
+    if system == "plain-xla":
+        return Ops.all("xla")
+    if system == "xla-cudnn":
+        return dataclasses.replace(Ops.all("xla"), attention="cudnn")
+    if system.startswith("ablate-"):
+        op, impl = system[len("ablate-") :].split("=")
+        return dataclasses.replace(Ops(), **{op: impl})
+    return Ops()
 
 
-def run_fastjax(system: str, shape_name: str, batch: int, seq: int, steps: int, remat: str,
-                ceiling: float) -> dict:
+def run_fastjax(
+    system: str,
+    shape: str | ModelShape,
+    batch: int,
+    seq: int,
+    *,
+    steps: int = 6,
+    warmup: int = 2,
+    remat: str = "full",
+    micro_rows: int | None = None,
+) -> dict:
+    """One fastjax (or plain-XLA) configuration in this process; returns its row.
+
+    ``micro_rows``: rows per micro-batch (the step scans over ``batch // micro_rows`` micro-batches
+    and accumulates gradients); ``None`` is one micro-batch of all rows. Device out-of-memory errors
+    come back as an ``oom`` row.
+    """
     import jax
     import jax.numpy as jnp
     import numpy as np
     import optax
-
-    from fastjax import lora as lora_mod
     from fastjax.models import registry
-    from fastjax.models.ops import Ops
+
+    from benchmarks import common
+    from fastjax import lora as lora_mod
     from fastjax.trainer import make_loss_fn, make_train_step
 
-    shape = get(shape_name)
+    if steps < 1:
+        raise ValueError(f"{steps=}: at least one timed step")
+    shape = shape if isinstance(shape, ModelShape) else get(shape)
+    rows = micro_rows or batch
+    if batch % rows:
+        raise ValueError(f"{batch=} is not a multiple of {micro_rows=}")
+    base = dict(
+        system=system,
+        shape=shape.name,
+        batch=batch,
+        seq=seq,
+        remat=remat,
+        micro_batches=batch // rows,
+    )
     cfg = registry.config_from_hf(shape.hf_config())
-    if system == "plain-xla":
-        ops = Ops.all("xla")
-    elif system == "xla-cudnn":  # plain XLA except cuDNN attention (the anchors' "plain JAX")
-        ops = dataclasses.replace(Ops.all("xla"), attention="cudnn")
-    elif system.startswith("ablate-"):  # fastjax-lora with one op forced: ablate-<op>=<impl>
-        op, impl = system[len("ablate-"):].split("=")
-        ops = dataclasses.replace(Ops(), **{op: impl})
-    else:
-        ops = Ops()
-    params = common.random_params(cfg, jax.random.key(0), quantize=(system == "fastjax-qlora"))
-    system = system.split(":")[0]
-    lora, lcfg = lora_mod.get_peft_model(params, cfg, r=16, lora_alpha=16, target_modules="all-linear")
-    scale = lora_mod.lora_scale(lcfg)
-    rng = np.random.default_rng(0)
-    ids = rng.integers(0, cfg.vocab_size, (batch, seq), dtype=np.int32)
+    ops = _ops_for(system)
+    ids = harness.token_batch(cfg.vocab_size, batch, seq)
     labels = np.concatenate([ids[:, 1:], np.full((batch, 1), -100, np.int32)], axis=1)
     if system == "fastjax-packed":
-        seg, pos = _packed_segments(batch, seq, 0)
+        seg, pos = harness.packed_segments(batch, seq)
         labels = np.where(np.roll(seg, -1, axis=1) == seg, labels, -100)
+        lengths = [int(n) for row in seg for n in np.unique(row, return_counts=True)[1]]
     else:
-        seg = np.ones((batch, seq), np.int32)
+        seg, lengths = None, None
         pos = np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq)).copy()
     arrays = dict(input_ids=ids, labels=labels, positions=pos)
-    if system == "fastjax-packed":  # one sequence per row needs no segment ids (cuDNN attention path)
+    if seg is not None:  # one sequence per row passes no segment ids (the cuDNN attention path)
         arrays["segment_ids"] = seg
-    batch_arrays = {k: jnp.asarray(v)[None] for k, v in arrays.items()}  # [A=1, B, T]
-    loss_sum = make_loss_fn(cfg, full_finetune=False, lora_scale=scale, lora_dropout=0.0,
-                            remat_policy=remat, ops=ops)
-    schedule = optax.constant_schedule(2e-4)
-    opt = optax.adamw(schedule, weight_decay=0.0)
-    opt_state = opt.init(lora)
-    step = make_train_step(loss_sum, opt, schedule)
-    key = jax.random.key(0)
-    for i in range(2):
-        lora, opt_state, metrics = step(lora, opt_state, params, batch_arrays, jnp.int32(i), key)
-    jax.block_until_ready(metrics["loss"])
-    t0 = time.perf_counter()
-    for i in range(steps):
-        lora, opt_state, metrics = step(lora, opt_state, params, batch_arrays, jnp.int32(i), key)
-    jax.block_until_ready(metrics["loss"])
-    loss = metrics["loss"]
-    dt = (time.perf_counter() - t0) / steps
-    tokens = batch * seq
-    n = shape.n_params()
-    attn = 4 * shape.num_hidden_layers * seq * seq * shape.q_dim * batch / 2 * 3
-    return common.record(system=system, shape=shape_name, batch=batch, seq=seq, remat=remat,
-                         tokens_per_s=round(tokens / dt), step_s=round(dt, 4),
-                         peak_gib=round(common.peak_gib(), 2), loss=float(loss),
-                         mfu=round((4 * n * tokens + attn) / dt / (ceiling * 1e12), 3), ops=repr(ops))
+    micro = {
+        k: jnp.asarray(v.reshape(batch // rows, rows, seq)) for k, v in arrays.items()
+    }  # [A, B, T]
+    t_start = time.perf_counter()
+    try:
+        params = common.random_params(cfg, jax.random.key(0), quantize=(system == "fastjax-qlora"))
+        lora, lcfg = lora_mod.get_peft_model(
+            params, cfg, r=16, lora_alpha=16, target_modules="all-linear"
+        )
+        loss_sum = make_loss_fn(
+            cfg,
+            full_finetune=False,
+            lora_scale=lora_mod.lora_scale(lcfg),
+            lora_dropout=0.0,
+            remat_policy=remat,
+            ops=ops,
+        )
+        schedule = optax.constant_schedule(2e-4)
+        opt = optax.adamw(schedule, weight_decay=0.0)
+        opt_state = opt.init(lora)
+        step = make_train_step(loss_sum, opt, schedule)
+        key = jax.random.key(0)
+        first_s = None  # compilation + one step (with warm-up); else the timed steps include it
+        for i in range(warmup):
+            t0 = time.perf_counter()
+            lora, opt_state, metrics = step(lora, opt_state, params, micro, jnp.int32(i), key)
+            jax.block_until_ready(metrics["loss"])
+            first_s = first_s or round(time.perf_counter() - t0, 1)
+        t0 = time.perf_counter()
+        for i in range(steps):
+            lora, opt_state, metrics = step(
+                lora, opt_state, params, micro, jnp.int32(warmup + i), key
+            )
+        jax.block_until_ready(metrics["loss"])
+        dt = (time.perf_counter() - t0) / steps
+    except Exception as e:  # XLA reports device OOM as an exception naming RESOURCE_EXHAUSTED
+        if harness.is_oom(str(e)):
+            return harness.record(
+                **base,
+                ok=False,
+                oom=True,
+                bytes_limit_gib=common.bytes_limit_gib(),
+                error=f"{type(e).__name__}: {str(e)[:300]}",
+            )
+        raise
+    return harness.record(
+        **base,
+        ok=True,
+        tokens_per_s=round(batch * seq / dt),
+        step_s=round(dt, 4),
+        peak_gib=round(common.peak_gib(), 2),
+        bytes_limit_gib=common.bytes_limit_gib(),
+        loss=float(metrics["loss"]),
+        first_step_s=first_s,
+        timed_includes_compile=not warmup,
+        setup_s=round(time.perf_counter() - t_start, 1),
+        warmup=warmup,
+        steps=steps,
+        model_flops=harness.train_flops(shape, batch, seq, lengths),
+        ops=repr(ops),
+    )
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def _child_ceilings() -> dict:
+    from benchmarks import common
+
+    c = common.measure_ceilings()
+    return harness.record(system="ceilings", **{k: round(v, 1) for k, v in c.items()})
+
+
+def _child(args) -> None:
+    import jax
+
+    if jax.default_backend() != "gpu" and not os.environ.get(ENV_ALLOW_CPU):
+        cell = (
+            {} if args.one == "ceilings" else dict(shape=args.shape, batch=args.batch, seq=args.seq)
+        )
+        row = harness.skipped(args.one, f"no GPU: jax backend is {jax.default_backend()!r}", **cell)
+    elif args.one == "ceilings":
+        row = _child_ceilings()
+    else:
+        row = run_fastjax(
+            args.one,
+            args.shape,
+            args.batch,
+            args.seq,
+            steps=args.steps,
+            warmup=args.warmup,
+            remat=args.remat,
+            micro_rows=args.micro_rows,
+        )
+    print(json.dumps(row), flush=True)
+
+
+# --------------------------------------------------------------------------------------- the parent
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One child process: ``system`` on one grid cell, run as ``python argv...`` with ``env``."""
+
+    system: str
+    shape: str
+    batch: int
+    seq: int
+    argv: tuple[str, ...]
+    env: tuple[tuple[str, str | None], ...] = ()
+    needs_site: bool = (
+        False  # the Unsloth site dir goes on PYTHONPATH (Unsloth; bitsandbytes for HF)
+    )
+
+
+def parse_grid(grid: str) -> list[tuple[int, int]]:
+    cells = []
+    for cell in grid.split(","):
+        b, s = cell.lower().strip().split("x")
+        cells.append((int(b), int(s)))
+    return cells
+
+
+def fastjax_argv(
+    system: str,
+    shape: str,
+    batch: int,
+    seq: int,
+    *,
+    steps: int,
+    warmup: int,
+    remat: str,
+    micro_rows: int | None = None,
+) -> tuple[str, ...]:
+    argv = [
+        str(HERE / "train_step.py"),
+        "--one",
+        system,
+        "--shape",
+        shape,
+        "--batch",
+        str(batch),
+        "--seq",
+        str(seq),
+        "--steps",
+        str(steps),
+        "--warmup",
+        str(warmup),
+        "--remat",
+        remat,
+    ]
+    if micro_rows:
+        argv += ["--micro-rows", str(micro_rows)]
+    return tuple(argv)
+
+
+def plan(args) -> list[Job]:
+    """Every child process of this invocation, in run order (shape, then cell, then system)."""
+    jobs = []
+    common_steps = dict(steps=args.steps, warmup=args.warmup)
+    for shape in args.shapes.split(","):
+        get(shape)  # unknown names fail here, before any device time is spent
+        for b, s in parse_grid(args.grid):
+            for system in args.systems.split(","):
+                if system == "fastjax-lean":
+                    rows = min(args.lean_rows, b) if args.lean_rows else None
+                    argv = fastjax_argv(
+                        system, shape, b, s, remat=args.lean_remat, micro_rows=rows, **common_steps
+                    )
+                    jobs.append(Job(system, shape, b, s, argv))
+                elif system in FASTJAX_SYSTEMS or system.startswith("ablate-"):
+                    for remat in args.remat.split(","):
+                        argv = fastjax_argv(system, shape, b, s, remat=remat, **common_steps)
+                        jobs.append(Job(system, shape, b, s, argv))
+                elif system in TORCH_SYSTEMS or system in UNSLOTH_SYSTEMS:
+                    script = "torch_systems.py" if system in TORCH_SYSTEMS else "unsloth_runner.py"
+                    argv = [
+                        str(HERE / script),
+                        "--shape",
+                        shape,
+                        "--batch",
+                        str(b),
+                        "--seq",
+                        str(s),
+                        "--steps",
+                        str(args.steps),
+                        "--warmup",
+                        str(args.warmup),
+                    ]
+                    if system.endswith("qlora"):
+                        argv.append("--qlora")
+                    if args.checkpoint_root:
+                        argv += ["--checkpoint-root", args.checkpoint_root]
+                    jobs.append(
+                        Job(system, shape, b, s, tuple(argv), needs_site=system != "hf+peft")
+                    )
+                else:
+                    jobs.append(Job(system, shape, b, s, ()))  # unknown: a skipped row, no process
+    return jobs
+
+
+def run_jobs(jobs: list[Job], args, *, ceiling: float | None) -> list[dict]:
+    """Run ``jobs`` one after the other; emit (and return) every row, MFU filled in from
+    ``ceiling``."""
+    budget = harness.Budget(args.budget_s)
+    site, site_why = None, None
+    site_tried = False
+    out = []
+
+    def put(row: dict) -> None:
+        harness.emit(row, args.out)
+        out.append(row)
+
+    for job in jobs:
+        cell = dict(shape=job.shape, batch=job.batch, seq=job.seq)
+        if not job.argv:
+            put(
+                harness.skipped(
+                    job.system,
+                    f"unknown system (known: {', '.join(DEFAULT_SYSTEMS)}, "
+                    "xla-cudnn, ablate-OP=IMPL)",
+                    **cell,
+                )
+            )
+            continue
+        env = dict(job.env)
+        if job.needs_site:
+            if not site_tried:
+                site, site_why = unsloth_site(args)
+                site_tried = True
+            if site is not None:
+                from benchmarks import unsloth_runner
+
+                env.update(unsloth_runner.child_env(site))
+            elif job.system in UNSLOTH_SYSTEMS:
+                put(harness.skipped(job.system, site_why, **cell))
+                continue
+        timeout = budget.timeout(args.proc_timeout)
+        if timeout is None:
+            put(
+                harness.skipped(
+                    job.system,
+                    f"--budget-s {args.budget_s:.0f} spent before this system started",
+                    **cell,
+                )
+            )
+            continue
+        for r in harness.run_subprocess(
+            list(job.argv), env=env, timeout=timeout, system=job.system
+        ):
+            r = harness.record(**{**cell, "system": job.system, **r})  # context for error rows too
+            if "step_s" in r:
+                r["ceiling_tflops"] = ceiling
+                r["mfu"] = harness.mfu(r.get("model_flops"), r["step_s"], ceiling)
+            put(r)
+    return out
+
+
+def unsloth_site(args) -> tuple[Path | None, str | None]:
+    from benchmarks import unsloth_runner
+
+    return unsloth_runner.prepare_site(args.unsloth_dir, args.unsloth_site)
+
+
+def measure_ceiling(args) -> float | None:
+    """The bf16 matmul ceiling (TFLOP/s) measured by a child now, or ``--ceiling`` when given."""
+    if args.ceiling:
+        return args.ceiling
+    rows = harness.run_subprocess(
+        [str(HERE / "train_step.py"), "--one", "ceilings"],
+        timeout=min(300, args.proc_timeout),
+        system="ceilings",
+    )
+    row = harness.record(**rows[-1])
+    harness.emit(row, args.out)
+    return row.get("matmul_tflops")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--shapes", default="llama-3.2-1b,llama-3-8b")
     ap.add_argument("--grid", default="4x2048,1x8192", help="comma-separated BATCHxSEQ")
-    ap.add_argument("--systems", default="fastjax-lora,fastjax-qlora,fastjax-packed,plain-xla,hf+peft")
+    ap.add_argument("--systems", default=",".join(DEFAULT_SYSTEMS))
     ap.add_argument("--remat", default="full", help="fastjax remat preset(s), comma-separated")
-    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument(
+        "--lean-remat", default="offload_layer_input", help="remat preset of fastjax-lean"
+    )
+    ap.add_argument(
+        "--lean-rows",
+        type=int,
+        default=1,
+        help="rows per micro-batch of fastjax-lean (0: one micro-batch)",
+    )
+    ap.add_argument("--steps", type=int, default=6, help="timed steps (after --warmup)")
+    ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--out", default=None, help="append JSON lines here")
-    ap.add_argument("--proc-timeout", type=int, default=600, help="seconds per system process")
-    ap.add_argument("--unsloth-dir", default=None, help="anchors dir with unsloth/ scripts (+ wheels)")
-    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one system
-    ap.add_argument("--ceiling", type=float, default=None, help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    ap.add_argument("--proc-timeout", type=float, default=600, help="seconds per system process")
+    ap.add_argument(
+        "--budget-s",
+        type=float,
+        default=0,
+        help="wall-clock budget of the invocation: no system starts after it (0: none)",
+    )
+    ap.add_argument(
+        "--unsloth-dir",
+        default=os.environ.get("FASTJAX_UNSLOTH_DIR"),
+        help="carried Unsloth wheels (a folder of *.whl, or one holding .whl-b/)",
+    )
+    ap.add_argument("--unsloth-site", default=None, help="private site dir the wheels go into")
+    ap.add_argument(
+        "--checkpoint-root",
+        default=None,
+        help="where HF-QLoRA / Unsloth find (or write) random checkpoints",
+    )
+    ap.add_argument("--ceiling", type=float, default=None, help="matmul TFLOP/s (skip measuring)")
+    ap.add_argument("--dry-run", action="store_true", help="print the plan and exit")
+    # internal: one fastjax system (or "ceilings") in this process
+    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--shape", default="llama-3-8b", help=argparse.SUPPRESS)
+    ap.add_argument("--batch", type=int, default=4, help=argparse.SUPPRESS)
+    ap.add_argument("--seq", type=int, default=2048, help=argparse.SUPPRESS)
+    ap.add_argument("--micro-rows", type=int, default=None, help=argparse.SUPPRESS)
+    return ap
 
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = build_parser().parse_args(argv)
+    if args.steps < 1:
+        raise SystemExit(f"--steps {args.steps}: at least one timed step")
+    if args.unsloth_site is None:
+        from benchmarks import unsloth_runner
+
+        args.unsloth_site = str(unsloth_runner.DEFAULT_SITE)
     if args.one:
-        shape, b, s, remat = args.one.split(":")[1:]
-        row = run_fastjax(args.one.split(":")[0], shape, int(b), int(s), args.steps, remat, args.ceiling)
-        print(json.dumps(row), flush=True)
-        return
-
-    ceilings = common.measure_ceilings()
-    common.emit(common.record(system="ceilings", **{k: round(v, 1) for k, v in ceilings.items()}), args.out)
-    here = str(Path(__file__).resolve())
-    for shape in args.shapes.split(","):
-        for cell in args.grid.split(","):
-            b, s = (int(x) for x in cell.lower().split("x"))
-            for system in args.systems.split(","):
-                if system in FASTJAX_SYSTEMS or system.startswith(("ablate-", "xla-cudnn")):
-                    for remat in args.remat.split(","):
-                        rows = common.run_subprocess(
-                            [here, "--steps", str(args.steps), "--ceiling", str(ceilings["matmul_tflops"]),
-                             "--one", f"{system}:{shape}:{b}:{s}:{remat}"], timeout=args.proc_timeout)
-                        for r in rows:
-                            common.emit(dict(r, shape=shape, batch=b, seq=s), args.out)
-                elif system == "hf+peft":
-                    torch_script = str(Path(here).with_name("torch_systems.py"))
-                    for r in common.run_subprocess([torch_script, "--shape", shape, "--batch", str(b),
-                                                    "--seq", str(s), "--steps", str(args.steps)],
-                                                   timeout=args.proc_timeout):
-                        common.emit(common.record(**dict(r, system="hf+peft", shape=shape, batch=b,
-                                                         seq=s)), args.out)
-                else:
-                    common.emit({"system": system, "skipped": "unknown system"}, args.out)
+        _child(args)
+        return []
+    jobs = plan(args)
+    if args.dry_run:
+        for job in jobs:
+            env = " ".join(f"{k}={v}" for k, v in job.env)
+            site = " [+unsloth site]" if job.needs_site else ""
+            print(
+                f"{job.system:16s} {job.shape} {job.batch}x{job.seq}: {env} python3 "
+                f"{' '.join(job.argv) or '(skipped: unknown system)'}{site}"
+            )
+        return []
+    harness.run_id(), harness.command()  # one context for the parent and every child
+    return run_jobs(jobs, args, ceiling=measure_ceiling(args))
 
 
 if __name__ == "__main__":
