@@ -80,19 +80,21 @@ def random_params(cfg, key, *, dtype=jnp.bfloat16, quantize: bool = False, std: 
         lambda k, shape: (std * jax.random.normal(k, shape, jnp.float32)).astype(dtype),
         static_argnums=1,
     )
-    flat = {}
-    for i, (name, shape) in enumerate(sorted(shapes.items())):
-        if name.endswith("norm.weight"):
-            value = jnp.ones(shape, dtype)
-        elif name.endswith(".bias"):
-            value = jnp.zeros(shape, dtype)
-        else:
-            value = normal(jax.random.fold_in(key, i), tuple(shape))
-            if (
-                qfn is not None
-                and name.startswith("model.layers.")
-                and name.endswith("_proj.weight")
-            ):
-                value = qfn(value)
-        flat[name] = value
-    return fam.stack_layers(flat, cfg.num_hidden_layers)
+    def tensors():  # one at a time: stack_layers writes each into its stacked buffer and drops it
+        for i, (name, shape) in enumerate(sorted(shapes.items())):
+            if name.endswith("norm.weight"):
+                value = jnp.ones(shape, dtype)
+            elif name.endswith(".bias"):
+                value = jnp.zeros(shape, dtype)
+            else:
+                value = normal(jax.random.fold_in(key, i), tuple(shape))
+                if (
+                    qfn is not None
+                    and name.startswith("model.layers.")
+                    and name.endswith("_proj.weight")
+                ):
+                    value = qfn(value)
+            yield name, value
+            del value
+
+    return fam.stack_layers(tensors(), cfg.num_hidden_layers)

@@ -144,31 +144,45 @@ def params_from_flat(
     expected = fam.param_shapes(cfg)
     items = flat.items() if isinstance(flat, Mapping) else flat
     where = source if callable(source) else (lambda _name: source)
-    loaded: dict[str, Any] = {}
-    for name, value in items:
-        if name not in expected:
-            continue
-        shape = tuple(value.shape)
-        if shape != tuple(expected[name]):
-            raise CheckpointError(
-                f"{name} in {where(name)}: shape {shape} does not match the config's "
-                f"{tuple(expected[name])}"
+    seen: set[str] = set()
+
+    def checked():  # validated, cast (and maybe quantized) tensors, one at a time
+        for name, value in items:
+            if name not in expected:
+                continue
+            shape = tuple(value.shape)
+            if shape != tuple(expected[name]):
+                raise CheckpointError(
+                    f"{name} in {where(name)}: shape {shape} does not match the config's "
+                    f"{tuple(expected[name])}"
+                )
+            arr = jnp.asarray(
+                np.asarray(value) if not isinstance(value, jax.Array) else value, dtype=dtype
             )
-        arr = jnp.asarray(
-            np.asarray(value) if not isinstance(value, jax.Array) else value, dtype=dtype
-        )
-        if quantize is not None:
-            q = quantize(name, arr)
-            if q is not None:
-                arr = q
-        loaded[name] = arr
-    missing = sorted(set(expected) - set(loaded))
-    if missing:
-        raise CheckpointError(
-            f"{source}: missing tensor {missing[0]}"
+            del value
+            if quantize is not None:
+                q = quantize(name, arr)
+                if q is not None:
+                    arr = q
+            seen.add(name)
+            yield name, arr
+            del arr  # the stacker holds it now; do not keep a second reference alive
+
+    def missing_error():
+        missing = sorted(set(expected) - seen)
+        return CheckpointError(
+            f"{source if isinstance(source, str) else 'checkpoint'}: missing tensor {missing[0]}"
             + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
-        )
-    return fam.stack_layers(loaded, cfg.num_hidden_layers)
+        ) if missing else None
+
+    # streamed into the stacked buffers: peak device memory is the model plus one tensor
+    try:
+        tree = fam.stack_layers(checked(), cfg.num_hidden_layers)
+    except KeyError as e:
+        raise (missing_error() or e) from None
+    if (err := missing_error()) is not None:
+        raise err
+    return tree
 
 
 def _make_quantizer(quant_config):

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import functools
 import zlib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import jax
@@ -119,30 +119,64 @@ def _set_path(tree: dict, path: list[str], value: Any) -> None:
     tree[path[-1]] = value
 
 
-def stack_layers(flat: Mapping[str, Any], num_layers: int) -> dict:
-    """Flat HF names -> nested tree, per-layer tensors stacked on a new leading axis (``np.stack``).
+def stack_layers(flat: Mapping[str, Any] | Iterable[tuple[str, Any]], num_layers: int) -> dict:
+    """Flat HF names -> nested tree, per-layer tensors stacked on a new leading axis.
 
     ``model.layers.{i}.<rest>`` for i in 0..L-1 becomes ``tree["model"]["layers"][<rest split on ".">]`` of
     shape ``[L, ...]``; every other name becomes ``tree[<name split on ".">]``.
+
+    ``flat`` is a mapping or an iterator of ``(name, value)`` pairs. Each layer slice is written into a
+    preallocated ``[L, ...]`` buffer as it arrives (device arrays through a donated in-place update), so
+    fed from an iterator the peak memory is the stacked model plus one slice: never the per-layer
+    tensors and the stacked copy side by side (that doubling is 13 GiB for Llama-3-8B in bf16). Values
+    may be numpy arrays, jax arrays, or pytrees of them (``NF4Tensor`` from quantize-on-load).
     """
+    items = flat.items() if isinstance(flat, Mapping) else flat
     tree: dict = {}
-    per_layer: dict[str, list] = {}
-    for name, value in flat.items():
-        if name.startswith(LAYER_PREFIX):
-            idx, rest = name[len(LAYER_PREFIX):].split(".", 1)
-            per_layer.setdefault(rest, [None] * num_layers)[int(idx)] = value
-        else:
+    stacks: dict[str, list] = {}  # rest -> [buffer tree, filled flags]
+    for name, value in items:
+        if not name.startswith(LAYER_PREFIX):
             _set_path(tree, name.split("."), value)
-    for rest, values in per_layer.items():
-        missing = [i for i, v in enumerate(values) if v is None]
-        if missing:
-            raise KeyError(f"{LAYER_PREFIX}{missing[0]}.{rest} is missing")
-        if isinstance(values[0], np.ndarray):
-            stacked = np.stack(values)
-        else:  # jax arrays, or pytrees of them (NF4Tensor from quantize-on-load)
-            stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *values)
+            continue
+        idx, rest = name[len(LAYER_PREFIX):].split(".", 1)
+        i = int(idx)
+        if not 0 <= i < num_layers:
+            raise KeyError(f"{name}: layer index {i} outside 0..{num_layers - 1}")
+        if rest not in stacks:
+            stacks[rest] = [jax.tree.map(lambda x: _empty_stack(x, num_layers), value),
+                            [False] * num_layers]
+        entry = stacks[rest]
+        entry[0] = jax.tree.map(lambda buf, x, i=i: _put_slice(buf, x, i), entry[0], value)
+        entry[1][i] = True
+        del value  # the slice is now in the buffer: let it go before the next one arrives
+    for rest, (stacked, filled) in stacks.items():
+        if not all(filled):
+            raise KeyError(f"{LAYER_PREFIX}{filled.index(False)}.{rest} is missing")
         _set_path(tree, ["model", "layers"] + rest.split("."), stacked)
     return tree
+
+
+def _empty_stack(x, num_layers: int):
+    if isinstance(x, np.ndarray):
+        return np.empty((num_layers, *x.shape), x.dtype)
+    return jnp.zeros((num_layers, *x.shape), x.dtype, device=_device_of(x))
+
+
+def _device_of(x):
+    sharding = getattr(x, "sharding", None)
+    return sharding if isinstance(sharding, jax.sharding.SingleDeviceSharding) else None
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _put_slice_donated(buf: jax.Array, x: jax.Array, i: jax.Array) -> jax.Array:
+    return jax.lax.dynamic_update_index_in_dim(buf, x.astype(buf.dtype), i, 0)
+
+
+def _put_slice(buf, x, i: int):
+    if isinstance(buf, np.ndarray):
+        buf[i] = np.asarray(x)
+        return buf
+    return _put_slice_donated(buf, x, jnp.int32(i))
 
 
 def unstack_layers(tree: Mapping) -> dict[str, Any]:
