@@ -130,6 +130,7 @@ def probe_job(
     remat: str,
     site_env: dict | None = None,
     checkpoint_root: str | None = None,
+    mlp_chunk_size: int | None = None,
 ) -> tuple[list[str], dict]:
     """``(argv, env)`` of the child that runs one capped step of ``system`` at ``[1, seq]``."""
     if system.startswith(("hf+peft", "unsloth")):
@@ -171,6 +172,8 @@ def probe_job(
         "--remat",
         remat,
     ]
+    if mlp_chunk_size:
+        argv += ["--mlp-chunk-size", str(mlp_chunk_size)]
     frac = cap_gib * 2**30 / total_bytes
     if frac >= 1.0:
         raise ValueError(f"cap {cap_gib} GiB is not below the GPU's {total_bytes / 2**30:.1f} GiB")
@@ -208,7 +211,9 @@ def run_search(
     budget: harness.Budget,
     site_env: dict | None,
 ) -> dict:
-    key = dict(system=system, shape=args.shape, cap_gib=cap_gib, remat=args.remat)
+    chunk = args.mlp_chunk_size if system.startswith("fastjax") else None
+    key = dict(system=system, shape=args.shape, cap_gib=cap_gib, remat=args.remat,
+               mlp_chunk_size=chunk or None)
     known = {} if args.fresh else _known_probes(args.out, key)
     last_error = {}
 
@@ -226,6 +231,7 @@ def run_search(
             remat=args.remat,
             site_env=site_env,
             checkpoint_root=args.checkpoint_root,
+            mlp_chunk_size=chunk or None,
         )
         row = harness.run_subprocess(argv, env=env, timeout=timeout, system=system)[-1]
         ok = probe_outcome(row)
@@ -275,6 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-trials", type=int, default=12, help="new probes per search")
     ap.add_argument("--max-seq", type=int, default=524288, help="longest sequence probed")
     ap.add_argument("--remat", default="offload_layer_input", help="fastjax remat preset")
+    ap.add_argument("--mlp-chunk-size", type=int, default=8192,
+                    help="fastjax: tokens per MLP slice (0: whole sequence at once)")
     ap.add_argument("--proc-timeout", type=float, default=540, help="seconds per probe")
     ap.add_argument("--budget-s", type=float, default=0, help="wall-clock budget (0: none)")
     ap.add_argument(

@@ -99,8 +99,11 @@ def run_fastjax(
     warmup: int = 2,
     remat: str = "full",
     micro_rows: int | None = None,
+    mlp_chunk_size: int | None = None,
 ) -> dict:
     """One fastjax (or plain-XLA) configuration in this process; returns its row.
+
+    ``mlp_chunk_size``: tokens per MLP slice (``models.decoder.forward``; long-context memory).
 
     ``micro_rows``: rows per micro-batch (the step scans over ``batch // micro_rows`` micro-batches
     and accumulates gradients); ``None`` is one micro-batch of all rows. Device out-of-memory errors
@@ -129,6 +132,7 @@ def run_fastjax(
         seq=seq,
         remat=remat,
         micro_batches=batch // rows,
+        mlp_chunk_size=mlp_chunk_size,
     )
     cfg = registry.config_from_hf(shape.hf_config())
     ops = _ops_for(system)
@@ -160,6 +164,7 @@ def run_fastjax(
             lora_dropout=0.0,
             remat_policy=remat,
             ops=ops,
+            mlp_chunk_size=mlp_chunk_size,
         )
         schedule = optax.constant_schedule(2e-4)
         opt = optax.adamw(schedule, weight_decay=0.0)
@@ -234,6 +239,7 @@ def _child(args) -> None:
             warmup=args.warmup,
             remat=args.remat,
             micro_rows=args.micro_rows,
+            mlp_chunk_size=args.mlp_chunk_size,
         )
     print(json.dumps(row), flush=True)
 
@@ -272,6 +278,7 @@ def fastjax_argv(
     warmup: int,
     remat: str,
     micro_rows: int | None = None,
+    mlp_chunk_size: int | None = None,
 ) -> tuple[str, ...]:
     argv = [
         str(HERE / "train_step.py"),
@@ -292,13 +299,15 @@ def fastjax_argv(
     ]
     if micro_rows:
         argv += ["--micro-rows", str(micro_rows)]
+    if mlp_chunk_size:
+        argv += ["--mlp-chunk-size", str(mlp_chunk_size)]
     return tuple(argv)
 
 
 def plan(args) -> list[Job]:
     """Every child process of this invocation, in run order (shape, then cell, then system)."""
     jobs = []
-    common_steps = dict(steps=args.steps, warmup=args.warmup)
+    common_steps = dict(steps=args.steps, warmup=args.warmup, mlp_chunk_size=args.mlp_chunk_size)
     for shape in args.shapes.split(","):
         get(shape)  # unknown names fail here, before any device time is spent
         for b, s in parse_grid(args.grid):
@@ -425,6 +434,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--grid", default="4x2048,1x8192", help="comma-separated BATCHxSEQ")
     ap.add_argument("--systems", default=",".join(DEFAULT_SYSTEMS))
     ap.add_argument("--remat", default="full", help="fastjax remat preset(s), comma-separated")
+    ap.add_argument("--mlp-chunk-size", type=int, default=None,
+                    help="fastjax: tokens per MLP slice (default: the whole micro-batch at once)")
     ap.add_argument(
         "--lean-remat", default="offload_layer_input", help="remat preset of fastjax-lean"
     )

@@ -155,6 +155,8 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
                    help="adamw_8bit keeps Adam moments in 8 bits")
     t.add_argument("--remat", choices=remat.PRESETS, default="full",
                    help="rematerialization preset")
+    t.add_argument("--mlp-chunk-size", type=int, default=None,
+                   help="run each MLP over slices of this many tokens (long-context memory)")
     t.add_argument("--kernels", choices=("auto", "xla", "pallas"), default=None,
                    help="implementation of every op (default: env FASTJAX_KERNELS, else auto)")
     t.add_argument("--seed", type=int, default=0, help="data order, adapter init, dropout")
@@ -195,7 +197,7 @@ def train_command(args: argparse.Namespace) -> int:
         logging_steps=args.logging_steps, save_steps=args.save_steps, output_dir=args.output_dir,
         resume=args.resume, ops=Ops.all(args.kernels) if args.kernels else None,
         full_finetune=args.full_finetune, progress_bar=args.progress, base_model_name_or_path=path,
-        num_devices=args.num_devices)
+        num_devices=args.num_devices, mlp_chunk_size=args.mlp_chunk_size)
     lora = lora_config = None
     if not args.full_finetune:
         lora, lora_config = lora_lib.get_peft_model(

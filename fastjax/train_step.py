@@ -88,17 +88,11 @@ def cross_entropy_sum(hidden: jax.Array, head: jax.Array, labels: jax.Array, *, 
     labels ``[N]``.
 
     With ``head_trainable=False`` (LoRA: the head is frozen) the kernel skips the ``[V, D]`` head
-    gradient, a matmul as large as the logits themselves. ``ops.cross_entropy`` does not take that
-    flag yet, so the kernel module is called directly here with the implementation ``ops`` picks.
+    gradient, a matmul as large as the logits themselves.
     """
     head = head.astype(hidden.dtype)
-    if head_trainable:
-        return O.cross_entropy(hidden, head, labels, softcap=softcap, reduction="sum", ops=ops)
-    from fastjax.pallas_kernels import cross_entropy as ce
-
-    return ce.cross_entropy(hidden, head, labels, softcap=softcap, reduction="sum",
-                            head_trainable=False, impl=ops.resolve("cross_entropy"),
-                            interpret=ops.interpret)
+    return O.cross_entropy(hidden, head, labels, softcap=softcap, reduction="sum",
+                           head_trainable=head_trainable, ops=ops)
 
 
 def default_ops() -> O.Ops:
@@ -112,9 +106,9 @@ def default_ops() -> O.Ops:
 
 
 def make_loss_fn(cfg: Any, *, full_finetune: bool, lora_scale: float, lora_dropout: float,
-                 remat_policy: str, ops: O.Ops) -> Callable:
+                 remat_policy: str, ops: O.Ops, mlp_chunk_size: int | None = None) -> Callable:
     """``loss_sum(trainable, frozen, micro_batch, rng) -> (sum of token CE, number of label
-    tokens)``."""
+    tokens)``. ``mlp_chunk_size``: see ``models.decoder.forward`` (long-context memory)."""
     fam = registry.family_of(cfg)
     softcap = getattr(cfg, "final_logit_softcapping", None)
 
@@ -124,7 +118,8 @@ def make_loss_fn(cfg: Any, *, full_finetune: bool, lora_scale: float, lora_dropo
                              segment_ids=mb.get("segment_ids"), lora=adapters,
                              lora_scale=lora_scale, lora_dropout=lora_dropout,
                              dropout_rng=rng if lora_dropout > 0 else None,
-                             remat_policy=remat_policy, ops=ops, return_hidden=True)
+                             remat_policy=remat_policy, ops=ops, return_hidden=True,
+                             mlp_chunk_size=mlp_chunk_size)
         B, T, D = hidden.shape
         labels = mb["labels"].reshape(B * T)
         total = cross_entropy_sum(hidden.reshape(B * T, D), fam.lm_head(params, cfg), labels,

@@ -104,7 +104,9 @@ class SFTConfig:
     writes no intermediate checkpoints (only the final adapter). With ``full_finetune`` the params
     passed in are donated to the train step (their buffers are reused; use ``result.trainable``).
     ``truncation=False`` turns sequences longer than ``max_seq_length`` into an error instead of a
-    truncation warning.
+    truncation warning. ``mlp_chunk_size`` (tokens) runs each MLP over slices of that many tokens,
+    so its ``[tokens, intermediate]`` activations exist for one slice at a time (long context; with
+    ``remat_policy="offload_layer_input"`` the layer inputs leave the device too).
 
     Multi-device (``fastjax.sharding`` states the placement rules): ``num_devices`` builds a
     ``(data, fsdp)`` mesh over that many devices, by default all on fsdp; ``mesh_data`` /
@@ -130,6 +132,7 @@ class SFTConfig:
     adam_epsilon: float = 1e-8
     seed: int = 0
     remat_policy: str = "full"
+    mlp_chunk_size: int | None = None
     packing: bool = True
     truncation: bool = True
     logging_steps: int = 1
@@ -179,6 +182,8 @@ class SFTConfig:
             bad("optimizer", f"one of {OPTIMIZERS} or an optax.GradientTransformation")
         if self.remat_policy not in remat.PRESETS:
             bad("remat_policy", f"one of {remat.PRESETS}")
+        if self.mlp_chunk_size is not None and self.mlp_chunk_size < 1:
+            bad("mlp_chunk_size", "None or a positive number of tokens")
 
 
 @dataclasses.dataclass
@@ -327,7 +332,7 @@ class SFTTrainer:
         dropout = 0.0 if self.lora_config is None else self.lora_config.lora_dropout
         loss_sum = make_loss_fn(cfg, full_finetune=config.full_finetune, lora_scale=self.lora_scale,
                                 lora_dropout=dropout, remat_policy=config.remat_policy,
-                                ops=self.ops)
+                                ops=self.ops, mlp_chunk_size=config.mlp_chunk_size)
         self.step_fn = make_train_step(loss_sum, self.optimizer, self.schedule,
                                        shardings=self.shardings)
         self.output_dir = Path(config.output_dir)

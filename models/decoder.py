@@ -349,16 +349,42 @@ def _layer(x, h, p, lp, kind_idx, cfg, ctx, core):
         a = _norm(a, p["post_attention_layernorm"]["weight"], cfg, ctx)
     norm_name = "pre_feedforward_layernorm" if arch.sandwich_norms else "post_attention_layernorm"
     x, h = _add_norm(x, a, p[norm_name]["weight"], cfg, ctx)
-    if arch.fused_gate_up:
+    chunk = ctx.get("mlp_chunk_size")
+    m = _mlp(h, p, lp, ctx) if not chunk or B * T <= chunk else _chunked_mlp(h, p, lp, ctx, chunk)
+    if arch.sandwich_norms:
+        m = _norm(m, p["post_feedforward_layernorm"]["weight"], cfg, ctx)
+    return x, m, extra
+
+
+def _mlp(h, p, lp, ctx):
+    if ctx["arch"].fused_gate_up:
         gate, up = jnp.split(checkpoint_name(_proj(h, p, lp, "mlp", "gate_up_proj", ctx), "mlp_up"), 2, -1)
     else:
         gate = checkpoint_name(_proj(h, p, lp, "mlp", "gate_proj", ctx), "mlp_up")
         up = checkpoint_name(_proj(h, p, lp, "mlp", "up_proj", ctx), "mlp_up")
-    m = O.glu(gate, up, activation=arch.activation, ops=ctx["ops"])
-    m = checkpoint_name(_proj(m, p, lp, "mlp", "down_proj", ctx), "mlp_out")
-    if arch.sandwich_norms:
-        m = _norm(m, p["post_feedforward_layernorm"]["weight"], cfg, ctx)
-    return x, m, extra
+    m = O.glu(gate, up, activation=ctx["arch"].activation, ops=ctx["ops"])
+    return checkpoint_name(_proj(m, p, lp, "mlp", "down_proj", ctx), "mlp_out")
+
+
+def _chunked_mlp(h, p, lp, ctx, chunk: int):
+    """The MLP over ``chunk``-token slices of the ``B*T`` tokens, one at a time, each slice rematerialized
+    in the backward: the ``[tokens, intermediate]`` activations (gate, up, their product and the
+    gradients of each; 3.5 GiB apiece for Llama-3-8B at 128k tokens) exist for one slice only. The math
+    is per token, so the result equals the unchunked MLP (LoRA dropout draws per slice)."""
+    B, T, D = h.shape
+    n = B * T
+    pad = -n % chunk
+    flat = jnp.pad(h.reshape(n, D), ((0, pad), (0, 0))).reshape(-1, 1, chunk, D)  # [chunks, 1, c, D]
+    rng = ctx["dropout_rng"]
+
+    @jax.checkpoint
+    def one(args):
+        h_c, i = args
+        c = ctx if rng is None else dict(ctx, dropout_rng=jax.random.fold_in(rng, i))
+        return _mlp(h_c, p, lp, c)
+
+    out = jax.lax.map(one, (flat, jnp.arange(flat.shape[0])))
+    return out.reshape(-1, out.shape[-1])[:n].reshape(B, T, -1)
 
 
 def _scan_layers(layer, x, xs, params, cfg, ctx, *, remat_policy: str = "none"):
@@ -419,9 +445,12 @@ def _logits(x, params, cfg, arch):
     return logits
 
 
-def _context(cfg, arch, positions, segment_ids, ops, lora_scale, lora_dropout):
+def _context(cfg, arch, positions, segment_ids, ops, lora_scale, lora_dropout, mlp_chunk_size=None):
+    if mlp_chunk_size is not None and mlp_chunk_size < 1:
+        raise ValueError(f"{mlp_chunk_size=} must be a positive number of tokens (or None)")
     return {"arch": arch, "positions": positions, "rope_tables": _rope_tables(arch, positions, segment_ids),
-            "ops": ops, "lora_scale": lora_scale, "lora_dropout": lora_dropout, "dropout_rng": None}
+            "ops": ops, "lora_scale": lora_scale, "lora_dropout": lora_dropout, "dropout_rng": None,
+            "mlp_chunk_size": mlp_chunk_size}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -431,13 +460,15 @@ def _context(cfg, arch, positions, segment_ids, ops, lora_scale, lora_dropout):
 def forward(params: Mapping, input_ids: jax.Array, *, cfg, positions: jax.Array | None = None,
             segment_ids: jax.Array | None = None, lora: Mapping | None = None, lora_scale: float = 1.0,
             lora_dropout: float = 0.0, dropout_rng: jax.Array | None = None, remat_policy: str = "none",
-            ops: O.Ops | None = None, return_hidden: bool = False) -> jax.Array:
+            ops: O.Ops | None = None, return_hidden: bool = False,
+            mlp_chunk_size: int | None = None) -> jax.Array:
     """Logits ``[B, T, V]`` (fp32, final softcap applied), or the final normed hidden states ``[B, T, D]``
     with ``return_hidden``.
 
     ``positions``/``segment_ids`` ``[B, T]``: packed rows restart positions at 0 per segment and a token
     attends only to earlier tokens of its own segment (id 0 = padding). ``lora`` is an adapter tree
-    (``fastjax.lora``) added to every linear it names, scaled by ``lora_scale``.
+    (``fastjax.lora``) added to every linear it names, scaled by ``lora_scale``. ``mlp_chunk_size``
+    (tokens): run each MLP over slices of that many tokens (long-context training: see ``_chunked_mlp``).
     """
     ops = ops or O.Ops()
     arch = cfg.arch()
@@ -450,7 +481,7 @@ def forward(params: Mapping, input_ids: jax.Array, *, cfg, positions: jax.Array 
     if segment_ids is None:
         segment_ids = jnp.ones((B, T), jnp.int32)
     x = _embed(params, input_ids, arch)
-    ctx = _context(cfg, arch, positions, segment_ids, ops, lora_scale, lora_dropout)
+    ctx = _context(cfg, arch, positions, segment_ids, ops, lora_scale, lora_dropout, mlp_chunk_size)
 
     def core(kind, q, k, v):
         out = O.attention(q, k, v, segment_ids=attn_segment_ids, causal=True, window=kind.window,

@@ -32,7 +32,7 @@ TRAIN_OPTIONS = ("--model", "--dtype", "--load-in-4bit", "--data", "--split", "-
                  "--batch-size",
                  "--grad-accum", "--lr", "--lr-scheduler", "--warmup-steps", "--weight-decay",
                  "--max-grad-norm",
-                 "--optimizer", "--remat", "--kernels", "--seed", "--output-dir", "--save-steps",
+                 "--optimizer", "--remat", "--mlp-chunk-size", "--kernels", "--seed", "--output-dir", "--save-steps",
                  "--logging-steps", "--resume", "--no-progress")
 
 
