@@ -3,7 +3,7 @@ answer and for GSM8K's answer format, exact-match accuracy (greedy) on held-out 
 after.
 
     python examples/grpo_gsm8k.py           # CPU-sized default: built-in arithmetic, a few minutes
-    python examples/grpo_gsm8k.py --full --data /work/shared/data/gsm8k/train.jsonl   # a GPU run
+    python examples/grpo_gsm8k.py --full --data ../shared/data/gsm8k/train.jsonl   # a GPU run
 
 Rewards (``fastjax.rl_rewards``):
   correctness (weight 1.0): the completion's final number (``gsm8k_answer``: the number after
