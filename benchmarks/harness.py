@@ -293,3 +293,35 @@ class Budget:
         """The timeout for the next child, or ``None`` when too little time is left to start one."""
         t = min(per_process, self.left())
         return t if t >= 30 else None
+
+
+def time_torch_steps(model, ids, *, warmup: int, steps: int, autocast) -> tuple[float, float]:
+    """AdamW (lr 2e-4) on ``model``'s trainable parameters, ``warmup`` untimed then ``steps`` timed
+    steps of causal-LM loss on ``ids``; returns (seconds per timed step, last loss). Peak memory
+    counts from the first step (``reset_peak_memory_stats``). The torch systems' one timing loop."""
+    import torch
+
+    cuda = ids.is_cuda
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=2e-4, fused=cuda)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+
+    def step():
+        with autocast:
+            out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return out.loss
+
+    for _ in range(warmup):
+        step()
+    if cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        loss = step()
+    if cuda:
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / steps, float(loss.detach())

@@ -242,28 +242,9 @@ def bench(
         model = _build_qlora(shape.name, ckpt_root) if qlora else _build_bf16(shape, device)
         load_s = time.perf_counter() - t0
         params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=2e-4, fused=cuda)
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-
-        def step():
-            with autocast:
-                out = model(input_ids=ids, labels=ids)
-            out.loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            return out.loss
-
-        for _ in range(warmup):
-            step()
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            loss = step()
-        if cuda:
-            torch.cuda.synchronize()
-        dt = (time.perf_counter() - t0) / steps
+        dt, loss = harness.time_torch_steps(
+            model, ids, warmup=warmup, steps=steps, autocast=autocast
+        )
     except torch.OutOfMemoryError as e:
         return harness.record(
             packages=harness.TORCH_PACKAGES,
@@ -279,7 +260,7 @@ def bench(
         tokens_per_s=round(batch * seq / dt),
         step_s=round(dt, 4),
         peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
-        loss=float(loss.detach()),
+        loss=loss,
         load_s=round(load_s, 1),
         warmup=warmup,
         steps=steps,

@@ -210,25 +210,10 @@ def bench(
         FastLanguageModel.for_training(model)
         load_s = time.perf_counter() - t0
         params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=2e-4, fused=True)
-        torch.cuda.reset_peak_memory_stats()
-
-        def step():
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                out = model(input_ids=ids, labels=ids)
-            out.loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            return out.loss
-
-        for _ in range(warmup):
-            step()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            loss = step()
-        torch.cuda.synchronize()
-        dt = (time.perf_counter() - t0) / steps
+        dt, loss = harness.time_torch_steps(
+            model, ids, warmup=warmup, steps=steps,
+            autocast=torch.autocast("cuda", dtype=torch.bfloat16),
+        )
     except torch.OutOfMemoryError as e:
         return harness.record(
             packages=packages, **base, ok=False, oom=True, error=f"OutOfMemoryError: {str(e)[:300]}"
@@ -240,7 +225,7 @@ def bench(
         tokens_per_s=round(batch * seq / dt),
         step_s=round(dt, 4),
         peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
-        loss=float(loss.detach()),
+        loss=loss,
         load_s=round(load_s, 1),
         warmup=warmup,
         steps=steps,

@@ -580,3 +580,14 @@ def test_fastjax_qlora_long_context_settings_run_on_cpu(cpu_context):
                                       mlp_chunk_size=8192)
     assert argv[argv.index("--mlp-chunk-size") + 1] == "8192"
     assert float(env["XLA_PYTHON_CLIENT_MEM_FRACTION"]) == pytest.approx(24 / 141, abs=1e-4)
+
+
+def test_hf_peft_bf16_step_runs_on_cpu():
+    """The HF+PEFT child's whole step (model build, PEFT wrap, the shared timing loop) on a tiny
+    shape, on the CPU: the row is complete and its loss is the untrained model's ~log(V)."""
+    from benchmarks import torch_systems
+
+    tiny = ModelShape("tiny", "llama", 64, 128, 1, 4, 2, 16, 320)
+    row = torch_systems.bench(tiny, 2, 16, steps=2, warmup=1, device="cpu")
+    assert row["ok"] and row["tokens_per_s"] > 0 and row["step_s"] > 0
+    assert abs(row["loss"] - np.log(320)) < 1.0 and row["n_trainable"] > 0
