@@ -156,7 +156,7 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     t.add_argument("--remat", choices=remat.PRESETS, default="full",
                    help="rematerialization preset")
     t.add_argument("--mlp-chunk-size", type=int, default=None,
-                   help="run each MLP over slices of this many tokens (long-context memory)")
+                   help="run each MLP over slices of this many tokens per row (long-context memory)")
     t.add_argument("--kernels", choices=("auto", "xla", "pallas"), default=None,
                    help="implementation of every op (default: env FASTJAX_KERNELS, else auto)")
     t.add_argument("--seed", type=int, default=0, help="data order, adapter init, dropout")

@@ -26,11 +26,16 @@ Rules (one place, stated once):
   (``optimizer_sharding``): with replicated adapters everything is replicated; in full fine-tuning
   each state leaf gets the FSDP rule by its own shape and path, so Adam moments (same shape, same
   path under ``mu``/``nu``) land exactly like their parameter, and counts / scales stay replicated.
-- **Kernels**: Pallas kernels are not partitioned by XLA, so under a mesh of more than one device
-  ``partitionable_ops`` moves every op that would run a Pallas kernel to its XLA reference
-  (cross-entropy to ``"xla_chunked"``, which never holds ``[T, V]`` logits); explicit ``"cudnn"``
-  attention stays (XLA partitions it). Wrapping the kernels in ``shard_map`` over the batch axes is
-  the next step.
+- **Kernels**: XLA does not partition a ``pallas_call``, so under a mesh of more than one device
+  ``partitionable_ops`` hands the mesh to ``Ops`` and every Pallas kernel (RMSNorm, fused
+  residual + RMSNorm, RoPE, GLU, flash attention with segment ids, blockwise cross-entropy, also
+  ``"xla_chunked"`` cross-entropy) runs per shard under ``shard_map`` over the batch axes: rows
+  split over ``("data", "fsdp")`` exactly as above, weights whole (the LM head is all-gathered at
+  the cross-entropy, and its gradient summed over the mesh when it is trained); cross-entropy sums
+  its per-shard loss sums before dividing by the global label count (``fastjax.models.ops``). The
+  one op left to XLA is the NF4 linear (``linear="pallas"`` becomes ``"xla"``): its Pallas kernel
+  would need the FSDP-sharded codes whole on every device, while XLA's dequantize-then-matmul
+  partitions like any matmul (and is the faster one on the H200, ``Ops.resolve``).
 
 Checkpoints: orbax writes each array's shards (``fastjax.checkpoint``) and restores into whatever
 shardings the restoring run asks for, so a run saved on 8 devices resumes on 1 (or 2, or 4) with
@@ -204,16 +209,14 @@ def step_shardings(mesh: Mesh, trainable: Any, frozen: Any, opt_state: Any, *,
 
 
 def partitionable_ops(ops: Any, mesh: Mesh | None) -> Any:
-    """``ops`` with every op that would run a Pallas kernel moved to its XLA reference when
-    ``mesh`` spans more than one device (see the module docstring); ``ops`` unchanged otherwise."""
+    """``ops`` for a step partitioned over ``mesh``: the mesh handed to ``ops`` (its kernels then run
+    per shard under ``shard_map``) and the NF4 Pallas linear moved to XLA (module docstring).
+    ``ops`` unchanged without a mesh or on one device."""
     if mesh is None or mesh.size == 1:
         return ops
-    names = ("rms_norm", "rope", "glu", "attention", "linear", "cross_entropy")
-    changes = {}
-    for name in names:
-        if ops.resolve(name) in ("pallas", "auto"):
-            changes[name] = "xla_chunked" if name == "cross_entropy" else "xla"
-    if changes:
-        log.info("mesh of %d devices: %s run on their XLA references (Pallas kernels are not "
-                 "partitioned by XLA)", mesh.size, ", ".join(sorted(changes)))
+    changes: dict[str, Any] = {"mesh": mesh}
+    if ops.resolve("linear") == "pallas":
+        changes["linear"] = "xla"
+        log.info("mesh of %d devices: the NF4 linear runs on XLA (its Pallas kernel is not "
+                 "shard_mapped: it would need the FSDP-sharded weights whole)", mesh.size)
     return dataclasses.replace(ops, **changes)

@@ -104,9 +104,9 @@ class SFTConfig:
     writes no intermediate checkpoints (only the final adapter). With ``full_finetune`` the params
     passed in are donated to the train step (their buffers are reused; use ``result.trainable``).
     ``truncation=False`` turns sequences longer than ``max_seq_length`` into an error instead of a
-    truncation warning. ``mlp_chunk_size`` (tokens) runs each MLP over slices of that many tokens,
-    so its ``[tokens, intermediate]`` activations exist for one slice at a time (long context; with
-    ``remat_policy="offload_layer_input"`` the layer inputs leave the device too).
+    truncation warning. ``mlp_chunk_size`` (tokens per row) runs each MLP over slices of that many
+    tokens, so its ``[tokens, intermediate]`` activations exist for one slice at a time (long
+    context; with ``remat_policy="offload_layer_input"`` the layer inputs leave the device too).
 
     Multi-device (``fastjax.sharding`` states the placement rules): ``num_devices`` builds a
     ``(data, fsdp)`` mesh over that many devices, by default all on fsdp; ``mesh_data`` /

@@ -184,7 +184,7 @@ def _layer(x, h, p, lp, kind_idx, cfg, ctx, core):
     norm_name = "pre_feedforward_layernorm" if arch.sandwich_norms else "post_attention_layernorm"
     x, h = _add_norm(x, a, p[norm_name]["weight"], cfg, ctx)
     chunk = ctx.get("mlp_chunk_size")
-    m = _mlp(h, p, lp, ctx) if not chunk or B * T <= chunk else _chunked_mlp(h, p, lp, ctx, chunk)
+    m = _mlp(h, p, lp, ctx) if not chunk or T <= chunk else _chunked_mlp(h, p, lp, ctx, chunk)
     if arch.sandwich_norms:
         m = _norm(m, p["post_feedforward_layernorm"]["weight"], cfg, ctx)
     return x, m, extra
@@ -201,14 +201,15 @@ def _mlp(h, p, lp, ctx):
 
 
 def _chunked_mlp(h, p, lp, ctx, chunk: int):
-    """The MLP over ``chunk``-token slices of the ``B*T`` tokens, one at a time, each slice rematerialized
-    in the backward: the ``[tokens, intermediate]`` activations (gate, up, their product and the
-    gradients of each; 3.5 GiB apiece for Llama-3-8B at 128k tokens) exist for one slice only. The math
-    is per token, so the result equals the unchunked MLP (LoRA dropout draws per slice)."""
+    """The MLP over slices of ``chunk`` tokens of every row, one slice at a time, each slice
+    rematerialized in the backward: the ``[tokens, intermediate]`` activations (gate, up, their product
+    and the gradients of each; 3.5 GiB apiece for Llama-3-8B at 128k tokens) exist for one slice only.
+    Slices keep the batch axis in front (``[B, chunk, D]``), so under a mesh the rows stay sharded and
+    the GLU kernel runs per shard. The math is per token, so the result equals the unchunked MLP (LoRA
+    dropout draws per slice)."""
     B, T, D = h.shape
-    n = B * T
-    pad = -n % chunk
-    flat = jnp.pad(h.reshape(n, D), ((0, pad), (0, 0))).reshape(-1, 1, chunk, D)  # [chunks, 1, c, D]
+    pad = -T % chunk
+    slices = jnp.pad(h, ((0, 0), (0, pad), (0, 0))).reshape(B, -1, chunk, D).swapaxes(0, 1)
     rng = ctx["dropout_rng"]
 
     @jax.checkpoint
@@ -217,8 +218,8 @@ def _chunked_mlp(h, p, lp, ctx, chunk: int):
         c = ctx if rng is None else dict(ctx, dropout_rng=jax.random.fold_in(rng, i))
         return _mlp(h_c, p, lp, c)
 
-    out = jax.lax.map(one, (flat, jnp.arange(flat.shape[0])))
-    return out.reshape(-1, out.shape[-1])[:n].reshape(B, T, -1)
+    out = jax.lax.map(one, (slices, jnp.arange(slices.shape[0])))  # [n, B, chunk, D]
+    return out.swapaxes(0, 1).reshape(B, -1, out.shape[-1])[:, :T]
 
 
 def _scan_layers(layer, x, xs, params, cfg, ctx, *, remat_policy: str = "none"):
@@ -302,7 +303,8 @@ def forward(params: Mapping, input_ids: jax.Array, *, cfg, positions: jax.Array 
     ``positions``/``segment_ids`` ``[B, T]``: packed rows restart positions at 0 per segment and a token
     attends only to earlier tokens of its own segment (id 0 = padding). ``lora`` is an adapter tree
     (``fastjax.lora``) added to every linear it names, scaled by ``lora_scale``. ``mlp_chunk_size``
-    (tokens): run each MLP over slices of that many tokens (long-context training: see ``_chunked_mlp``).
+    (tokens per row): run each MLP over slices of that many tokens of every row (long-context
+    training: see ``_chunked_mlp``).
     """
     ops = ops or O.Ops()
     arch = cfg.arch()

@@ -7,18 +7,39 @@ picks among cuDNN, Pallas and XLA per case, see ``pallas_kernels/attention.py``)
 
 One setting forces every op at once: env ``FASTJAX_KERNELS=xla|pallas|auto`` gives the default of every field;
 an explicit ``Ops(...)`` argument wins. ``Ops`` is frozen and hashable, so it is a static argument of ``jax.jit``.
+
+Several devices: XLA cannot partition a ``pallas_call``, so with ``Ops(mesh=mesh)`` (what
+``fastjax.sharding.partitionable_ops`` returns for the trainer's mesh) every kernel runs per shard
+under ``shard_map``. Axis 0 of every activation (the rows ``[B, ...]``, or the tokens of
+cross-entropy's flat ``[N, D]``) is split over ALL axes of the mesh, the way the trainer splits its
+batches; weights (norm scales, RoPE tables, the LM head) enter whole, so XLA all-gathers an
+FSDP-sharded head at the boundary, and shard_map's transpose sums a whole weight's per-shard
+gradients over the mesh. Per-token ops and attention (per row: q, k, v and segment ids share the
+batch split, heads stay whole) need nothing more; cross-entropy returns each shard's loss sum, and
+the mean divides the sum of those (an XLA all-reduce) by the global label count. The references
+(``"xla"``) and cuDNN attention stay outside: XLA partitions them itself; so do inputs whose axis 0
+does not divide over the mesh, which run the op's XLA path (with a warning). The NF4 linear is not
+wrapped (its kernel would need the FSDP-sharded codes whole on every device):
+``partitionable_ops`` puts it on XLA.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import logging
 import os
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 from fastjax.pallas_kernels import _common
+
+log = logging.getLogger("fastjax")
 
 ENV_KERNELS = "FASTJAX_KERNELS"
 _CHOICES = ("auto", "pallas", "xla")
@@ -38,7 +59,9 @@ def _field():
 @dataclasses.dataclass(frozen=True)
 class Ops:
     """Implementation per op: ``"auto" | "pallas" | "xla"`` (attention also ``"cudnn"``; cross-entropy also
-    ``"xla_chunked"``, the memory-bounded XLA path). ``interpret`` overrides the Pallas interpret switch."""
+    ``"xla_chunked"``, the memory-bounded XLA path). ``interpret`` overrides the Pallas interpret switch.
+    ``mesh``: the activations' rows are split over all of its axes; kernels then run per shard
+    under ``shard_map`` (module docstring). None, or one device: kernels see whole arrays."""
 
     rms_norm: str = _field()
     rope: str = _field()
@@ -47,6 +70,7 @@ class Ops:
     linear: str = _field()
     cross_entropy: str = _field()
     interpret: bool | None = None
+    mesh: Mesh | None = None
 
     @classmethod
     def all(cls, impl: str, interpret: bool | None = None) -> "Ops":
@@ -64,10 +88,76 @@ class Ops:
         return impl
 
 
+# --------------------------------------------------------------------------------------------------
+# Per-shard execution under a mesh
+# --------------------------------------------------------------------------------------------------
+
+def _shard_map(fn: Callable, mesh: Mesh, in_specs: tuple, out_specs: Any) -> Callable:
+    """``shard_map`` across jax versions: ``jax.shard_map`` (0.10 and 0.11 both have it), else the
+    older ``jax.experimental.shard_map``.
+
+    ``check_vma=False``: a ``pallas_call``'s ``out_shape`` carries no varying-manual-axes type, and
+    the check demands one (jax 0.10: "manual_axis_type on jax.ShapeDtypeStruct must not be None").
+    Without the check, shard_map's transpose sums the cotangent of each replicated input over the
+    mesh (the gradient of a weight every shard used) and passes split outputs' cotangents through
+    unscaled; no output here is replicated, so that is the whole gradient.
+    """
+    if hasattr(jax, "shard_map"):
+        return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+    from jax.experimental.shard_map import shard_map
+
+    return shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_rep=False)
+
+
+def _sharded_mesh(ops: Ops) -> Mesh | None:
+    return ops.mesh if ops.mesh is not None and ops.mesh.size > 1 else None
+
+
+_PARTITIONED_BY_XLA = ("xla", "cudnn")  # the jnp references and the cuDNN custom call
+
+
+def _placement(op: str, ops: Ops, impl: str, rows: Sequence[jax.Array],
+               fallback: str = "xla") -> tuple[Mesh | None, str]:
+    """``(mesh to split rows over or None, implementation to run)``. None: no mesh (or one device),
+    an implementation XLA partitions itself, or rows whose axis 0 does not divide over the mesh (the
+    decoder's token-sliced MLP hands the GLU ``[1, c, F]`` slices); these run ``fallback``, an XLA
+    path that XLA partitions, instead of a kernel XLA cannot partition."""
+    mesh = _sharded_mesh(ops)
+    if mesh is None or impl in _PARTITIONED_BY_XLA:
+        return None, impl
+    bad = [x.shape for x in rows if x.ndim == 0 or x.shape[0] % mesh.size]
+    if bad:
+        log.warning("%s: inputs of shape %s do not split on axis 0 over the %d devices of "
+                    "Ops.mesh; running %r instead of the kernel", op, bad[0], mesh.size, fallback)
+        return None, fallback
+    return mesh, impl
+
+
+def _per_shard(op: str, ops: Ops, impl: str, run: Callable[[str], Callable],
+               rows: Sequence[jax.Array], whole: Sequence[Any] = ()) -> Any:
+    """``run(impl)(*rows, *whole)``; under ``ops.mesh`` once per shard: each of ``rows`` split on
+    axis 0 over every mesh axis, ``whole`` replicated, every output (a pytree) split on axis 0
+    likewise (``_placement`` says when not)."""
+    mesh, impl = _placement(op, ops, impl, rows)
+    if mesh is None:
+        return run(impl)(*rows, *whole)
+    split = P(tuple(mesh.axis_names))
+    in_specs = (split,) * len(rows) + (P(),) * len(whole)
+    return _shard_map(run(impl), mesh, in_specs, split)(*rows, *whole)
+
+
+# --------------------------------------------------------------------------------------------------
+# Ops
+# --------------------------------------------------------------------------------------------------
+
 def rms_norm(x: jax.Array, w: jax.Array, *, eps: float, offset: float = 0.0, ops: Ops) -> jax.Array:
     from fastjax.pallas_kernels import rms_norm as k
 
-    return k.rms_norm(x, w, eps=eps, offset=offset, impl=ops.resolve("rms_norm"), interpret=ops.interpret)
+    def run(impl):
+        return functools.partial(k.rms_norm, eps=eps, offset=offset, impl=impl,
+                                 interpret=ops.interpret)
+
+    return _per_shard("rms_norm", ops, ops.resolve("rms_norm"), run, (x,), (w,))
 
 
 def rms_norm_residual(x: jax.Array, residual: jax.Array, w: jax.Array, *, eps: float,
@@ -80,16 +170,23 @@ def rms_norm_residual(x: jax.Array, residual: jax.Array, w: jax.Array, *, eps: f
     """
     from fastjax.pallas_kernels import rms_norm as k
 
-    return k.rms_norm_residual(x, residual, w, eps=eps, offset=offset, impl=ops.resolve("rms_norm"),
-                               interpret=ops.interpret)
+    def run(impl):
+        return functools.partial(k.rms_norm_residual, eps=eps, offset=offset, impl=impl,
+                                 interpret=ops.interpret)
+
+    return _per_shard("rms_norm_residual", ops, ops.resolve("rms_norm"), run, (x, residual), (w,))
 
 
 def rope(q: jax.Array, k: jax.Array, positions: jax.Array, inv_freq: jax.Array, *,
          attention_scaling: float = 1.0, ops: Ops) -> tuple[jax.Array, jax.Array]:
     from fastjax.pallas_kernels import rope as kr
 
-    return kr.rope(q, k, positions, inv_freq, attention_scaling=attention_scaling,
-                   impl=ops.resolve("rope"), interpret=ops.interpret)
+    def run(impl):
+        return functools.partial(kr.rope, attention_scaling=attention_scaling, impl=impl,
+                                 interpret=ops.interpret)
+
+    inv_freq = jnp.asarray(inv_freq, jnp.float32)
+    return _per_shard("rope", ops, ops.resolve("rope"), run, (q, k, positions), (inv_freq,))
 
 
 def rope_inv_freq(head_dim: int, theta: float, rope_scaling: dict | None):
@@ -101,25 +198,71 @@ def rope_inv_freq(head_dim: int, theta: float, rope_scaling: dict | None):
 def glu(gate: jax.Array, up: jax.Array, *, activation: str, ops: Ops) -> jax.Array:
     from fastjax.pallas_kernels import swiglu as k
 
-    return k.glu(gate, up, activation=activation, impl=ops.resolve("glu"), interpret=ops.interpret)
+    def run(impl):
+        return functools.partial(k.glu, activation=activation, impl=impl, interpret=ops.interpret)
+
+    return _per_shard("glu", ops, ops.resolve("glu"), run, (gate, up))
 
 
 def attention(q, k, v, *, segment_ids=None, causal=True, window=None, softcap=None, sm_scale=None,
               ops: Ops) -> jax.Array:
     from fastjax.pallas_kernels import attention as ka
 
-    return ka.attention(q, k, v, segment_ids=segment_ids, causal=causal, window=window,
-                        softcap=softcap, sm_scale=sm_scale, impl=ops.resolve("attention"),
-                        interpret=ops.interpret)
+    impl = ops.resolve("attention")
+    if impl == "auto" and _sharded_mesh(ops) is not None:
+        # Decided on the whole arrays: the choice depends on dtype, head_dim, softcap and whether
+        # segment ids exist, none of which a batch split changes.
+        impl = ka.choose_impl(q, segment_ids, softcap)
+
+    def run(impl):
+        def attend(q, k, v, *seg):
+            return ka.attention(q, k, v, segment_ids=seg[0] if seg else None, causal=causal,
+                                window=window, softcap=softcap, sm_scale=sm_scale, impl=impl,
+                                interpret=ops.interpret)
+        return attend
+
+    rows = (q, k, v) if segment_ids is None else (q, k, v, segment_ids)
+    return _per_shard("attention", ops, impl, run, rows)
 
 
 def cross_entropy(hidden, head, labels, *, weights=None, softcap=None, z_loss=0.0,
-                  reduction="mean", ops: Ops):
+                  reduction="mean", head_trainable: bool = True, ops: Ops):
+    """Cross-entropy of ``hidden @ head.T`` (``pallas_kernels/cross_entropy.py``);
+    ``head_trainable=False`` skips the ``[V, D]`` head gradient (a frozen head under LoRA).
+
+    Under ``ops.mesh`` the tokens (axis 0 of hidden/labels/weights) are split over the mesh and the
+    head enters whole; each shard returns its loss sum (its per-token losses for
+    ``reduction="none"``), the sums are added across shards, and ``"mean"`` divides by the global
+    count of labels != -100. Tokens that do not split run ``"xla_chunked"`` (no ``[T, V]`` logits).
+    """
     from fastjax.pallas_kernels import cross_entropy as k
 
-    return k.cross_entropy(hidden, head, labels, weights=weights, softcap=softcap, z_loss=z_loss,
-                           reduction=reduction, impl=ops.resolve("cross_entropy"),
-                           interpret=ops.interpret)
+    impl = ops.resolve("cross_entropy")
+    rows = (hidden, labels) if weights is None else (hidden, labels, weights)
+    kw = {"softcap": softcap, "z_loss": z_loss, "head_trainable": head_trainable,
+          "interpret": ops.interpret}
+    mesh, impl = _placement("cross_entropy", ops, impl, rows, fallback="xla_chunked")
+    if mesh is None:
+        return k.cross_entropy(hidden, head, labels, weights=weights, reduction=reduction,
+                               impl=impl, **kw)
+    if reduction not in k.REDUCTIONS:
+        raise ValueError(f"reduction={reduction!r}: expected one of {k.REDUCTIONS}")
+
+    def run(hidden, labels, *rest):
+        *w, head = rest
+        out = k.cross_entropy(hidden, head, labels, weights=w[0] if w else None,
+                              reduction="none" if reduction == "none" else "sum", impl=impl, **kw)
+        return out if reduction == "none" else out[None]  # [1] per shard: they stack to [shards]
+
+    split = P(tuple(mesh.axis_names))
+    out = _shard_map(run, mesh, (split,) * len(rows) + (P(),), split)(*rows, head)
+    if reduction == "none":
+        return out
+    total = jnp.sum(out)
+    if reduction == "sum":
+        return total
+    count = jnp.sum(labels != -100)
+    return total / jnp.maximum(count, 1).astype(jnp.float32)
 
 
 def _is_quantized(w: Any) -> bool:

@@ -189,5 +189,7 @@ def test_mesh_rules():
         sharding.resolve_mesh(mesh, num_devices=2)
     ops = Ops(cross_entropy="pallas", attention="cudnn", rms_norm="pallas")
     assert sharding.partitionable_ops(ops, mesh) is ops  # one device: kernels stay
-    moved = sharding.partitionable_ops(ops, types.SimpleNamespace(size=2))  # only .size is read
-    assert (moved.cross_entropy, moved.attention, moved.rms_norm) == ("xla_chunked", "cudnn", "xla")
+    several = types.SimpleNamespace(size=2)
+    moved = sharding.partitionable_ops(ops, several)  # kernels stay, shard_mapped over the mesh
+    assert (moved.cross_entropy, moved.attention, moved.rms_norm) == ("pallas", "cudnn", "pallas")
+    assert moved.mesh is several
