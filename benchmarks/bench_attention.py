@@ -82,8 +82,11 @@ def out_row(**kw):
     if OUT[0]:
         with open(os.path.join(OUT[0], "attention.jsonl"), "a") as f:
             f.write(json.dumps(row, sort_keys=True) + "\n")
-    short = {k: v for k, v in row.items() if k not in ("command", "date", "gpu", "jax", "jaxlib",
-                                                        "python", "blocks", "block_sizes")}
+    short = {
+        k: v
+        for k, v in row.items()
+        if k not in ("command", "date", "gpu", "jax", "jaxlib", "python", "blocks", "block_sizes")
+    }
     print(json.dumps(short, default=str)[:400], flush=True)
 
 
@@ -94,22 +97,28 @@ def summary():
         k = r["kind"]
         if k == "check":
             errs = [r.get(f"rel_err_{x}") for x in ("out", "dq", "dk", "dv")]
-            print(f"check {r['impl']:12s} D{r['D']} {r['dtype']:8s} c={r['causal']} seg={r.get('segments')} "
-                  f"w={r.get('window')} cap={r.get('softcap')} ok={r['ok']} "
-                  + " ".join("-" if e is None else f"{e:.1e}" for e in errs)
-                  + (f" ERR {r['error'][:120]}" if r.get("error") else ""))
+            print(
+                f"check {r['impl']:12s} D{r['D']} {r['dtype']:8s} c={r['causal']} seg={r.get('segments')} "
+                f"w={r.get('window')} cap={r.get('softcap')} ok={r['ok']} "
+                + " ".join("-" if e is None else f"{e:.1e}" for e in errs)
+                + (f" ERR {r['error'][:120]}" if r.get("error") else "")
+            )
         elif k.startswith("sweep_") and k != "sweep_best":
-            print(f"{k:11s} D{r['D']} {r.get('cfg', r.get('pass_'))} {r['ms']:.2f}ms "
-                  f"{r['tflops']:.0f}TF" + (f" ERR {r['error'][:100]}" if r.get("error") else ""))
+            print(
+                f"{k:11s} D{r['D']} {r.get('cfg', r.get('pass_'))} {r['ms']:.2f}ms "
+                f"{r['tflops']:.0f}TF" + (f" ERR {r['error'][:100]}" if r.get("error") else "")
+            )
         elif k == "sweep_best":
             print(f"best D{r['D']} {r['block_sizes']}")
         elif k == "skipped":
             print(f"skipped {r['step']}")
         elif k == "bench":
             ms = r.get("ms", float("nan"))
-            print(f"bench {r['impl']:22s} {r['pass_']:7s} T{r['T']} D{r['D']} seg={r.get('segments')} "
-                  f"{ms:.2f}ms {r.get('tflops', float('nan')):.0f}TF"
-                  + (f" ERR {str(r.get('error'))[:100]}" if r.get("error") else ""))
+            print(
+                f"bench {r['impl']:22s} {r['pass_']:7s} T{r['T']} D{r['D']} seg={r.get('segments')} "
+                f"{ms:.2f}ms {r.get('tflops', float('nan')):.0f}TF"
+                + (f" ERR {str(r.get('error'))[:100]}" if r.get("error") else "")
+            )
 
 
 def rel(a, b) -> float:
@@ -144,7 +153,7 @@ def segment_ids_from(rows, t):
     for r, lens in enumerate(rows):
         pos = 0
         for i, n in enumerate(lens):
-            seg[r, pos:pos + n] = i + 1
+            seg[r, pos : pos + n] = i + 1
             pos += n
     return jnp.asarray(seg)
 
@@ -157,8 +166,18 @@ def pairs(rows=None, *, b=1, t=0, causal=True) -> int:
 
 def fns(impl, *, bs=None, seg=None, causal=True, window=None, softcap=None, max_segments=None):
     def f(q, k, v):
-        return A.attention(q, k, v, segment_ids=seg, causal=causal, window=window, softcap=softcap,
-                           impl=impl, block_sizes=bs, max_segments=max_segments)
+        return A.attention(
+            q,
+            k,
+            v,
+            segment_ids=seg,
+            causal=causal,
+            window=window,
+            softcap=softcap,
+            impl=impl,
+            block_sizes=bs,
+            max_segments=max_segments,
+        )
 
     def fb(q, k, v, do):
         _, vjp = jax.vjp(f, q, k, v)
@@ -204,9 +223,26 @@ def mode_check():
         tol = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 3e-2}[dt]
         ok = (not nan) and max(errs) < tol
         worst = max(worst, max(errs))
-        out_row(kind="check", impl="pallas", B=b, T=t, H=h, KV=kv, D=d, dtype=dt, causal=causal,
-                segments=use_seg, window=window, softcap=softcap, rel_err_out=errs[0],
-                rel_err_dq=errs[1], rel_err_dk=errs[2], rel_err_dv=errs[3], ok=ok, error=err)
+        out_row(
+            kind="check",
+            impl="pallas",
+            B=b,
+            T=t,
+            H=h,
+            KV=kv,
+            D=d,
+            dtype=dt,
+            causal=causal,
+            segments=use_seg,
+            window=window,
+            softcap=softcap,
+            rel_err_out=errs[0],
+            rel_err_dq=errs[1],
+            rel_err_dk=errs[2],
+            rel_err_dv=errs[3],
+            ok=ok,
+            error=err,
+        )
     # cuDNN on the same odd shape, window included (its sliding window must equal ours).
     q, k, v, do = make_inputs(jax.random.key(7), 1, 300, 8, 2, 128, jnp.bfloat16)
     try:
@@ -214,8 +250,21 @@ def mode_check():
         err = None
     except Exception as ex:  # noqa: BLE001
         e, err = float("nan"), f"{type(ex).__name__}: {str(ex)[:300]}"
-    out_row(kind="check", impl="cudnn", B=1, T=300, H=8, KV=2, D=128, dtype="bfloat16", causal=True,
-            window=100, rel_err_out=e, ok=bool(e < 3e-2), error=err)
+    out_row(
+        kind="check",
+        impl="cudnn",
+        B=1,
+        T=300,
+        H=8,
+        KV=2,
+        D=128,
+        dtype="bfloat16",
+        causal=True,
+        window=100,
+        rel_err_out=e,
+        ok=bool(e < 3e-2),
+        error=err,
+    )
     print(f"check: worst rel err {worst:.2e}")
 
 
@@ -240,8 +289,10 @@ BEST: dict[int, A.BlockSizes] = {}
 def _replace(bs, prefix, cfg):
     bq, bk, w, st = cfg
     sfx = {"fwd": "", "dkdv": "_dkv", "dq": "_dq"}[prefix]
-    return dataclasses.replace(bs, **{f"block_q{sfx}": bq, f"block_k{sfx}": bk,
-                                      f"num_warps{sfx}": w, f"num_stages{sfx}": st})
+    return dataclasses.replace(
+        bs,
+        **{f"block_q{sfx}": bq, f"block_k{sfx}": bk, f"num_warps{sfx}": w, f"num_stages{sfx}": st},
+    )
 
 
 def _try_time(fn, *args):
@@ -270,22 +321,42 @@ def step_sweep(d, b=4, t=4096):
         res[cfg] = s
     if res:
         best = _replace(best, "fwd", min(res, key=lambda c: np.nan_to_num(res[c], nan=1e9)))
-    st = A._Static(causal=True, window=None, softcap=None, sm_scale=1 / math.sqrt(d), blocks=best,
-                   interpret=_common.resolve_interpret(None), t=t, kv_len=t, head_dim=d)
+    st = A._Static(
+        causal=True,
+        window=None,
+        softcap=None,
+        sm_scale=1 / math.sqrt(d),
+        blocks=best,
+        interpret=_common.resolve_interpret(None),
+        t=t,
+        kv_len=t,
+        head_dim=d,
+    )
     out, lse = jax.jit(lambda q, k, v: A._fwd_impl(q, k, v, None, st))(q, k, v)
     delta = jnp.einsum("bthd,bthd->bht", out.astype(jnp.float32), do.astype(jnp.float32))
-    for name, cfgs, call, mult in (("dkdv", SWEEP_DKDV[d], AB.dkdv_call, 2.0),
-                                   ("dq", SWEEP_DQ[d], AB.dq_call, 1.5)):
+    for name, cfgs, call, mult in (
+        ("dkdv", SWEEP_DKDV[d], AB.dkdv_call, 2.0),
+        ("dq", SWEEP_DQ[d], AB.dq_call, 1.5),
+    ):
         res = {}
         for cfg in cfgs:
             if left() < 20:
                 break
             st2 = dataclasses.replace(st, blocks=_replace(best, name, cfg))
-            f = jax.jit(lambda q, k, v, do, lse, delta, st2=st2, call=call:
-                        call(q, k, v, None, do, lse, delta, st2))
+            f = jax.jit(
+                lambda q, k, v, do, lse, delta, st2=st2, call=call: call(
+                    q, k, v, None, do, lse, delta, st2
+                )
+            )
             s, err = _try_time(f, q, k, v, do, lse, delta)
-            out_row(kind=f"sweep_{name}", cfg=cfg, ms=s * 1e3, tflops=mult * fl / s / 1e12,
-                    error=err, **shape)
+            out_row(
+                kind=f"sweep_{name}",
+                cfg=cfg,
+                ms=s * 1e3,
+                tflops=mult * fl / s / 1e12,
+                error=err,
+                **shape,
+            )
             res[cfg] = s
         if res:
             best = _replace(best, name, min(res, key=lambda c: np.nan_to_num(res[c], nan=1e9)))
@@ -302,9 +373,23 @@ def step_check2():
     got = fns("pallas", seg=seg)[2](q, k, v, do)
     want = fns("xla", seg=seg)[2](q, k, v, do)
     errs = [rel(a, w) for a, w in zip(got, want)]
-    out_row(kind="check", impl="pallas", B=1, T=100, H=4, KV=4, D=64, dtype="float32", causal=True,
-            segments=True, rel_err_out=errs[0], rel_err_dq=errs[1], rel_err_dk=errs[2],
-            rel_err_dv=errs[3], ok=bool(max(errs) < 1e-4))
+    out_row(
+        kind="check",
+        impl="pallas",
+        B=1,
+        T=100,
+        H=4,
+        KV=4,
+        D=64,
+        dtype="float32",
+        causal=True,
+        segments=True,
+        rel_err_out=errs[0],
+        rel_err_dq=errs[1],
+        rel_err_dk=errs[2],
+        rel_err_dv=errs[3],
+        ok=bool(max(errs) < 1e-4),
+    )
     for d, window in ((128, None), (128, 100), (256, None)):
         b, t, h, kv = 2, 1000, 8, 2
         q, k, v, do = make_inputs(jax.random.key(12 + d), b, t, h, kv, d, jnp.bfloat16)
@@ -321,14 +406,33 @@ def step_check2():
         except Exception as e:  # noqa: BLE001
             errs, pad_zero, nan = [float("nan")] * 4, False, True
             err = f"{type(e).__name__}: {str(e)[:300]}"
-        out_row(kind="check", impl="cudnn_packed", B=b, T=t, H=h, KV=kv, D=d, dtype="bfloat16",
-                causal=True, segments=True, window=window, rel_err_out=errs[0], rel_err_dq=errs[1],
-                rel_err_dk=errs[2], rel_err_dv=errs[3], padding_zero=pad_zero,
-                ok=bool(not nan and max(errs) < 3e-2 and pad_zero), error=err)
+        out_row(
+            kind="check",
+            impl="cudnn_packed",
+            B=b,
+            T=t,
+            H=h,
+            KV=kv,
+            D=d,
+            dtype="bfloat16",
+            causal=True,
+            segments=True,
+            window=window,
+            rel_err_out=errs[0],
+            rel_err_dq=errs[1],
+            rel_err_dk=errs[2],
+            rel_err_dv=errs[3],
+            padding_zero=pad_zero,
+            ok=bool(not nan and max(errs) < 3e-2 and pad_zero),
+            error=err,
+        )
 
 
 def _time_pair(tag, fpair, args_f, args_b, flops, **kw):
-    for pass_, fn, args, mult in (("fwd", fpair[0], args_f, 1.0), ("fwd_bwd", fpair[1], args_b, 3.5)):
+    for pass_, fn, args, mult in (
+        ("fwd", fpair[0], args_f, 1.0),
+        ("fwd_bwd", fpair[1], args_b, 3.5),
+    ):
         if left() < 15:
             out_row(kind="bench", impl=tag, pass_=pass_, skipped="deadline", **kw)
             continue
@@ -337,8 +441,15 @@ def _time_pair(tag, fpair, args_f, args_b, flops, **kw):
             err = None
         except Exception as e:  # noqa: BLE001
             s, err = float("nan"), f"{type(e).__name__}: {str(e)[:300]}"
-        out_row(kind="bench", impl=tag, pass_=pass_, ms=s * 1e3, tflops=mult * flops / s / 1e12,
-                error=err, **kw)
+        out_row(
+            kind="bench",
+            impl=tag,
+            pass_=pass_,
+            ms=s * 1e3,
+            tflops=mult * flops / s / 1e12,
+            error=err,
+            **kw,
+        )
 
 
 def step_bench(t, d, *, pallas_only=False, tokens=32768):
@@ -350,30 +461,61 @@ def step_bench(t, d, *, pallas_only=False, tokens=32768):
     shape = {"B": b, "T": t, "H": h, "KV": kv, "D": d, "causal": True}
     tiles = {"block_sizes": dataclasses.asdict(bs)}
     fl = 4 * h * d * pairs(b=b, t=t)
-    impls = ["pallas"] if pallas_only else ["pallas", "cudnn"] + (["xla"] if (t, d) == (2048, 128) else [])
+    impls = (
+        ["pallas"]
+        if pallas_only
+        else ["pallas", "cudnn"] + (["xla"] if (t, d) == (2048, 128) else [])
+    )
     for impl in impls:
-        _time_pair(impl, fns(impl, bs=bs if impl == "pallas" else None)[:2], (q, k, v),
-                   (q, k, v, do), fl, segments=0, **shape, **(tiles if impl == "pallas" else {}))
+        _time_pair(
+            impl,
+            fns(impl, bs=bs if impl == "pallas" else None)[:2],
+            (q, k, v),
+            (q, k, v, do),
+            fl,
+            segments=0,
+            **shape,
+            **(tiles if impl == "pallas" else {}),
+        )
     rows = packed_lengths(rng, b, t)
     seg = segment_ids_from(rows, t)
     flp = 4 * h * d * pairs(rows)
     nseg = sum(len(r) for r in rows)
     packed = {"segments": nseg, **shape}
-    _time_pair("pallas", fns("pallas", bs=bs, seg=seg)[:2], (q, k, v), (q, k, v, do), flp,
-               **packed, **tiles)
+    _time_pair(
+        "pallas",
+        fns("pallas", bs=bs, seg=seg)[:2],
+        (q, k, v),
+        (q, k, v, do),
+        flp,
+        **packed,
+        **tiles,
+    )
     if not pallas_only and (t, d) == (2048, 128):
         _time_pair("xla", fns("xla", seg=seg)[:2], (q, k, v), (q, k, v, do), flp, **packed)
     if t == 8192:  # cuDNN's packed (THD) layout, static bound on segments per row
         m = max(len(r) for r in rows)
-        _time_pair("cudnn_packed", fns("cudnn", seg=seg, max_segments=m)[:2], (q, k, v),
-                   (q, k, v, do), flp, **packed)
+        _time_pair(
+            "cudnn_packed",
+            fns("cudnn", seg=seg, max_segments=m)[:2],
+            (q, k, v),
+            (q, k, v, do),
+            flp,
+            **packed,
+        )
     if not pallas_only and (d == 128 or t == 8192):  # the same sequences as a padded batch, causal
         lmax = -(-max(max(r) for r in rows) // 64) * 64
         qp, kp, vp, dop = make_inputs(jax.random.key(5), nseg, lmax, h, kv, d, jnp.bfloat16)
         padded = {"segments": nseg, "padded_to": [nseg, lmax], **shape}
         for impl in ("cudnn", "pallas"):
-            _time_pair(f"{impl}_padded_batch", fns(impl, bs=bs if impl == "pallas" else None)[:2],
-                       (qp, kp, vp), (qp, kp, vp, dop), flp, **padded)
+            _time_pair(
+                f"{impl}_padded_batch",
+                fns(impl, bs=bs if impl == "pallas" else None)[:2],
+                (qp, kp, vp),
+                (qp, kp, vp, dop),
+                flp,
+                **padded,
+            )
         del qp, kp, vp, dop
     del q, k, v, do
 
@@ -388,9 +530,13 @@ def to_md(path):
     cmd = next((r.get("command") for r in rows if r.get("command")), "")
     gpu = next((r.get("gpu") for r in rows if r.get("gpu")), "")
     print(f"# Attention on {gpu}\n\nCommand: `{cmd}`\n")
-    print("TFLOP/s count allowed (query, key) pairs only; fwd+bwd = 3.5x forward FLOPs. bf16, "
-          "causal, B*T = 32k tokens.\n")
-    print("| T | D | B | H/KV | segments | impl | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s |")
+    print(
+        "TFLOP/s count allowed (query, key) pairs only; fwd+bwd = 3.5x forward FLOPs. bf16, "
+        "causal, B*T = 32k tokens.\n"
+    )
+    print(
+        "| T | D | B | H/KV | segments | impl | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     key = {}
     for r in bench:
@@ -405,8 +551,10 @@ def to_md(path):
                 return "n/a"
             return f"{v:.1f}" if f_ == "tflops" else f"{v:.2f}"
 
-        print(f"| {k[0]} | {k[1]} | {k[2]} | {k[3]} | {k[4]} | {k[5]} | {c(f, 'ms')} | "
-              f"{c(f, 'tflops')} | {c(fb, 'ms')} | {c(fb, 'tflops')} |")
+        print(
+            f"| {k[0]} | {k[1]} | {k[2]} | {k[3]} | {k[4]} | {k[5]} | {c(f, 'ms')} | "
+            f"{c(f, 'tflops')} | {c(fb, 'ms')} | {c(fb, 'tflops')} |"
+        )
     sweep = [r for r in rows if r.get("kind", "").startswith("sweep")]
     if sweep:
         print("\n## Block-size sweep (B=4, T=4096, causal, bf16)\n")
@@ -418,20 +566,27 @@ def to_md(path):
     checks = [r for r in rows if r.get("kind") == "check"]
     if checks:
         print("\n## Compiled correctness (rel. L2 error vs fp32 reference)\n")
-        print("| impl | shape | dtype | causal | seg | window | softcap | out | dq | dk | dv | ok |")
+        print(
+            "| impl | shape | dtype | causal | seg | window | softcap | out | dq | dk | dv | ok |"
+        )
         print("|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in checks:
             errs = [r.get(f"rel_err_{x}") for x in ("out", "dq", "dk", "dv")]
             es = " | ".join("-" if e is None else f"{e:.1e}" for e in errs)
-            print(f"| {r['impl']} | {r['B']}x{r['T']}x{r['H']}/{r['KV']}x{r['D']} | {r['dtype']} | "
-                  f"{r['causal']} | {r.get('segments')} | {r.get('window')} | {r.get('softcap')} | "
-                  f"{es} | {r['ok']} |")
+            print(
+                f"| {r['impl']} | {r['B']}x{r['T']}x{r['H']}/{r['KV']}x{r['D']} | {r['dtype']} | "
+                f"{r['causal']} | {r.get('segments')} | {r.get('window')} | {r.get('softcap')} | "
+                f"{es} | {r['ok']} |"
+            )
 
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--plan", default="check,sweep:128,sweep:256,bench:8192:128,bench:8192:256,"
-                   "bench:2048:128,bench:32768:128,bench:2048:256,bench:32768:256")
+    p.add_argument(
+        "--plan",
+        default="check,sweep:128,sweep:256,bench:8192:128,bench:8192:256,"
+        "bench:2048:128,bench:32768:128,bench:2048:256,bench:32768:256",
+    )
     p.add_argument("--out", default=None)
     p.add_argument("--deadline", type=float, default=1e9, help="seconds; later steps are skipped")
     p.add_argument("--tokens", type=int, default=32768, help="B * T per bench shape")

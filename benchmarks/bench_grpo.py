@@ -32,13 +32,29 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-TINY = {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
-        "max_position_embeddings": 512, "model_type": "llama"}
+TINY = {
+    "vocab_size": 128,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "max_position_embeddings": 512,
+    "model_type": "llama",
+}
 
 
-def run_one(shape: str, G: int, new: int, prompt_len: int, micro: int, steps: int,
-            cap: float | None, remat: str) -> dict:
+def run_one(
+    shape: str,
+    G: int,
+    new: int,
+    prompt_len: int,
+    micro: int,
+    steps: int,
+    cap: float | None,
+    remat: str,
+) -> dict:
     """One configuration in this process: ``steps + 1`` GRPO steps, the first one dropped."""
     import jax
     import numpy as np
@@ -56,8 +72,9 @@ def run_one(shape: str, G: int, new: int, prompt_len: int, micro: int, steps: in
         cfg = registry.config_from_hf(get(shape).hf_config())
     t0 = time.perf_counter()
     params, note = _nf4_params(cfg)
-    lora, lora_config = lora_lib.get_peft_model(params, cfg, r=16, lora_alpha=16,
-                                                target_modules="all-linear")
+    lora, lora_config = lora_lib.get_peft_model(
+        params, cfg, r=16, lora_alpha=16, target_modules="all-linear"
+    )
     jax.block_until_ready((params, lora))
     load_s = time.perf_counter() - t0
     rng = np.random.default_rng(0)
@@ -66,13 +83,25 @@ def run_one(shape: str, G: int, new: int, prompt_len: int, micro: int, steps: in
     def toy_reward(prompts, completions, completion_ids):  # any spread of rewards will do
         return [float(np.mean(np.asarray(ids) % 7 == 0)) for ids in completion_ids]
 
-    config = GRPOConfig(num_generations=G, prompts_per_step=1, max_new_tokens=new,
-                        max_prompt_length=None, temperature=1.0, beta=0.04,
-                        learning_rate=1e-5, max_steps=steps + 1, micro_batch_size=micro,
-                        remat_policy=remat, output_dir=os.environ.get("TMPDIR", "/tmp") +
-                        "/bench_grpo", progress_bar=False, plot=False, save_final=False)
-    trainer = GRPOTrainer(params, cfg, rows, [toy_reward], config, lora=lora,
-                          lora_config=lora_config)
+    config = GRPOConfig(
+        num_generations=G,
+        prompts_per_step=1,
+        max_new_tokens=new,
+        max_prompt_length=None,
+        temperature=1.0,
+        beta=0.04,
+        learning_rate=1e-5,
+        max_steps=steps + 1,
+        micro_batch_size=micro,
+        remat_policy=remat,
+        output_dir=os.environ.get("TMPDIR", "/tmp") + "/bench_grpo",
+        progress_bar=False,
+        plot=False,
+        save_final=False,
+    )
+    trainer = GRPOTrainer(
+        params, cfg, rows, [toy_reward], config, lora=lora, lora_config=lora_config
+    )
     result = trainer.train()
     timed = result.history[1:]
     gen_tokens = sum(h["gen_tokens"] for h in timed)
@@ -80,15 +109,29 @@ def run_one(shape: str, G: int, new: int, prompt_len: int, micro: int, steps: in
     train_s = sum(h["train_s"] for h in timed)
     train_tokens = sum(h["train_tokens_per_s"] * h["train_s"] for h in timed)
     return common.record(
-        system="fastjax-qlora-grpo", shape=shape, num_generations=G, completion_len=new,
-        prompt_len=prompt_len, micro_batch_size=micro, remat=remat, steps_timed=len(timed),
-        gen_tokens_per_s=round(gen_tokens / gen_s, 1), train_tokens_per_s=round(
-            train_tokens / train_s, 1), step_s=round((gen_s + train_s) / len(timed), 3),
-        gen_s=round(gen_s / len(timed), 3), train_s=round(train_s / len(timed), 3),
-        completion_length=timed[-1]["completion_length"], reward=timed[-1]["reward"],
-        kl=timed[-1]["kl"], peak_gib=round(common.peak_gib(), 2), cap_gib=cap, fits=True,
-        load_s=round(load_s, 1), note=note, first_step_s=round(result.history[0]["gen_s"] +
-                                                    result.history[0]["train_s"], 1))
+        system="fastjax-qlora-grpo",
+        shape=shape,
+        num_generations=G,
+        completion_len=new,
+        prompt_len=prompt_len,
+        micro_batch_size=micro,
+        remat=remat,
+        steps_timed=len(timed),
+        gen_tokens_per_s=round(gen_tokens / gen_s, 1),
+        train_tokens_per_s=round(train_tokens / train_s, 1),
+        step_s=round((gen_s + train_s) / len(timed), 3),
+        gen_s=round(gen_s / len(timed), 3),
+        train_s=round(train_s / len(timed), 3),
+        completion_length=timed[-1]["completion_length"],
+        reward=timed[-1]["reward"],
+        kl=timed[-1]["kl"],
+        peak_gib=round(common.peak_gib(), 2),
+        cap_gib=cap,
+        fits=True,
+        load_s=round(load_s, 1),
+        note=note,
+        first_step_s=round(result.history[0]["gen_s"] + result.history[0]["train_s"], 1),
+    )
 
 
 def _nf4_params(cfg):
@@ -105,8 +148,10 @@ def _nf4_params(cfg):
         return params, None
     del params
     dense = common.random_params(cfg, jax.random.key(0), quantize=False)
-    note = (f"random_params(quantize=True) gave {type(weight).__name__} layer weights; quantized "
-            "after a bf16 load (peak_gib includes the bf16 model)")
+    note = (
+        f"random_params(quantize=True) gave {type(weight).__name__} layer weights; quantized "
+        "after a bf16 load (peak_gib includes the bf16 model)"
+    )
     return quant.quantize_params(dense, donate=True), note
 
 
@@ -151,14 +196,29 @@ def main() -> None:
         G, new = min(args.num_generations, 4), min(args.completion_len, 16)
         row = run_one("tiny", G, new, min(args.prompt_len, 8), G // 2, args.steps, None, args.remat)
         common.emit(row, args.out)
-        print(f"tiny: gen {row['gen_tokens_per_s']:,.0f} tok/s, train "
-              f"{row['train_tokens_per_s']:,.0f} tok/s, peak {row['peak_gib']} GiB")
+        print(
+            f"tiny: gen {row['gen_tokens_per_s']:,.0f} tok/s, train "
+            f"{row['train_tokens_per_s']:,.0f} tok/s, peak {row['peak_gib']} GiB"
+        )
         return
     if args.one:
         new, micro = (int(x) for x in args.one.split(":"))
         cap = args.cap_gib or None
-        print(json.dumps(run_one(args.shape, args.num_generations, new, args.prompt_len, micro,
-                                 args.steps, cap, args.remat)), flush=True)
+        print(
+            json.dumps(
+                run_one(
+                    args.shape,
+                    args.num_generations,
+                    new,
+                    args.prompt_len,
+                    micro,
+                    args.steps,
+                    cap,
+                    args.remat,
+                )
+            ),
+            flush=True,
+        )
         return
 
     env = {}
@@ -169,10 +229,23 @@ def main() -> None:
         print(f"no nvidia-smi: running without the {args.cap_gib} GiB cap", file=sys.stderr)
     table = []
     for new, micro in attempts(args):
-        cmd = [str(Path(__file__).resolve()), "--shape", args.shape, "--num-generations",
-               str(args.num_generations), "--prompt-len", str(args.prompt_len), "--steps",
-               str(args.steps), "--remat", args.remat, "--cap-gib", str(args.cap_gib), "--one",
-               f"{new}:{micro}"]
+        cmd = [
+            str(Path(__file__).resolve()),
+            "--shape",
+            args.shape,
+            "--num-generations",
+            str(args.num_generations),
+            "--prompt-len",
+            str(args.prompt_len),
+            "--steps",
+            str(args.steps),
+            "--remat",
+            args.remat,
+            "--cap-gib",
+            str(args.cap_gib),
+            "--one",
+            f"{new}:{micro}",
+        ]
         rows = common.run_subprocess(cmd, env=env, timeout=args.timeout)
         for r in rows:
             r = dict(r, completion_len=new, micro_batch_size=micro, cap_gib=args.cap_gib or None)
@@ -183,12 +256,16 @@ def main() -> None:
             table.append(r)
         if any(r.get("fits") for r in rows) and not args.all:
             break
-    print(f"\n{'len':>5} {'micro':>5} {'fits':>5} {'peak GiB':>9} {'gen tok/s':>10} "
-          f"{'train tok/s':>12} {'step s':>7}")
+    print(
+        f"\n{'len':>5} {'micro':>5} {'fits':>5} {'peak GiB':>9} {'gen tok/s':>10} "
+        f"{'train tok/s':>12} {'step s':>7}"
+    )
     for r in table:
-        print(f"{r['completion_len']:>5} {r['micro_batch_size']:>5} {r.get('fits')!s:>5} "
-              f"{r.get('peak_gib', '-')!s:>9} {r.get('gen_tokens_per_s', '-')!s:>10} "
-              f"{r.get('train_tokens_per_s', '-')!s:>12} {r.get('step_s', '-')!s:>7}")
+        print(
+            f"{r['completion_len']:>5} {r['micro_batch_size']:>5} {r.get('fits')!s:>5} "
+            f"{r.get('peak_gib', '-')!s:>9} {r.get('gen_tokens_per_s', '-')!s:>10} "
+            f"{r.get('train_tokens_per_s', '-')!s:>12} {r.get('step_s', '-')!s:>7}"
+        )
 
 
 if __name__ == "__main__":

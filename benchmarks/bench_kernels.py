@@ -98,10 +98,12 @@ def _rel(got, want) -> float:
 
 def _fwd_bwd(fn, n_diff: int):
     """(*diff_args, *static_args, cts) -> (out, grads) through jax.vjp."""
+
     def run(*args):
         diff, rest, ct = args[:n_diff], args[n_diff:-1], args[-1]
         out, vjp = jax.vjp(lambda *d: fn(*d, *rest), *diff)
         return out, vjp(ct)
+
     return run
 
 
@@ -111,17 +113,38 @@ def copy_bandwidth(b: Bench):
     rows = 8192 if jax.default_backend() == "gpu" else 64
     best = 0.0
     for shape in ((rows * 65536,), (rows, 65536)):
-        x = [jax.random.normal(jax.random.key(i), shape, jnp.float32).astype(BF16) for i in range(2)]
+        x = [
+            jax.random.normal(jax.random.key(i), shape, jnp.float32).astype(BF16) for i in range(2)
+        ]
         ms = _time_ms(jax.jit(lambda x: x * 2), [(xi,) for xi in x])
         gbps = 2 * x[0].nbytes / ms / 1e6
         best = max(best, gbps)
-        b.record(op="copy", shape=f"{'x'.join(map(str, shape))}-bf16", impl="xla", fwd_ms=ms,
-                 fwd_gbps=gbps, device=str(jax.devices()[0].device_kind), jax=jax.__version__)
+        b.record(
+            op="copy",
+            shape=f"{'x'.join(map(str, shape))}-bf16",
+            impl="xla",
+            fwd_ms=ms,
+            fwd_gbps=gbps,
+            device=str(jax.devices()[0].device_kind),
+            jax=jax.__version__,
+        )
     b.copy_gbps = best
 
 
-def run_op(b: Bench, *, op, shape, make_inputs, n_diff, impls, bytes_fwd, bytes_fwdbwd,
-           n_sets=3, extra=None, flops_fwd=None):
+def run_op(
+    b: Bench,
+    *,
+    op,
+    shape,
+    make_inputs,
+    n_diff,
+    impls,
+    bytes_fwd,
+    bytes_fwdbwd,
+    n_sets=3,
+    extra=None,
+    flops_fwd=None,
+):
     """impls: list of (impl_label, variant_label, fn(*diff, *static) -> out). First one = reference."""
     if b.over_budget():
         b.record(op=op, shape=shape, skipped="budget")
@@ -135,11 +158,23 @@ def run_op(b: Bench, *, op, shape, make_inputs, n_diff, impls, bytes_fwd, bytes_
             try:
                 for f in (lambda *a, fn=fn: fn(*a[:-1]), _fwd_bwd(fn, n_diff)):
                     jax.jit(f).trace(*shapes).lower(lowering_platforms=("cuda",))
-                b.record(op=op, shape=shape, impl=impl, variant=variant, lowered=True,
-                         lower_s=time.time() - t)
+                b.record(
+                    op=op,
+                    shape=shape,
+                    impl=impl,
+                    variant=variant,
+                    lowered=True,
+                    lower_s=time.time() - t,
+                )
             except Exception as e:  # noqa: BLE001
-                b.record(op=op, shape=shape, impl=impl, variant=variant, lowered=False,
-                         error=f"{type(e).__name__}: {e}"[:400])
+                b.record(
+                    op=op,
+                    shape=shape,
+                    impl=impl,
+                    variant=variant,
+                    lowered=False,
+                    error=f"{type(e).__name__}: {e}"[:400],
+                )
         return
     sets = [make_inputs(i) for i in range(n_sets)]  # each: (*args, ct)
     ref = None
@@ -177,9 +212,12 @@ def run_op(b: Bench, *, op, shape, make_inputs, n_diff, impls, bytes_fwd, bytes_
                     ma = f.lower(*sets[0]).compile().memory_analysis()
                     if ma is not None:
                         row[f"{k}_temp_mib"] = ma.temp_size_in_bytes / 2**20
-                        row[f"{k}_total_mib"] = (ma.argument_size_in_bytes + ma.output_size_in_bytes
-                                                 + ma.temp_size_in_bytes
-                                                 - ma.alias_size_in_bytes) / 2**20
+                        row[f"{k}_total_mib"] = (
+                            ma.argument_size_in_bytes
+                            + ma.output_size_in_bytes
+                            + ma.temp_size_in_bytes
+                            - ma.alias_size_in_bytes
+                        ) / 2**20
         except Exception as e:  # noqa: BLE001
             row["error"] = f"{type(e).__name__}: {e}"[:600]
             traceback.print_exc()
@@ -205,15 +243,33 @@ def bench_rms_norm(b: Bench, model: str, n_tok: int, offset: float):
         return _normal(k[0], (n_tok, d)), _normal(k[1], (d,), scale=0.5), _normal(k[2], (n_tok, d))
 
     pick = RN.pick_block_sizes(n_tok, d, BF16)
-    variants = [pick] + [dataclasses.replace(pick, block_rows=r, num_warps=w)
-                         for r, w in ((1, 4), (4, 8)) if (r, w) != (pick.block_rows, pick.num_warps)]
+    variants = [pick] + [
+        dataclasses.replace(pick, block_rows=r, num_warps=w)
+        for r, w in ((1, 4), (4, 8))
+        if (r, w) != (pick.block_rows, pick.num_warps)
+    ]
     variants += [dataclasses.replace(pick, bwd_programs=2 * pick.bwd_programs)]
-    impls = [("xla", "reference", lambda x, w: RN.rms_norm(x, w, eps=1e-5, offset=offset, impl="xla"))]
-    impls += [("pallas", f"rows{v.block_rows}-w{v.num_warps}-p{v.bwd_programs}",
-               lambda x, w, v=v: RN.rms_norm(x, w, eps=1e-5, offset=offset, block_sizes=v))
-              for v in variants]
-    run_op(b, op=f"rms_norm(offset={offset})", shape=f"{model}:T{n_tok}xD{d}", make_inputs=inputs,
-           n_diff=2, impls=impls, bytes_fwd=2 * n_tok * d * s, bytes_fwdbwd=5 * n_tok * d * s)
+    impls = [
+        ("xla", "reference", lambda x, w: RN.rms_norm(x, w, eps=1e-5, offset=offset, impl="xla"))
+    ]
+    impls += [
+        (
+            "pallas",
+            f"rows{v.block_rows}-w{v.num_warps}-p{v.bwd_programs}",
+            lambda x, w, v=v: RN.rms_norm(x, w, eps=1e-5, offset=offset, block_sizes=v),
+        )
+        for v in variants
+    ]
+    run_op(
+        b,
+        op=f"rms_norm(offset={offset})",
+        shape=f"{model}:T{n_tok}xD{d}",
+        make_inputs=inputs,
+        n_diff=2,
+        impls=impls,
+        bytes_fwd=2 * n_tok * d * s,
+        bytes_fwdbwd=5 * n_tok * d * s,
+    )
 
 
 def bench_rms_norm_residual(b: Bench, model: str, n_tok: int):
@@ -225,11 +281,20 @@ def bench_rms_norm_residual(b: Bench, model: str, n_tok: int):
         x, r, w = _normal(k[0], (n_tok, d)), _normal(k[1], (n_tok, d)), _normal(k[2], (d,))
         return x, r, w, (_normal(k[3], (n_tok, d)), _normal(k[4], (n_tok, d)))
 
-    impls = [("xla", "reference",
-              lambda x, r, w: RN.rms_norm_residual(x, r, w, eps=1e-5, impl="xla")),
-             ("pallas", "picker", lambda x, r, w: RN.rms_norm_residual(x, r, w, eps=1e-5))]
-    run_op(b, op="rms_norm_residual", shape=f"{model}:T{n_tok}xD{d}", make_inputs=inputs, n_diff=3,
-           impls=impls, bytes_fwd=4 * n_tok * d * s, bytes_fwdbwd=8 * n_tok * d * s)
+    impls = [
+        ("xla", "reference", lambda x, r, w: RN.rms_norm_residual(x, r, w, eps=1e-5, impl="xla")),
+        ("pallas", "picker", lambda x, r, w: RN.rms_norm_residual(x, r, w, eps=1e-5)),
+    ]
+    run_op(
+        b,
+        op="rms_norm_residual",
+        shape=f"{model}:T{n_tok}xD{d}",
+        make_inputs=inputs,
+        n_diff=3,
+        impls=impls,
+        bytes_fwd=4 * n_tok * d * s,
+        bytes_fwdbwd=8 * n_tok * d * s,
+    )
 
 
 def bench_rope(b: Bench, model: str, n_tok: int):
@@ -245,15 +310,31 @@ def bench_rope(b: Bench, model: str, n_tok: int):
         return q, kk, pos, (_normal(k[2], q.shape), _normal(k[3], kk.shape))
 
     pick = RP.pick_block_sizes(n_tok, h, kv, dh)
-    variants = [pick] + [RP.BlockSizes(t, w) for t, w in ((1, 4), (2, 4), (4, 8))
-                         if (t, w) != (pick.block_t, pick.num_warps)]
+    variants = [pick] + [
+        RP.BlockSizes(t, w)
+        for t, w in ((1, 4), (2, 4), (4, 8))
+        if (t, w) != (pick.block_t, pick.num_warps)
+    ]
     impls = [("xla", "reference", lambda q, k, pos: RP.rope(q, k, pos, inv_freq, impl="xla"))]
-    impls += [("pallas", f"t{v.block_t}-w{v.num_warps}",
-               lambda q, k, pos, v=v: RP.rope(q, k, pos, inv_freq, block_sizes=v))
-              for v in variants]
+    impls += [
+        (
+            "pallas",
+            f"t{v.block_t}-w{v.num_warps}",
+            lambda q, k, pos, v=v: RP.rope(q, k, pos, inv_freq, block_sizes=v),
+        )
+        for v in variants
+    ]
     nbytes = 2 * n_tok * (h + kv) * dh * s
-    run_op(b, op="rope", shape=f"{model}:T{n_tok}", make_inputs=inputs, n_diff=2, impls=impls,
-           bytes_fwd=nbytes, bytes_fwdbwd=2 * nbytes)
+    run_op(
+        b,
+        op="rope",
+        shape=f"{model}:T{n_tok}",
+        make_inputs=inputs,
+        n_diff=2,
+        impls=impls,
+        bytes_fwd=nbytes,
+        bytes_fwdbwd=2 * nbytes,
+    )
 
 
 def bench_glu(b: Bench, model: str, n_tok: int, activation: str, sweep: bool = True):
@@ -262,22 +343,46 @@ def bench_glu(b: Bench, model: str, n_tok: int, activation: str, sweep: bool = T
 
     def inputs(i):
         k = jax.random.split(jax.random.key(400 + i), 3)
-        return (_normal(k[0], (n_tok, f), scale=2.0), _normal(k[1], (n_tok, f)),
-                _normal(k[2], (n_tok, f)))
+        return (
+            _normal(k[0], (n_tok, f), scale=2.0),
+            _normal(k[1], (n_tok, f)),
+            _normal(k[2], (n_tok, f)),
+        )
 
     pick = SG.pick_block_sizes(n_tok * f)
-    variants = [pick] + ([SG.BlockSizes(bl, w) for bl, w in ((1024, 4), (2048, 4), (8192, 8))
-                          if (bl, w) != (pick.block, pick.num_warps)] if sweep else [])
+    variants = [pick] + (
+        [
+            SG.BlockSizes(bl, w)
+            for bl, w in ((1024, 4), (2048, 4), (8192, 8))
+            if (bl, w) != (pick.block, pick.num_warps)
+        ]
+        if sweep
+        else []
+    )
     impls = [("xla", "reference", lambda g, u: SG.glu(g, u, activation=activation, impl="xla"))]
-    impls += [("pallas", f"b{v.block}-w{v.num_warps}",
-               lambda g, u, v=v: SG.glu(g, u, activation=activation, block_sizes=v))
-              for v in variants]
-    run_op(b, op=f"glu({activation})", shape=f"{model}:T{n_tok}xF{f}", make_inputs=inputs, n_diff=2,
-           impls=impls, bytes_fwd=3 * n_tok * f * s, bytes_fwdbwd=8 * n_tok * f * s)
+    impls += [
+        (
+            "pallas",
+            f"b{v.block}-w{v.num_warps}",
+            lambda g, u, v=v: SG.glu(g, u, activation=activation, block_sizes=v),
+        )
+        for v in variants
+    ]
+    run_op(
+        b,
+        op=f"glu({activation})",
+        shape=f"{model}:T{n_tok}xF{f}",
+        make_inputs=inputs,
+        n_diff=2,
+        impls=impls,
+        bytes_fwd=3 * n_tok * f * s,
+        bytes_fwdbwd=8 * n_tok * f * s,
+    )
 
 
-def bench_cross_entropy(b: Bench, model: str, n_tok: int, *, softcap=None, variants=(),
-                        with_full: bool = True):
+def bench_cross_entropy(
+    b: Bench, model: str, n_tok: int, *, softcap=None, variants=(), with_full: bool = True
+):
     cfg = get(model)
     d, v = cfg.hidden_size, cfg.vocab_size
 
@@ -288,20 +393,43 @@ def bench_cross_entropy(b: Bench, model: str, n_tok: int, *, softcap=None, varia
         return _normal(k[0], (n_tok, d)), _normal(k[1], (v, d), scale=0.02), lab, jnp.float32(1.0)
 
     kw = {"softcap": softcap}
-    impls = [("xla", "full-logits", lambda h, w, lab: CE.cross_entropy(h, w, lab, impl="xla", **kw))]
+    impls = [
+        ("xla", "full-logits", lambda h, w, lab: CE.cross_entropy(h, w, lab, impl="xla", **kw))
+    ]
     if not with_full:
         impls = []
     pick = CE.pick_block_sizes(n_tok, v, d, BF16)
     for bs in [pick, *[dataclasses.replace(pick, **var) for var in variants]]:
-        name = (f"t{bs.block_t}v{bs.block_v}k{bs.block_k}-w{bs.num_warps}s{bs.num_stages}"
-                f"-sp{bs.vocab_splits}-c{bs.bwd_vocab_chunk}")
-        impls.append(("pallas", name, lambda h, w, lab, bs=bs: CE.cross_entropy(
-            h, w, lab, block_sizes=bs, **kw)))
-    impls.append(("xla_chunked", f"tc{pick.token_chunk}", lambda h, w, lab: CE.cross_entropy(
-        h, w, lab, impl="xla_chunked", **kw)))
-    run_op(b, op="cross_entropy" + (f"(softcap={softcap})" if softcap else ""),
-           shape=f"{model}:T{n_tok}xV{v}xD{d}", make_inputs=inputs, n_diff=2, impls=impls,
-           bytes_fwd=None, bytes_fwdbwd=None, n_sets=1, flops_fwd=2 * n_tok * v * d)
+        name = (
+            f"t{bs.block_t}v{bs.block_v}k{bs.block_k}-w{bs.num_warps}s{bs.num_stages}"
+            f"-sp{bs.vocab_splits}-c{bs.bwd_vocab_chunk}"
+        )
+        impls.append(
+            (
+                "pallas",
+                name,
+                lambda h, w, lab, bs=bs: CE.cross_entropy(h, w, lab, block_sizes=bs, **kw),
+            )
+        )
+    impls.append(
+        (
+            "xla_chunked",
+            f"tc{pick.token_chunk}",
+            lambda h, w, lab: CE.cross_entropy(h, w, lab, impl="xla_chunked", **kw),
+        )
+    )
+    run_op(
+        b,
+        op="cross_entropy" + (f"(softcap={softcap})" if softcap else ""),
+        shape=f"{model}:T{n_tok}xV{v}xD{d}",
+        make_inputs=inputs,
+        n_diff=2,
+        impls=impls,
+        bytes_fwd=None,
+        bytes_fwdbwd=None,
+        n_sets=1,
+        flops_fwd=2 * n_tok * v * d,
+    )
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -318,18 +446,24 @@ def table(rows: list[dict]) -> str:
     Forward bytes are moved by every impl alike; fwd+bwd rows are not used (XLA's fused fwd+bwd moves
     fewer bytes than the count, so its rate is not a physical one)."""
     ceiling = max([r.get("fwd_gbps", 0.0) for r in rows] + [1e-9])
-    out = [f"Bandwidth ceiling {ceiling:.0f} GB/s = best forward rate of this run (copy probe included).",
-           "",
-           ("| op | shape | impl | variant | fwd ms | fwd+bwd ms | fwd %BW or TF/s "
-            "| fwd+bwd %BW or TF/s | vs XLA fwd / fwd+bwd | fwd+bwd MiB (temp) | max rel err |"),
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    out = [
+        f"Bandwidth ceiling {ceiling:.0f} GB/s = best forward rate of this run (copy probe included).",
+        "",
+        (
+            "| op | shape | impl | variant | fwd ms | fwd+bwd ms | fwd %BW or TF/s "
+            "| fwd+bwd %BW or TF/s | vs XLA fwd / fwd+bwd | fwd+bwd MiB (temp) | max rel err |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         if r.get("op") in ("copy", "meta"):
             continue
         if "fwd_ms" not in r:
             why = r.get("error", r.get("skipped", ""))[:60]
-            out.append(f"| {r['op']} | {r.get('shape', '')} | {r.get('impl', '')} | "
-                       f"{r.get('variant', '')} | not run: {why} | | | | | | |")
+            out.append(
+                f"| {r['op']} | {r.get('shape', '')} | {r.get('impl', '')} | "
+                f"{r.get('variant', '')} | not run: {why} | | | | | | |"
+            )
             continue
         rates = []
         for k, mult in (("fwd", 1), ("fwdbwd", 3)):
@@ -339,13 +473,21 @@ def table(rows: list[dict]) -> str:
                 rates.append(f"{mult * _ce_flops(r['shape']) / r[k + '_ms'] / 1e9:.0f}")
             else:
                 rates.append("")
-        vs = (f"{r['fwd_speedup_vs_xla']:.2f}x / {r['fwdbwd_speedup_vs_xla']:.2f}x"
-              if "fwd_speedup_vs_xla" in r else "")
-        mem = (f"{r['fwdbwd_total_mib']:.0f} ({r['fwdbwd_temp_mib']:.0f})"
-               if "fwdbwd_total_mib" in r else "")
+        vs = (
+            f"{r['fwd_speedup_vs_xla']:.2f}x / {r['fwdbwd_speedup_vs_xla']:.2f}x"
+            if "fwd_speedup_vs_xla" in r
+            else ""
+        )
+        mem = (
+            f"{r['fwdbwd_total_mib']:.0f} ({r['fwdbwd_temp_mib']:.0f})"
+            if "fwdbwd_total_mib" in r
+            else ""
+        )
         err = f"{r['max_rel_err']:.1e}" if "max_rel_err" in r else "reference"
-        out.append(f"| {r['op']} | {r['shape']} | {r['impl']} | {r['variant']} | {r['fwd_ms']:.3f} | "
-                   f"{r['fwdbwd_ms']:.3f} | {rates[0]} | {rates[1]} | {vs} | {mem} | {err} |")
+        out.append(
+            f"| {r['op']} | {r['shape']} | {r['impl']} | {r['variant']} | {r['fwd_ms']:.3f} | "
+            f"{r['fwdbwd_ms']:.3f} | {rates[0]} | {rates[1]} | {vs} | {mem} | {err} |"
+        )
     return "\n".join(out)
 
 
@@ -356,7 +498,9 @@ def main(argv=None):
     p.add_argument("--lower-only", action="store_true", help="only lower Pallas variants for CUDA")
     p.add_argument("--only", default="", help="comma list of ops: ce,rms,res,rope,glu")
     p.add_argument("--tiny", action="store_true", help="CPU smoke run of this script: tiny shapes")
-    p.add_argument("--table", default=None, help="print the markdown table of a results JSONL; exit")
+    p.add_argument(
+        "--table", default=None, help="print the markdown table of a results JSONL; exit"
+    )
     args = p.parse_args(argv)
     if args.table:
         with open(args.table) as f:
@@ -371,15 +515,22 @@ def main(argv=None):
         os.environ["FASTJAX_PALLAS_INTERPRET"] = "0"
     b = Bench(args.out, args.budget, args.lower_only)
     only = set(filter(None, args.only.split(",")))
+
     def want(k: str) -> bool:
         return not only or k in only
 
     if not args.lower_only:
         copy_bandwidth(b)
     if want("ce"):
-        bench_cross_entropy(b, "llama-3-8b", T_BIG,
-                            variants=[{"block_v": 128}, {"block_t": 64, "block_v": 128,
-                                                         "num_warps": 4, "num_stages": 4}])
+        bench_cross_entropy(
+            b,
+            "llama-3-8b",
+            T_BIG,
+            variants=[
+                {"block_v": 128},
+                {"block_t": 64, "block_v": 128, "num_warps": 4, "num_stages": 4},
+            ],
+        )
         bench_cross_entropy(b, "llama-3-8b", T_SMALL)
     if want("rms"):
         for t in (T_BIG, T_SMALL):
@@ -401,8 +552,10 @@ def main(argv=None):
     if want("ce"):
         bench_cross_entropy(b, "gemma-2-9b", T_SMALL, softcap=30.0)
     if not args.lower_only:
-        print(f"\ncopy bandwidth {b.copy_gbps:.0f} GB/s on {jax.devices()[0].device_kind}; "
-              f"jax {jax.__version__}; {time.time() - b.t0:.0f} s")
+        print(
+            f"\ncopy bandwidth {b.copy_gbps:.0f} GB/s on {jax.devices()[0].device_kind}; "
+            f"jax {jax.__version__}; {time.time() - b.t0:.0f} s"
+        )
         print(table(b.rows))
     else:
         bad = [r for r in b.rows if r.get("lowered") is False]

@@ -80,6 +80,7 @@ def random_params(cfg, key, *, dtype=jnp.bfloat16, quantize: bool = False, std: 
         lambda k, shape: (std * jax.random.normal(k, shape, jnp.float32)).astype(dtype),
         static_argnums=1,
     )
+
     def tensors():  # one at a time: stack_layers writes each into its stacked buffer and drops it
         for i, (name, shape) in enumerate(sorted(shapes.items())):
             if name.endswith("norm.weight"):

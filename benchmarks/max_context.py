@@ -212,8 +212,13 @@ def run_search(
     site_env: dict | None,
 ) -> dict:
     chunk = args.mlp_chunk_size if system.startswith("fastjax") else None
-    key = dict(system=system, shape=args.shape, cap_gib=cap_gib, remat=args.remat,
-               mlp_chunk_size=chunk or None)
+    key = dict(
+        system=system,
+        shape=args.shape,
+        cap_gib=cap_gib,
+        remat=args.remat,
+        mlp_chunk_size=chunk or None,
+    )
     known = {} if args.fresh else _known_probes(args.out, key)
     last_error = {}
 
@@ -281,8 +286,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-trials", type=int, default=12, help="new probes per search")
     ap.add_argument("--max-seq", type=int, default=524288, help="longest sequence probed")
     ap.add_argument("--remat", default="offload_layer_input", help="fastjax remat preset")
-    ap.add_argument("--mlp-chunk-size", type=int, default=8192,
-                    help="fastjax: tokens per MLP slice (0: whole sequence at once)")
+    ap.add_argument(
+        "--mlp-chunk-size",
+        type=int,
+        default=8192,
+        help="fastjax: tokens per MLP slice (0: whole sequence at once)",
+    )
     ap.add_argument("--proc-timeout", type=float, default=540, help="seconds per probe")
     ap.add_argument("--budget-s", type=float, default=0, help="wall-clock budget (0: none)")
     ap.add_argument(

@@ -434,8 +434,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--grid", default="4x2048,1x8192", help="comma-separated BATCHxSEQ")
     ap.add_argument("--systems", default=",".join(DEFAULT_SYSTEMS))
     ap.add_argument("--remat", default="full", help="fastjax remat preset(s), comma-separated")
-    ap.add_argument("--mlp-chunk-size", type=int, default=None,
-                    help="fastjax: tokens per MLP slice (default: the whole micro-batch at once)")
+    ap.add_argument(
+        "--mlp-chunk-size",
+        type=int,
+        default=None,
+        help="fastjax: tokens per MLP slice (default: the whole micro-batch at once)",
+    )
     ap.add_argument(
         "--lean-remat", default="offload_layer_input", help="remat preset of fastjax-lean"
     )

@@ -211,7 +211,10 @@ def bench(
         load_s = time.perf_counter() - t0
         params = [p for p in model.parameters() if p.requires_grad]
         dt, loss = harness.time_torch_steps(
-            model, ids, warmup=warmup, steps=steps,
+            model,
+            ids,
+            warmup=warmup,
+            steps=steps,
             autocast=torch.autocast("cuda", dtype=torch.bfloat16),
         )
     except torch.OutOfMemoryError as e:

@@ -41,11 +41,15 @@ class Checkpointer:
         ocp = _ocp()
         self.directory = Path(directory).resolve()
         self.directory.mkdir(parents=True, exist_ok=True)
-        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                               enable_async_checkpointing=False,
-                                               cleanup_tmp_directories=True)
-        self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                              item_names=("state", "meta"))
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep,
+            create=True,
+            enable_async_checkpointing=False,
+            cleanup_tmp_directories=True,
+        )
+        self._manager = ocp.CheckpointManager(
+            self.directory, options=options, item_names=("state", "meta")
+        )
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -55,8 +59,13 @@ class Checkpointer:
 
     def save(self, step: int, state: Any, meta: dict) -> None:
         ocp = _ocp()
-        self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                         meta=ocp.args.JsonSave(meta)), force=True)
+        self._manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+            ),
+            force=True,
+        )
         self._manager.wait_until_finished()
         log.info("saved checkpoint %s", self.directory / str(step))
 
@@ -64,8 +73,9 @@ class Checkpointer:
         """Restore ``step`` into a tree shaped like ``like`` (arrays or ShapeDtypeStructs)."""
         ocp = _ocp()
         abstract = jax.tree.map(_abstract, like)
-        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                  meta=ocp.args.JsonRestore())
+        args = ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
+        )
         out = self._manager.restore(step, args=args)
         return out["state"], dict(out["meta"])
 

@@ -211,7 +211,9 @@ def generate_arrays(
     if max_new_tokens < 1:
         raise ValueError(f"generate_arrays: {max_new_tokens=} must be >= 1")
     if tokens.ndim != 2 or tokens.shape != mask.shape:
-        raise ValueError(f"generate_arrays: {tokens.shape=} and {mask.shape=} must be one [B, P] shape")
+        raise ValueError(
+            f"generate_arrays: {tokens.shape=} and {mask.shape=} must be one [B, P] shape"
+        )
     if eos_token_id is None:
         eos_ids = tuple(cfg.eos_token_ids)
     elif isinstance(eos_token_id, (int, np.integer)):

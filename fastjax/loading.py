@@ -170,10 +170,14 @@ def params_from_flat(
 
     def missing_error():
         missing = sorted(set(expected) - seen)
-        return CheckpointError(
-            f"{source if isinstance(source, str) else 'checkpoint'}: missing tensor {missing[0]}"
-            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
-        ) if missing else None
+        return (
+            CheckpointError(
+                f"{source if isinstance(source, str) else 'checkpoint'}: missing tensor {missing[0]}"
+                + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+            )
+            if missing
+            else None
+        )
 
     # streamed into the stacked buffers: peak device memory is the model plus one tensor
     try:

@@ -69,8 +69,11 @@ class MetricsLogger:
         self._file.write(json.dumps(dict(record)) + "\n")
         self._file.flush()
         if self._tb is not None:
-            scalars = {f"train/{k}": float(v) for k, v in record.items()
-                       if k != "step" and isinstance(v, (int, float))}
+            scalars = {
+                f"train/{k}": float(v)
+                for k, v in record.items()
+                if k != "step" and isinstance(v, (int, float))
+            }
             self._tb.add_scalars(scalars, int(record["step"]))  # one event per step
 
     def close(self) -> None:
@@ -100,8 +103,15 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
 # Loss curve
 # --------------------------------------------------------------------------------------------------
 
-def write_loss_curve(path: str | os.PathLike, steps: Sequence[float], losses: Sequence[float], *,
-                     title: str = "training loss", backend: str = "auto") -> Path:
+
+def write_loss_curve(
+    path: str | os.PathLike,
+    steps: Sequence[float],
+    losses: Sequence[float],
+    *,
+    title: str = "training loss",
+    backend: str = "auto",
+) -> Path:
     """Write a loss-curve PNG. ``backend``: ``"auto"`` (matplotlib if importable), ``"matplotlib"``,
     or ``"numpy"`` (the built-in rasteriser)."""
     path = Path(path)
@@ -130,8 +140,14 @@ def write_loss_curve(path: str | os.PathLike, steps: Sequence[float], losses: Se
     return path
 
 
-def render_curve(xs: Sequence[float], ys: Sequence[float], *, width: int = 640, height: int = 400,
-                 margin: int = 40) -> np.ndarray:
+def render_curve(
+    xs: Sequence[float],
+    ys: Sequence[float],
+    *,
+    width: int = 640,
+    height: int = 400,
+    margin: int = 40,
+) -> np.ndarray:
     """A white RGB image ``[height, width, 3]`` uint8 with black axes, ticks and the curve in
     blue."""
     img = np.full((height, width, 3), 255, np.uint8)
@@ -143,10 +159,10 @@ def render_curve(xs: Sequence[float], ys: Sequence[float], *, width: int = 640, 
         gy = y0 - (y0 - y1) * i // 4
         img[y1:y0, gx] = grey
         img[gy, x0:x1] = grey
-        img[y0:y0 + 5, gx] = black
-        img[gy, x0 - 5:x0] = black
-    img[y0, x0:x1 + 1] = black
-    img[y1:y0 + 1, x0] = black
+        img[y0 : y0 + 5, gx] = black
+        img[gy, x0 - 5 : x0] = black
+    img[y0, x0 : x1 + 1] = black
+    img[y1 : y0 + 1, x0] = black
     xs = np.asarray(xs, np.float64)
     ys = np.asarray(ys, np.float64)
     ok = np.isfinite(xs) & np.isfinite(ys)
@@ -186,5 +202,9 @@ def encode_png(img: np.ndarray) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + crc
 
     header = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 9))
-            + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(raw, 9))
+        + chunk(b"IEND", b"")
+    )

@@ -63,8 +63,15 @@ class LoraConfig:
 
     r: int = 16
     lora_alpha: float = 16
-    target_modules: tuple[str, ...] | str = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                             "up_proj", "down_proj")
+    target_modules: tuple[str, ...] | str = (
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    )
     lora_dropout: float = 0.0
     use_rslora: bool = False
     seed: int = 0
@@ -79,8 +86,9 @@ class LoraConfig:
         elif isinstance(tm, Sequence):
             tm = tuple(str(t) for t in tm)
         else:
-            raise TypeError(f"LoraConfig.target_modules={tm!r}: expected names, 'all-linear' or a "
-                            f"regex")
+            raise TypeError(
+                f"LoraConfig.target_modules={tm!r}: expected names, 'all-linear' or a regex"
+            )
         object.__setattr__(self, "target_modules", tm)
         if not tm:
             raise ValueError("LoraConfig.target_modules is empty")
@@ -88,8 +96,9 @@ class LoraConfig:
             try:
                 re.compile(tm)
             except re.error as e:
-                raise ValueError(f"LoraConfig.target_modules={tm!r} is not a valid regex: "
-                                 f"{e}") from e
+                raise ValueError(
+                    f"LoraConfig.target_modules={tm!r} is not a valid regex: {e}"
+                ) from e
         if not isinstance(self.r, (int, np.integer)) or self.r <= 0:
             raise ValueError(f"LoraConfig.r={self.r!r}: expected a positive integer")
         if self.lora_alpha <= 0:
@@ -108,6 +117,7 @@ def lora_scale(config: LoraConfig) -> float:
 # Finding linear modules and resolving target_modules
 # --------------------------------------------------------------------------------------------------
 
+
 def _shape(leaf: Any) -> tuple[int, ...]:
     return tuple(getattr(leaf, "shape", ()))
 
@@ -118,8 +128,9 @@ def linear_modules(params: Mapping) -> dict[tuple[str, ...], tuple[int, int, int
     try:
         layers = params[LAYERS_PATH[0]][LAYERS_PATH[1]]
     except (KeyError, TypeError) as e:
-        raise ValueError("params have no params['model']['layers'] subtree: not a fastjax "
-                         "model") from e
+        raise ValueError(
+            "params have no params['model']['layers'] subtree: not a fastjax model"
+        ) from e
     found: dict[tuple[str, ...], tuple[int, int, int]] = {}
 
     def walk(node, path):
@@ -144,8 +155,9 @@ def _name_matches(full: str, name: str) -> bool:
     return full == name or full.endswith("." + name)
 
 
-def layer_selection(modules: Mapping[tuple[str, ...], tuple[int, int, int]], config: LoraConfig
-                    ) -> dict[tuple[str, ...], np.ndarray]:
+def layer_selection(
+    modules: Mapping[tuple[str, ...], tuple[int, int, int]], config: LoraConfig
+) -> dict[tuple[str, ...], np.ndarray]:
     """Module path -> bool ``[L]``: in which layers ``config.target_modules`` selects the module.
 
     Only modules selected in at least one layer appear. Raises ``ValueError`` listing the available
@@ -167,14 +179,18 @@ def layer_selection(modules: Mapping[tuple[str, ...], tuple[int, int, int]], con
     if isinstance(tm, tuple):
         unknown = [t for t in tm if not any(_name_matches(_full_name(p, 0), t) for p in modules)]
         if unknown:
-            raise ValueError(f"target_modules {unknown} match no linear module of this model; "
-                             f"available: {available} (or 'all-linear', or a regex over names "
-                             f"like 'model.layers.0.self_attn.q_proj')")
+            raise ValueError(
+                f"target_modules {unknown} match no linear module of this model; "
+                f"available: {available} (or 'all-linear', or a regex over names "
+                f"like 'model.layers.0.self_attn.q_proj')"
+            )
     if not selection:
         example = _full_name(next(iter(modules)), 0) if modules else "model.layers.0.<module>"
-        raise ValueError(f"target_modules={tm!r} matches no linear module of this model; "
-                         f"available: {available}; regexes are fullmatched against names like "
-                         f"{example!r}")
+        raise ValueError(
+            f"target_modules={tm!r} matches no linear module of this model; "
+            f"available: {available}; regexes are fullmatched against names like "
+            f"{example!r}"
+        )
     return selection
 
 
@@ -211,10 +227,12 @@ def adapter_paths(lora: Mapping) -> list[tuple[str, ...]]:
 # Creating adapters
 # --------------------------------------------------------------------------------------------------
 
+
 def _module_key(seed: int, path: Sequence[str]) -> jax.Array:
     # crc32, not hash(): Python's str hash is salted per process, and init must be reproducible.
-    return jax.random.fold_in(jax.random.key(seed),
-                              zlib.crc32(".".join(path).encode()) & 0x7FFFFFFF)
+    return jax.random.fold_in(
+        jax.random.key(seed), zlib.crc32(".".join(path).encode()) & 0x7FFFFFFF
+    )
 
 
 def init_lora(params: Mapping, config: LoraConfig, *, dtype=jnp.float32) -> dict:
@@ -226,18 +244,31 @@ def init_lora(params: Mapping, config: LoraConfig, *, dtype=jnp.float32) -> dict
     for path, sel in selection.items():
         num_layers, out_dim, in_dim = modules[path]
         bound = 1.0 / math.sqrt(in_dim)
-        a = jax.random.uniform(_module_key(config.seed, path), (num_layers, config.r, in_dim),
-                               jnp.float32, -bound, bound)
+        a = jax.random.uniform(
+            _module_key(config.seed, path),
+            (num_layers, config.r, in_dim),
+            jnp.float32,
+            -bound,
+            bound,
+        )
         a = a * jnp.asarray(sel, jnp.float32)[:, None, None]
         b = jnp.zeros((num_layers, out_dim, config.r), jnp.float32)
         _set(lora, (*LAYERS_PATH, *path), {"lora_A": a.astype(dtype), "lora_B": b.astype(dtype)})
     return lora
 
 
-def get_peft_model(params: Mapping, cfg: Any = None, *, r: int = 16, lora_alpha: float = 16,
-                   target_modules: Sequence[str] | str = LoraConfig.target_modules,
-                   lora_dropout: float = 0.0, use_rslora: bool = False, seed: int = 0,
-                   config: LoraConfig | None = None) -> tuple[dict, LoraConfig]:
+def get_peft_model(
+    params: Mapping,
+    cfg: Any = None,
+    *,
+    r: int = 16,
+    lora_alpha: float = 16,
+    target_modules: Sequence[str] | str = LoraConfig.target_modules,
+    lora_dropout: float = 0.0,
+    use_rslora: bool = False,
+    seed: int = 0,
+    config: LoraConfig | None = None,
+) -> tuple[dict, LoraConfig]:
     """Adapters for a loaded model: returns ``(lora_tree, LoraConfig)``.
 
     ``params`` stays untouched (and frozen: only ``lora_tree`` is ever differentiated). Pass either
@@ -245,29 +276,43 @@ def get_peft_model(params: Mapping, cfg: Any = None, *, r: int = 16, lora_alpha:
     symmetry with the rest of the API and checked against the params' layer count when given.
     """
     if config is None:
-        config = LoraConfig(r=r, lora_alpha=lora_alpha, target_modules=target_modules,
-                            lora_dropout=lora_dropout, use_rslora=use_rslora, seed=seed)
+        config = LoraConfig(
+            r=r,
+            lora_alpha=lora_alpha,
+            target_modules=target_modules,
+            lora_dropout=lora_dropout,
+            use_rslora=use_rslora,
+            seed=seed,
+        )
     lora = init_lora(params, config)
     if cfg is not None and hasattr(cfg, "num_hidden_layers"):
-        for (num_layers, _, _) in linear_modules(params).values():
+        for num_layers, _, _ in linear_modules(params).values():
             if num_layers != cfg.num_hidden_layers:
-                raise ValueError(f"params stack {num_layers} layers but cfg.num_hidden_layers="
-                                 f"{cfg.num_hidden_layers}")
+                raise ValueError(
+                    f"params stack {num_layers} layers but cfg.num_hidden_layers="
+                    f"{cfg.num_hidden_layers}"
+                )
     return lora, config
 
 
 def layer_masks(lora: Mapping, config: LoraConfig) -> dict | None:
     """A tree like ``lora`` whose leaves are fp32 ``[L, 1, 1]`` masks (1 = layer selected), or
     ``None`` when every adapter covers all layers (the common case: nothing to mask)."""
-    shapes = {path[len(LAYERS_PATH):]: (node["lora_A"].shape[0], node["lora_B"].shape[1],
-                                        node["lora_A"].shape[2])
-              for path in adapter_paths(lora) for node in [_get(lora, path)]}
+    shapes = {
+        path[len(LAYERS_PATH) :]: (
+            node["lora_A"].shape[0],
+            node["lora_B"].shape[1],
+            node["lora_A"].shape[2],
+        )
+        for path in adapter_paths(lora)
+        for node in [_get(lora, path)]
+    }
     selection = layer_selection(shapes, config)
     if all(sel.all() for sel in selection.values()):
         return None
     masks: dict = {}
     for path in adapter_paths(lora):
-        sel = selection.get(path[len(LAYERS_PATH):])
+        sel = selection.get(path[len(LAYERS_PATH) :])
         m = jnp.asarray(np.ones(1, bool) if sel is None else sel, jnp.float32)[:, None, None]
         _set(masks, path, {"lora_A": m, "lora_B": m})
     return masks
@@ -291,13 +336,18 @@ def num_trainable_params(lora: Mapping, config: LoraConfig | None = None) -> int
     masks = None if config is None else layer_masks(lora, config)
     if masks is None:
         return int(sum(np.prod(x.shape) for x in jax.tree.leaves(lora)))
-    return int(sum(np.prod(x.shape[1:]) * float(np.asarray(m).sum())
-                   for x, m in zip(jax.tree.leaves(lora), jax.tree.leaves(masks))))
+    return int(
+        sum(
+            np.prod(x.shape[1:]) * float(np.asarray(m).sum())
+            for x, m in zip(jax.tree.leaves(lora), jax.tree.leaves(masks))
+        )
+    )
 
 
 # --------------------------------------------------------------------------------------------------
 # Merging
 # --------------------------------------------------------------------------------------------------
+
 
 def _as_scale(scale: float | LoraConfig) -> float:
     return lora_scale(scale) if isinstance(scale, LoraConfig) else float(scale)
@@ -333,8 +383,9 @@ def _merge(params: Mapping, lora: Mapping, scale: float, sign: float) -> dict:
     return out
 
 
-def merge_lora(params: Mapping, lora: Mapping, cfg: Any = None,
-               scale: float | LoraConfig = 1.0) -> dict:
+def merge_lora(
+    params: Mapping, lora: Mapping, cfg: Any = None, scale: float | LoraConfig = 1.0
+) -> dict:
     """``W + s * B @ A`` for every adapted module (fp32 math, cast back to W's dtype); other leaves
     shared.
 
@@ -347,8 +398,9 @@ def merge_lora(params: Mapping, lora: Mapping, cfg: Any = None,
     return _merge(params, lora, _as_scale(scale), 1.0)
 
 
-def unmerge_lora(params: Mapping, lora: Mapping, cfg: Any = None,
-                 scale: float | LoraConfig = 1.0) -> dict:
+def unmerge_lora(
+    params: Mapping, lora: Mapping, cfg: Any = None, scale: float | LoraConfig = 1.0
+) -> dict:
     """The inverse of ``merge_lora``: ``W - s * B @ A`` (dense weights only)."""
     del cfg
     return _merge(params, lora, _as_scale(scale), -1.0)
@@ -358,17 +410,21 @@ def unmerge_lora(params: Mapping, lora: Mapping, cfg: Any = None,
 # PEFT files: state dict names, adapter_config.json
 # --------------------------------------------------------------------------------------------------
 
-def _selection_of(lora: Mapping,
-                  config: LoraConfig | None) -> dict[tuple[str, ...], np.ndarray] | None:
+
+def _selection_of(
+    lora: Mapping, config: LoraConfig | None
+) -> dict[tuple[str, ...], np.ndarray] | None:
     if config is None:
         return None
-    shapes = {p[len(LAYERS_PATH):]: (_get(lora, p)["lora_A"].shape[0], 0, 0)
-              for p in adapter_paths(lora)}
+    shapes = {
+        p[len(LAYERS_PATH) :]: (_get(lora, p)["lora_A"].shape[0], 0, 0) for p in adapter_paths(lora)
+    }
     return layer_selection(shapes, config)
 
 
-def to_peft_state_dict(lora: Mapping, cfg: Any, config: LoraConfig | None = None, *,
-                       dtype: Any = None) -> dict[str, np.ndarray]:
+def to_peft_state_dict(
+    lora: Mapping, cfg: Any, config: LoraConfig | None = None, *, dtype: Any = None
+) -> dict[str, np.ndarray]:
     """The adapter as PEFT's saved state dict: ``base_model.model.<HF module name>.lora_A.weight``
     -> numpy ``[r, in]`` (``lora_B``: ``[out, r]``), one entry per selected layer, in ``dtype``
     (default: as stored, fp32). ``cfg`` picks the family's unstack rule."""
@@ -383,8 +439,8 @@ def to_peft_state_dict(lora: Mapping, cfg: Any, config: LoraConfig | None = None
             flat = unstack(sub) if unstack is not None else _unstack(sub)
             for name, value in flat.items():
                 if path[: len(LAYERS_PATH)] == LAYERS_PATH and selection is not None:
-                    layer = int(name[len(".".join(LAYERS_PATH)) + 1:].split(".", 1)[0])
-                    if not selection[path[len(LAYERS_PATH):]][layer]:
+                    layer = int(name[len(".".join(LAYERS_PATH)) + 1 :].split(".", 1)[0])
+                    if not selection[path[len(LAYERS_PATH) :]][layer]:
                         continue
                 value = np.asarray(value)
                 out[f"{PEFT_PREFIX}{name}.weight"] = value if dtype is None else value.astype(dtype)
@@ -398,11 +454,13 @@ def _unstack(tree: Mapping) -> dict[str, Any]:
 
 
 _PEFT_KEY = re.compile(
-    r"^(?:base_model\.model\.)?(.+)\.(lora_A|lora_B)(?:\.[A-Za-z0-9_]+)?\.weight$")
+    r"^(?:base_model\.model\.)?(.+)\.(lora_A|lora_B)(?:\.[A-Za-z0-9_]+)?\.weight$"
+)
 
 
-def from_peft_state_dict(state_dict: Mapping[str, Any], cfg: Any, config: LoraConfig | None = None,
-                         *, dtype=jnp.float32) -> dict:
+def from_peft_state_dict(
+    state_dict: Mapping[str, Any], cfg: Any, config: LoraConfig | None = None, *, dtype=jnp.float32
+) -> dict:
     """Inverse of ``to_peft_state_dict``: PEFT keys (with or without an adapter name such as
     ``.default``) -> the stacked adapter tree. Layers absent from the file (layer-subset adapters)
     become zeros."""
@@ -412,13 +470,16 @@ def from_peft_state_dict(state_dict: Mapping[str, Any], cfg: Any, config: LoraCo
     for key, value in state_dict.items():
         m = _PEFT_KEY.match(key)
         if m is None:
-            raise ValueError(f"{key!r} is not a PEFT LoRA key (expected "
-                             f"'{PEFT_PREFIX}model.layers.<i>.<module>.lora_A.weight')")
+            raise ValueError(
+                f"{key!r} is not a PEFT LoRA key (expected "
+                f"'{PEFT_PREFIX}model.layers.<i>.<module>.lora_A.weight')"
+            )
         name, which = m.groups()
         if not name.startswith(prefix):
-            raise ValueError(f"{key!r}: only decoder-layer adapters ({prefix}<i>....) are "
-                             "supported")
-        idx, rest = name[len(prefix):].split(".", 1)
+            raise ValueError(
+                f"{key!r}: only decoder-layer adapters ({prefix}<i>....) are supported"
+            )
+        idx, rest = name[len(prefix) :].split(".", 1)
         layer = int(idx)
         if not 0 <= layer < num_layers:
             raise ValueError(f"{key!r}: layer {layer} out of range for {num_layers} layers")
@@ -429,16 +490,19 @@ def from_peft_state_dict(state_dict: Mapping[str, Any], cfg: Any, config: LoraCo
     lora: dict = {}
     for path, parts in per_module.items():
         if set(parts) != {"lora_A", "lora_B"} or parts["lora_A"].keys() != parts["lora_B"].keys():
-            raise ValueError(f"{'.'.join(path)}: lora_A and lora_B must be present for the same "
-                             f"layers")
+            raise ValueError(
+                f"{'.'.join(path)}: lora_A and lora_B must be present for the same layers"
+            )
         node = {}
         for which, layers in parts.items():
             template = next(iter(layers.values()))
             stacked = np.zeros((num_layers, *template.shape), np.float32)
             for i, v in layers.items():
                 if v.shape != template.shape:
-                    raise ValueError(f"{'.'.join(path)}.{which}: layer {i} has shape {v.shape}, "
-                                     f"others {template.shape}")
+                    raise ValueError(
+                        f"{'.'.join(path)}.{which}: layer {i} has shape {v.shape}, "
+                        f"others {template.shape}"
+                    )
                 stacked[i] = v.astype(np.float32)
             node[which] = jnp.asarray(stacked, dtype)
         _set(lora, (*LAYERS_PATH, *path), node)
@@ -460,12 +524,19 @@ def resolved_target_modules(lora: Mapping, config: LoraConfig) -> list[str] | st
     return list(config.target_modules)
 
 
-def peft_adapter_config(config: LoraConfig, base_model_name_or_path: str | None = None, *,
-                        lora: Mapping | None = None) -> dict[str, Any]:
+def peft_adapter_config(
+    config: LoraConfig, base_model_name_or_path: str | None = None, *, lora: Mapping | None = None
+) -> dict[str, Any]:
     """``adapter_config.json`` contents PEFT loads (``PeftModel.from_pretrained``)."""
-    target = (resolved_target_modules(lora, config) if lora is not None
-              else (config.target_modules if isinstance(config.target_modules, str)
-                    else list(config.target_modules)))
+    target = (
+        resolved_target_modules(lora, config)
+        if lora is not None
+        else (
+            config.target_modules
+            if isinstance(config.target_modules, str)
+            else list(config.target_modules)
+        )
+    )
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -493,22 +564,32 @@ def config_from_peft(adapter_config: Mapping[str, Any]) -> LoraConfig:
     """A ``LoraConfig`` from a PEFT ``adapter_config.json`` dict (rank/alpha patterns are not
     supported)."""
     if adapter_config.get("peft_type", "LORA") != "LORA":
-        raise ValueError(f"peft_type={adapter_config.get('peft_type')!r}: only LORA adapters are "
-                         f"supported")
+        raise ValueError(
+            f"peft_type={adapter_config.get('peft_type')!r}: only LORA adapters are supported"
+        )
     for key in ("rank_pattern", "alpha_pattern"):
         if adapter_config.get(key):
             raise ValueError(f"adapter_config.{key} is not supported")
     if adapter_config.get("use_dora"):
         raise ValueError("DoRA adapters (use_dora=True) are not supported")
     tm = adapter_config.get("target_modules")
-    return LoraConfig(r=int(adapter_config["r"]), lora_alpha=adapter_config.get("lora_alpha", 8),
-                      target_modules=tuple(tm) if isinstance(tm, (list, tuple, set)) else tm,
-                      lora_dropout=float(adapter_config.get("lora_dropout", 0.0)),
-                      use_rslora=bool(adapter_config.get("use_rslora", False)))
+    return LoraConfig(
+        r=int(adapter_config["r"]),
+        lora_alpha=adapter_config.get("lora_alpha", 8),
+        target_modules=tuple(tm) if isinstance(tm, (list, tuple, set)) else tm,
+        lora_dropout=float(adapter_config.get("lora_dropout", 0.0)),
+        use_rslora=bool(adapter_config.get("use_rslora", False)),
+    )
 
 
-def save_peft_adapter(lora: Mapping, cfg: Any, config: LoraConfig, out_dir: str, *,
-                      base_model_name_or_path: str | None = None) -> str:
+def save_peft_adapter(
+    lora: Mapping,
+    cfg: Any,
+    config: LoraConfig,
+    out_dir: str,
+    *,
+    base_model_name_or_path: str | None = None,
+) -> str:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (fp32) atomically into
     ``out_dir``."""
     from safetensors.numpy import save_file
@@ -518,8 +599,10 @@ def save_peft_adapter(lora: Mapping, cfg: Any, config: LoraConfig, out_dir: str,
     state = {k: np.ascontiguousarray(v) for k, v in to_peft_state_dict(lora, cfg, config).items()}
     with atomic_dir(out_dir) as tmp:
         save_file(state, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
-        write_json(tmp / "adapter_config.json",
-                   peft_adapter_config(config, base_model_name_or_path, lora=lora))
+        write_json(
+            tmp / "adapter_config.json",
+            peft_adapter_config(config, base_model_name_or_path, lora=lora),
+        )
     return str(out_dir)
 
 
@@ -532,5 +615,6 @@ def load_peft_adapter(path: str, cfg: Any) -> tuple[dict, LoraConfig]:
 
     d = Path(path)
     config = config_from_peft(json.loads((d / "adapter_config.json").read_text()))
-    return from_peft_state_dict(load_file(str(d / "adapter_model.safetensors")), cfg,
-                                config), config
+    return from_peft_state_dict(
+        load_file(str(d / "adapter_model.safetensors")), cfg, config
+    ), config

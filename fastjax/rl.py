@@ -83,8 +83,18 @@ from fastjax.models import registry
 from fastjax.rl_rewards import RewardFunctionError, group_advantages, grpo_loss  # re-exported
 from fastjax.trainer import NonFiniteLossError, make_optimizer, make_schedule
 
-__all__ = ["GRPOConfig", "GRPOResult", "GRPOTrainer", "RewardFunctionError", "build_rollout_batch",
-           "completion_logprobs", "group_advantages", "grpo_loss", "pad_prompts", "train_grpo"]
+__all__ = [
+    "GRPOConfig",
+    "GRPOResult",
+    "GRPOTrainer",
+    "RewardFunctionError",
+    "build_rollout_batch",
+    "completion_logprobs",
+    "group_advantages",
+    "grpo_loss",
+    "pad_prompts",
+    "train_grpo",
+]
 
 log = logging.getLogger("fastjax")
 
@@ -147,8 +157,14 @@ class GRPOConfig:
         def bad(name, expected):
             raise ValueError(f"GRPOConfig.{name}={getattr(self, name)!r}: expected {expected}")
 
-        for name in ("num_generations", "prompts_per_step", "max_new_tokens", "num_iterations",
-                     "max_steps", "logging_steps"):
+        for name in (
+            "num_generations",
+            "prompts_per_step",
+            "max_new_tokens",
+            "num_iterations",
+            "max_steps",
+            "logging_steps",
+        ):
             low = 2 if name == "num_generations" else 1  # advantages compare G >= 2 completions
             if not isinstance(getattr(self, name), int) or getattr(self, name) < low:
                 bad(name, f"an integer >= {low}")
@@ -166,7 +182,8 @@ class GRPOConfig:
         if self.loss_type not in R.LOSS_TYPES:
             bad("loss_type", f"one of {R.LOSS_TYPES}")
         if self.micro_batch_size is not None and (
-                self.micro_batch_size < 1 or self.batch_rows % self.micro_batch_size):
+            self.micro_batch_size < 1 or self.batch_rows % self.micro_batch_size
+        ):
             bad("micro_batch_size", f"a divisor of the {self.batch_rows} rows per step")
         if self.remat_policy not in remat.PRESETS:
             bad("remat_policy", f"one of {remat.PRESETS}")
@@ -200,8 +217,10 @@ class GRPOResult:
 # Rollout batches, log-probs, the jitted update
 # ------------------------------------------------------------------------------------------------
 
-def pad_prompts(prompt_ids: Sequence[Sequence[int]], *, bucket: int = BUCKET
-                ) -> tuple[np.ndarray, np.ndarray]:
+
+def pad_prompts(
+    prompt_ids: Sequence[Sequence[int]], *, bucket: int = BUCKET
+) -> tuple[np.ndarray, np.ndarray]:
     """Left-pad prompts into int32 ``(tokens [B, P], mask [B, P])``, P rounded up to ``bucket``."""
     if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
         raise ValueError("every prompt needs at least one token")
@@ -209,27 +228,39 @@ def pad_prompts(prompt_ids: Sequence[Sequence[int]], *, bucket: int = BUCKET
     tokens = np.zeros((len(prompt_ids), P), np.int32)
     mask = np.zeros((len(prompt_ids), P), np.int32)
     for row, p in enumerate(prompt_ids):
-        tokens[row, P - len(p):] = p
-        mask[row, P - len(p):] = 1
+        tokens[row, P - len(p) :] = p
+        mask[row, P - len(p) :] = 1
     return tokens, mask
 
 
-def build_rollout_batch(prompt_tokens, prompt_mask, completion, completion_mask
-                        ) -> dict[str, np.ndarray]:
+def build_rollout_batch(
+    prompt_tokens, prompt_mask, completion, completion_mask
+) -> dict[str, np.ndarray]:
     """Model inputs of prompt + completion rows: ``input_ids, positions, segment_ids [B, P + N]``
     and ``completion_mask [B, N]``. Padding (left of the prompt, after the completion's end) is
     segment 0; positions count real tokens only, as in generation."""
     ids = np.concatenate([prompt_tokens, completion], axis=1).astype(np.int32)
     mask = np.concatenate([prompt_mask, completion_mask], axis=1).astype(np.int32)
     positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
-    return {"input_ids": ids, "positions": positions, "segment_ids": mask,
-            "completion_mask": np.asarray(completion_mask, np.int32)}
+    return {
+        "input_ids": ids,
+        "positions": positions,
+        "segment_ids": mask,
+        "completion_mask": np.asarray(completion_mask, np.int32),
+    }
 
 
-def completion_logprobs(params: Mapping, cfg: Any, batch: Mapping[str, jax.Array], *,
-                        lora: Mapping | None = None, lora_scale: float = 1.0,
-                        temperature: float = 1.0, remat_policy: str = "none",
-                        ops: O.Ops | None = None) -> jax.Array:
+def completion_logprobs(
+    params: Mapping,
+    cfg: Any,
+    batch: Mapping[str, jax.Array],
+    *,
+    lora: Mapping | None = None,
+    lora_scale: float = 1.0,
+    temperature: float = 1.0,
+    remat_policy: str = "none",
+    ops: O.Ops | None = None,
+) -> jax.Array:
     """``log p(y_t | prefix)`` ``[B, N]`` fp32 of the completion tokens (0 where the mask is 0).
 
     ``batch`` as from ``build_rollout_batch``; the completion is the last N columns of
@@ -240,15 +271,24 @@ def completion_logprobs(params: Mapping, cfg: Any, batch: Mapping[str, jax.Array
     fam = registry.family_of(cfg)
     mask = batch["completion_mask"]
     T, N = batch["input_ids"].shape[-1], mask.shape[-1]
-    hidden = fam.forward(params, batch["input_ids"], cfg=cfg, positions=batch["positions"],
-                         segment_ids=batch["segment_ids"], lora=lora, lora_scale=lora_scale,
-                         remat_policy=remat_policy, ops=ops, return_hidden=True)
-    h = hidden[:, T - N - 1:T - 1]  # the state before completion token t predicts it
+    hidden = fam.forward(
+        params,
+        batch["input_ids"],
+        cfg=cfg,
+        positions=batch["positions"],
+        segment_ids=batch["segment_ids"],
+        lora=lora,
+        lora_scale=lora_scale,
+        remat_policy=remat_policy,
+        ops=ops,
+        return_hidden=True,
+    )
+    h = hidden[:, T - N - 1 : T - 1]  # the state before completion token t predicts it
     softcap = fam.final_logit_softcap(cfg) if hasattr(fam, "final_logit_softcap") else None
     if temperature != 1.0:  # softcap_c(z) / T == softcap_{c/T}(z / T): exact with a final softcap
         h = (h.astype(jnp.float32) / temperature).astype(h.dtype)
         softcap = None if softcap is None else softcap / temperature
-    labels = jnp.where(mask > 0, batch["input_ids"][:, T - N:], IGNORE_INDEX)
+    labels = jnp.where(mask > 0, batch["input_ids"][:, T - N :], IGNORE_INDEX)
     head = fam.lm_head(params, cfg).astype(h.dtype)
     ce = O.cross_entropy(h, head, labels, softcap=softcap, reduction="none", ops=ops)
     return jnp.where(mask > 0, -ce, 0.0).astype(jnp.float32)
@@ -258,39 +298,74 @@ def step_key(config: GRPOConfig) -> GRPOConfig:
     """``config`` with the fields the jitted update does not read reset, so runs differing only in
     I/O settings (output_dir, resume, logging, seed, sampling) share one compilation."""
     return dataclasses.replace(
-        config, output_dir="", logging_steps=1, save_steps=0, save_total_limit=None, resume=False,
-        tensorboard=False, progress_bar=False, plot=False, save_final=False,
-        base_model_name_or_path=None, seed=0, reward_weights=None, eos_token_id=None,
-        max_prompt_length=None, top_p=1.0, scale_rewards=True, advantage_eps=1e-4,
-        max_new_tokens=1)
+        config,
+        output_dir="",
+        logging_steps=1,
+        save_steps=0,
+        save_total_limit=None,
+        resume=False,
+        tensorboard=False,
+        progress_bar=False,
+        plot=False,
+        save_final=False,
+        base_model_name_or_path=None,
+        seed=0,
+        reward_weights=None,
+        eos_token_id=None,
+        max_prompt_length=None,
+        top_p=1.0,
+        scale_rewards=True,
+        advantage_eps=1e-4,
+        max_new_tokens=1,
+    )
 
 
-def build_optimizer(config: GRPOConfig, lora: Any, layer_masks: Any = None
-                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def build_optimizer(
+    config: GRPOConfig, lora: Any, layer_masks: Any = None
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """``fastjax.trainer.make_optimizer`` with a schedule over ``max_steps * num_iterations``."""
     schedule = make_schedule(config, config.max_steps * config.num_iterations)
     return make_optimizer(config, lora, schedule, layer_masks), schedule
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "temperature", "lora_scale", "ops"))
-def batched_logprobs(params: Mapping, lora: Mapping | None, batch: Mapping[str, jax.Array], *,
-                     cfg: Any, temperature: float, lora_scale: float, ops: O.Ops) -> jax.Array:
+def batched_logprobs(
+    params: Mapping,
+    lora: Mapping | None,
+    batch: Mapping[str, jax.Array],
+    *,
+    cfg: Any,
+    temperature: float,
+    lora_scale: float,
+    ops: O.Ops,
+) -> jax.Array:
     """``completion_logprobs`` over micro-batches, ``[M, mb, ...] -> [M, mb, N]``, no gradient.
     ``lora=None`` is the reference policy."""
     inputs = {k: batch[k] for k in ("input_ids", "positions", "segment_ids", "completion_mask")}
 
     def one(mb):
-        return completion_logprobs(params, cfg, mb, lora=lora, lora_scale=lora_scale,
-                                   temperature=temperature, ops=ops)
+        return completion_logprobs(
+            params, cfg, mb, lora=lora, lora_scale=lora_scale, temperature=temperature, ops=ops
+        )
 
     return jax.lax.map(one, inputs)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "config", "lora_scale", "ops"),
-                   donate_argnums=(0, 1))
-def grpo_step(lora: Any, opt_state: Any, params: Mapping, batch: Mapping[str, jax.Array],
-              layer_masks: Any = None, *, cfg: Any, config: GRPOConfig, lora_scale: float,
-              ops: O.Ops):
+@functools.partial(
+    jax.jit, static_argnames=("cfg", "config", "lora_scale", "ops"), donate_argnums=(0, 1)
+)
+def grpo_step(
+    lora: Any,
+    opt_state: Any,
+    params: Mapping,
+    batch: Mapping[str, jax.Array],
+    layer_masks: Any = None,
+    *,
+    cfg: Any,
+    config: GRPOConfig,
+    lora_scale: float,
+    ops: O.Ops,
+):
     """One optimizer update on the summed gradients of the M micro-batches of ``batch`` (leaves
     ``[M, mb, ...]``: a rollout batch, ``advantages``, optional ``ref_logp`` / ``old_logp``).
     Returns ``(lora, opt_state, metrics)``; lora and opt_state are donated. Pass
@@ -298,15 +373,29 @@ def grpo_step(lora: Any, opt_state: Any, params: Mapping, batch: Mapping[str, ja
     optimizer, _ = build_optimizer(config, lora, layer_masks)
 
     def micro_loss(lora, mb, denom):
-        logp = completion_logprobs(params, cfg, mb, lora=lora, lora_scale=lora_scale,
-                                   temperature=config.temperature,
-                                   remat_policy=config.remat_policy, ops=ops)
+        logp = completion_logprobs(
+            params,
+            cfg,
+            mb,
+            lora=lora,
+            lora_scale=lora_scale,
+            temperature=config.temperature,
+            remat_policy=config.remat_policy,
+            ops=ops,
+        )
         old = mb["old_logp"] if "old_logp" in mb else jax.lax.stop_gradient(logp)
         m = mb["completion_mask"].astype(jnp.float32)
         loss, kl, clipped = R.per_token_objective(
-            logp, old, mb.get("ref_logp"), mb["advantages"], m, epsilon=config.epsilon,
-            epsilon_high=config.epsilon_high, beta=config.beta,
-            level=config.importance_sampling_level)
+            logp,
+            old,
+            mb.get("ref_logp"),
+            mb["advantages"],
+            m,
+            epsilon=config.epsilon,
+            epsilon_high=config.epsilon_high,
+            beta=config.beta,
+            level=config.importance_sampling_level,
+        )
         aux = {"kl_sum": jnp.sum(kl * m), "clipped": jnp.sum(clipped * m)}
         return R.loss_numerator(loss, m, config.loss_type) / denom, aux
 
@@ -326,16 +415,22 @@ def grpo_step(lora: Any, opt_state: Any, params: Mapping, batch: Mapping[str, ja
     updates, opt_state = optimizer.update(grads, opt_state, lora)
     lora = optax.apply_updates(lora, updates)
     tokens = jnp.maximum(jnp.sum(batch["completion_mask"]), 1)
-    grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32)))
-                             for g in jax.tree.leaves(grads)))
-    metrics = {"loss": loss, "grad_norm": grad_norm, "kl": aux["kl_sum"] / tokens,
-               "clip_ratio": aux["clipped"] / tokens}
+    grad_norm = jnp.sqrt(
+        sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(grads))
+    )
+    metrics = {
+        "loss": loss,
+        "grad_norm": grad_norm,
+        "kl": aux["kl_sum"] / tokens,
+        "clip_ratio": aux["clipped"] / tokens,
+    }
     return lora, opt_state, metrics
 
 
 # ------------------------------------------------------------------------------------------------
 # The trainer
 # ------------------------------------------------------------------------------------------------
+
 
 class GRPOTrainer:
     """Model, adapters, optimizer, data and rewards; ``train()`` runs the loop.
@@ -347,10 +442,19 @@ class GRPOTrainer:
     defaults to all 1. ``callbacks``: ``fn(step, record)`` after each step (1-based).
     """
 
-    def __init__(self, params: Mapping, cfg: Any, dataset: Any,
-                 reward_funcs: Sequence[Callable] | Callable, config: GRPOConfig | None = None, *,
-                 lora: Mapping | None = None, lora_config: lora_lib.LoraConfig | None = None,
-                 tokenizer: Any = None, callbacks: Sequence[Callable[[int, dict], None]] = ()):
+    def __init__(
+        self,
+        params: Mapping,
+        cfg: Any,
+        dataset: Any,
+        reward_funcs: Sequence[Callable] | Callable,
+        config: GRPOConfig | None = None,
+        *,
+        lora: Mapping | None = None,
+        lora_config: lora_lib.LoraConfig | None = None,
+        tokenizer: Any = None,
+        callbacks: Sequence[Callable[[int, dict], None]] = (),
+    ):
         from fastjax.data import load_rows
 
         self.config = c = config or GRPOConfig()
@@ -362,16 +466,22 @@ class GRPOTrainer:
         self.reward_names = R.reward_names(self.reward_funcs)
         self.reward_weights = c.reward_weights or (1.0,) * len(self.reward_funcs)
         if len(self.reward_weights) != len(self.reward_funcs):
-            raise ValueError(f"GRPOConfig.reward_weights has {len(self.reward_weights)} entries "
-                             f"for {len(self.reward_funcs)} reward functions")
+            raise ValueError(
+                f"GRPOConfig.reward_weights has {len(self.reward_weights)} entries "
+                f"for {len(self.reward_funcs)} reward functions"
+            )
         if lora is None:
             lora, lora_config = lora_lib.get_peft_model(
-                params, cfg, config=lora_config or lora_lib.LoraConfig())
+                params, cfg, config=lora_config or lora_lib.LoraConfig()
+            )
         elif lora_config is None:
             raise ValueError("pass the LoraConfig returned by get_peft_model with its adapters")
         if lora_config.lora_dropout:
-            log.warning("GRPO runs adapters without dropout (lora_dropout=%s ignored) so that "
-                        "sampled, old and new log-probs agree", lora_config.lora_dropout)
+            log.warning(
+                "GRPO runs adapters without dropout (lora_dropout=%s ignored) so that "
+                "sampled, old and new log-probs agree",
+                lora_config.lora_dropout,
+            )
         self.lora, self.lora_config = lora, lora_config
         self.lora_scale = lora_lib.lora_scale(lora_config)
         self.layer_masks = lora_lib.layer_masks(lora, lora_config)
@@ -406,16 +516,20 @@ class GRPOTrainer:
         if "prompt_ids" in row:
             ids = [int(t) for t in row["prompt_ids"]]
         elif "prompt" not in row:
-            raise ValueError(f"dataset row {index} has neither 'prompt' nor 'prompt_ids' "
-                             f"(keys: {sorted(row)})")
+            raise ValueError(
+                f"dataset row {index} has neither 'prompt' nor 'prompt_ids' (keys: {sorted(row)})"
+            )
         elif self.tokenizer is None:
-            raise ValueError(f"dataset row {index} has a 'prompt' but no tokenizer was given; "
-                             "pass tokenizer=... or give rows 'prompt_ids'")
+            raise ValueError(
+                f"dataset row {index} has a 'prompt' but no tokenizer was given; "
+                "pass tokenizer=... or give rows 'prompt_ids'"
+            )
         elif isinstance(row["prompt"], str):
             ids = self.tokenizer.encode(row["prompt"])
         else:
-            ids = self.tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True,
-                                                     tokenize=True)
+            ids = self.tokenizer.apply_chat_template(
+                row["prompt"], add_generation_prompt=True, tokenize=True
+            )
         limit = self.config.max_prompt_length
         ids = ids[-limit:] if limit is not None else ids
         if not ids:
@@ -431,44 +545,74 @@ class GRPOTrainer:
         tokens, pmask = pad_prompts([self.prompt_ids(i) for i in index])
         limit = getattr(self.cfg, "max_position_embeddings", None)
         if limit is not None and tokens.shape[1] + c.max_new_tokens > limit:
-            raise ValueError(f"prompts ({tokens.shape[1]} tokens, padded) + max_new_tokens="
-                             f"{c.max_new_tokens} exceed max_position_embeddings={limit}")
+            raise ValueError(
+                f"prompts ({tokens.shape[1]} tokens, padded) + max_new_tokens="
+                f"{c.max_new_tokens} exceed max_position_embeddings={limit}"
+            )
         t0 = time.perf_counter()
         completion, cmask = generate_arrays(
-            self.params, self.cfg, jnp.asarray(tokens), jnp.asarray(pmask),
-            key=jax.random.fold_in(self.key, step), max_new_tokens=c.max_new_tokens,
-            temperature=c.temperature, top_p=c.top_p, eos_token_id=self.eos_ids, lora=lora,
-            lora_scale=self.lora_scale, ops=self.ops)
+            self.params,
+            self.cfg,
+            jnp.asarray(tokens),
+            jnp.asarray(pmask),
+            key=jax.random.fold_in(self.key, step),
+            max_new_tokens=c.max_new_tokens,
+            temperature=c.temperature,
+            top_p=c.top_p,
+            eos_token_id=self.eos_ids,
+            lora=lora,
+            lora_scale=self.lora_scale,
+            ops=self.ops,
+        )
         completion, cmask = np.asarray(completion), np.asarray(cmask)  # waits for the device
         gen_s = time.perf_counter() - t0
         lengths = cmask.sum(axis=1)
-        ids = [completion[i, :lengths[i]].tolist() for i in range(len(index))]
-        texts = ids if self.tokenizer is None else \
-            self.tokenizer.decode_batch(ids, skip_special_tokens=True)
+        ids = [completion[i, : lengths[i]].tolist() for i in range(len(index))]
+        texts = (
+            ids
+            if self.tokenizer is None
+            else self.tokenizer.decode_batch(ids, skip_special_tokens=True)
+        )
         rows = [self.rows[i] for i in index]
-        columns = {k: [r.get(k) for r in rows] for k in rows[0]
-                   if k not in ("prompt", "prompt_ids")}
+        columns = {
+            k: [r.get(k) for r in rows] for k in rows[0] if k not in ("prompt", "prompt_ids")
+        }
         columns["completion_ids"] = ids
         prompts = [r.get("prompt", r.get("prompt_ids")) for r in rows]
         scores = R.score_completions(self.reward_funcs, prompts, texts, columns, prompt_index=index)
         last = completion[np.arange(len(index)), np.maximum(lengths - 1, 0)]
-        return {"tokens": tokens, "prompt_mask": pmask, "completion": completion,
-                "completion_mask": cmask, "lengths": lengths, "texts": texts, "scores": scores,
-                "rewards": R.combine_rewards(scores, self.reward_weights), "gen_s": gen_s,
-                "terminated": np.isin(last, self.eos_ids), "index": index}
+        return {
+            "tokens": tokens,
+            "prompt_mask": pmask,
+            "completion": completion,
+            "completion_mask": cmask,
+            "lengths": lengths,
+            "texts": texts,
+            "scores": scores,
+            "rewards": R.combine_rewards(scores, self.reward_weights),
+            "gen_s": gen_s,
+            "terminated": np.isin(last, self.eos_ids),
+            "index": index,
+        }
 
     def _device_batch(self, ro: Mapping[str, Any]) -> dict[str, jax.Array]:
         c = self.config
         # trim the completion columns no row reached (bucketed, so compilations are reused)
         n = min(c.max_new_tokens, -(-int(ro["lengths"].max()) // BUCKET) * BUCKET)
-        batch = build_rollout_batch(ro["tokens"], ro["prompt_mask"], ro["completion"][:, :n],
-                                    ro["completion_mask"][:, :n])
-        batch["advantages"] = np.asarray(group_advantages(
-            ro["rewards"], c.num_generations, scale=c.scale_rewards, eps=c.advantage_eps),
-            np.float32)
+        batch = build_rollout_batch(
+            ro["tokens"], ro["prompt_mask"], ro["completion"][:, :n], ro["completion_mask"][:, :n]
+        )
+        batch["advantages"] = np.asarray(
+            group_advantages(
+                ro["rewards"], c.num_generations, scale=c.scale_rewards, eps=c.advantage_eps
+            ),
+            np.float32,
+        )
         mb = c.micro_batch_size or c.batch_rows
-        return {k: jnp.asarray(v.reshape(c.batch_rows // mb, mb, *v.shape[1:]))
-                for k, v in batch.items()}
+        return {
+            k: jnp.asarray(v.reshape(c.batch_rows // mb, mb, *v.shape[1:]))
+            for k, v in batch.items()
+        }
 
     def update(self, lora, opt_state, ro: Mapping[str, Any]):
         """The ``num_iterations`` updates on one rollout; returns (lora, opt_state, metrics)."""
@@ -478,15 +622,18 @@ class GRPOTrainer:
         inputs = {k: batch[k] for k in ("input_ids", "positions", "segment_ids", "completion_mask")}
         static = {"cfg": self.cfg, "lora_scale": self.lora_scale, "ops": self.ops}
         if c.beta > 0:
-            batch["ref_logp"] = batched_logprobs(self.params, None, inputs,
-                                                 temperature=c.temperature, **static)
+            batch["ref_logp"] = batched_logprobs(
+                self.params, None, inputs, temperature=c.temperature, **static
+            )
         if c.num_iterations > 1:
-            batch["old_logp"] = batched_logprobs(self.params, lora, inputs,
-                                                 temperature=c.temperature, **static)
+            batch["old_logp"] = batched_logprobs(
+                self.params, lora, inputs, temperature=c.temperature, **static
+            )
         metrics = []
         for _ in range(c.num_iterations):
-            lora, opt_state, m = grpo_step(lora, opt_state, self.params, batch, self.layer_masks,
-                                           config=step_key(c), **static)
+            lora, opt_state, m = grpo_step(
+                lora, opt_state, self.params, batch, self.layer_masks, config=step_key(c), **static
+            )
             metrics.append(m)
         host = jax.device_get(metrics)  # waits for the device
         train_s = time.perf_counter() - t0
@@ -499,9 +646,13 @@ class GRPOTrainer:
         c = self.config
         rewards, lengths = ro["rewards"], ro["lengths"]
         record: dict[str, Any] = {
-            "step": step + 1, "loss": m["loss"], "grad_norm": m["grad_norm"],
-            "lr": float(self.schedule(step * c.num_iterations)), "reward": float(rewards.mean()),
-            "reward_std": float(rewards.std())}
+            "step": step + 1,
+            "loss": m["loss"],
+            "grad_norm": m["grad_norm"],
+            "lr": float(self.schedule(step * c.num_iterations)),
+            "reward": float(rewards.mean()),
+            "reward_std": float(rewards.std()),
+        }
         for k, name in enumerate(self.reward_names):
             col = ro["scores"][:, k]
             col = col[~np.isnan(col)]
@@ -509,26 +660,40 @@ class GRPOTrainer:
             record[f"rewards/{name}/std"] = float(col.std()) if col.size else None
         generated = int(lengths.sum())
         record.update(
-            kl=m["kl"], clip_ratio=m["clip_ratio"], completion_length=float(lengths.mean()),
-            completion_length_min=int(lengths.min()), completion_length_max=int(lengths.max()),
-            frac_terminated=float(ro["terminated"].mean()), gen_tokens=generated,
-            gen_s=ro["gen_s"], gen_tokens_per_s=generated / ro["gen_s"], train_s=m["train_s"],
-            train_tokens_per_s=m["train_tokens_per_s"])
+            kl=m["kl"],
+            clip_ratio=m["clip_ratio"],
+            completion_length=float(lengths.mean()),
+            completion_length_min=int(lengths.min()),
+            completion_length_max=int(lengths.max()),
+            frac_terminated=float(ro["terminated"].mean()),
+            gen_tokens=generated,
+            gen_s=ro["gen_s"],
+            gen_tokens_per_s=generated / ro["gen_s"],
+            train_s=m["train_s"],
+            train_tokens_per_s=m["train_tokens_per_s"],
+        )
         mem = device_memory_gib()
         if mem is not None:
             record["memory_gib"], record["peak_memory_gib"] = mem
         if not (math.isfinite(record["loss"]) and math.isfinite(record["grad_norm"])):
-            raise NonFiniteLossError(f"non-finite loss at GRPO step {step + 1} (loss="
-                                     f"{record['loss']}, grad_norm={record['grad_norm']}); "
-                                     "lower the learning rate")
+            raise NonFiniteLossError(
+                f"non-finite loss at GRPO step {step + 1} (loss="
+                f"{record['loss']}, grad_norm={record['grad_norm']}); "
+                "lower the learning rate"
+            )
         return record
 
     # ---- checkpoints -----------------------------------------------------------------------------
     def _fingerprint(self) -> dict:
         c = self.config
-        return {"num_generations": c.num_generations, "prompts_per_step": c.prompts_per_step,
-                "max_steps": c.max_steps, "seed": c.seed, "num_iterations": c.num_iterations,
-                "rows": len(self.rows)}
+        return {
+            "num_generations": c.num_generations,
+            "prompts_per_step": c.prompts_per_step,
+            "max_steps": c.max_steps,
+            "seed": c.seed,
+            "num_iterations": c.num_iterations,
+            "rows": len(self.rows),
+        }
 
     def _state(self, lora, opt_state) -> dict:
         return {"trainable": lora, "opt_state": opt_state, "rng": jax.random.key_data(self.key)}
@@ -540,8 +705,10 @@ class GRPOTrainer:
             return lora, opt_state, 0
         state, meta = ckpt.restore(step, self._state(lora, opt_state))
         if meta.get("fingerprint") != self._fingerprint():
-            raise ValueError(f"checkpoint {ckpt.directory / str(step)} was written with "
-                             f"{meta.get('fingerprint')}, this run has {self._fingerprint()}")
+            raise ValueError(
+                f"checkpoint {ckpt.directory / str(step)} was written with "
+                f"{meta.get('fingerprint')}, this run has {self._fingerprint()}"
+            )
         self.key = jax.random.wrap_key_data(jnp.asarray(state["rng"]))
         log.info("resumed GRPO from %s (step %d)", ckpt.directory / str(step), step)
         return state["trainable"], state["opt_state"], int(meta["step"])
@@ -575,19 +742,29 @@ class GRPOTrainer:
                 if record["step"] % c.logging_steps == 0 or record["step"] == c.max_steps:
                     logger.log(record)
                 if bar is not None:
-                    bar.set_postfix({"reward": f"{record['reward']:.3f}",
-                                     "kl": f"{record['kl']:.4f}",
-                                     "len": f"{record['completion_length']:.0f}",
-                                     "gen tok/s": f"{record['gen_tokens_per_s']:,.0f}"},
-                                    refresh=False)
+                    bar.set_postfix(
+                        {
+                            "reward": f"{record['reward']:.3f}",
+                            "kl": f"{record['kl']:.4f}",
+                            "len": f"{record['completion_length']:.0f}",
+                            "gen tok/s": f"{record['gen_tokens_per_s']:,.0f}",
+                        },
+                        refresh=False,
+                    )
                     bar.update(1)
                 for fn in self.callbacks:
                     fn(record["step"], record)
                 done = step + 1
-                if ckpt is not None and c.save_steps and (done % c.save_steps == 0
-                                                          or done == c.max_steps):
-                    ckpt.save(done, self._state(lora, opt_state),
-                              {"step": done, "seed": c.seed, "fingerprint": self._fingerprint()})
+                if (
+                    ckpt is not None
+                    and c.save_steps
+                    and (done % c.save_steps == 0 or done == c.max_steps)
+                ):
+                    ckpt.save(
+                        done,
+                        self._state(lora, opt_state),
+                        {"step": done, "seed": c.seed, "fingerprint": self._fingerprint()},
+                    )
         finally:
             logger.close()
             if bar is not None:
@@ -599,23 +776,51 @@ class GRPOTrainer:
         if c.save_final:
             from fastjax.export import save_adapter
 
-            saved_to = save_adapter(lora, self.lora_config, self.cfg, self.output_dir / "adapter",
-                                    base_model_name_or_path=c.base_model_name_or_path or "")
+            saved_to = save_adapter(
+                lora,
+                self.lora_config,
+                self.cfg,
+                self.output_dir / "adapter",
+                base_model_name_or_path=c.base_model_name_or_path or "",
+            )
         if c.plot and history:
-            write_loss_curve(self.output_dir / "reward_curve.png", [h["step"] for h in history],
-                             [h["reward"] for h in history], title="GRPO mean reward (y: reward)")
-        summary = {"steps": c.max_steps, "resumed_from": start,
-                   "final_reward": history[-1]["reward"] if history else None,
-                   "saved_to": str(saved_to) if saved_to else None}
+            write_loss_curve(
+                self.output_dir / "reward_curve.png",
+                [h["step"] for h in history],
+                [h["reward"] for h in history],
+                title="GRPO mean reward (y: reward)",
+            )
+        summary = {
+            "steps": c.max_steps,
+            "resumed_from": start,
+            "final_reward": history[-1]["reward"] if history else None,
+            "saved_to": str(saved_to) if saved_to else None,
+        }
         (self.output_dir / "grpo_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         return GRPOResult(lora, opt_state, history, c.max_steps, self.output_dir, saved_to)
 
 
-def train_grpo(params: Mapping, cfg: Any, dataset: Any,
-               reward_funcs: Sequence[Callable] | Callable, config: GRPOConfig | None = None, *,
-               lora: Mapping | None = None, lora_config: lora_lib.LoraConfig | None = None,
-               tokenizer: Any = None, callbacks: Sequence[Callable[[int, dict], None]] = ()
-               ) -> GRPOResult:
+def train_grpo(
+    params: Mapping,
+    cfg: Any,
+    dataset: Any,
+    reward_funcs: Sequence[Callable] | Callable,
+    config: GRPOConfig | None = None,
+    *,
+    lora: Mapping | None = None,
+    lora_config: lora_lib.LoraConfig | None = None,
+    tokenizer: Any = None,
+    callbacks: Sequence[Callable[[int, dict], None]] = (),
+) -> GRPOResult:
     """``GRPOTrainer(params, cfg, dataset, reward_funcs, config, ...).train()`` (module docs)."""
-    return GRPOTrainer(params, cfg, dataset, reward_funcs, config, lora=lora,
-                       lora_config=lora_config, tokenizer=tokenizer, callbacks=callbacks).train()
+    return GRPOTrainer(
+        params,
+        cfg,
+        dataset,
+        reward_funcs,
+        config,
+        lora=lora,
+        lora_config=lora_config,
+        tokenizer=tokenizer,
+        callbacks=callbacks,
+    ).train()

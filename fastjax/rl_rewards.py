@@ -67,8 +67,11 @@ def _accepted(fn: Callable, kwargs: Mapping[str, Any]) -> dict[str, Any]:
         return dict(kwargs)
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
         return dict(kwargs)
-    names = {p.name for p in params if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
-                                                   inspect.Parameter.KEYWORD_ONLY)}
+    names = {
+        p.name
+        for p in params
+        if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    }
     return {k: v for k, v in kwargs.items() if k in names}
 
 
@@ -90,16 +93,22 @@ def _as_value(value: Any) -> float | None:
     if isinstance(value, (bool, np.bool_)):
         return float(value)
     if isinstance(value, (int, float, np.integer, np.floating)) or (
-            isinstance(value, np.ndarray) and value.ndim == 0):
+        isinstance(value, np.ndarray) and value.ndim == 0
+    ):
         out = float(value)
         if math.isfinite(out):
             return out
     raise ValueError(f"{value!r} is not a finite number (or None)")
 
 
-def call_reward_func(fn: Callable, prompts: Sequence[Any], completions: Sequence[Any],
-                     columns: Mapping[str, Sequence[Any]], *,
-                     prompt_index: Sequence[int] | None = None) -> np.ndarray:
+def call_reward_func(
+    fn: Callable,
+    prompts: Sequence[Any],
+    completions: Sequence[Any],
+    columns: Mapping[str, Sequence[Any]],
+    *,
+    prompt_index: Sequence[int] | None = None,
+) -> np.ndarray:
     """Scores ``[B]`` float64 (NaN where the function returned None) of one reward function.
 
     ``prompt_index[i]``: the dataset row completion i came from (named in errors).
@@ -116,36 +125,53 @@ def call_reward_func(fn: Callable, prompts: Sequence[Any], completions: Sequence
             except Exception as single:  # noqa: BLE001 (any failure is reported)
                 raise RewardFunctionError(
                     f"reward function {name!r} raised {type(single).__name__}: {single} on "
-                    f"{_where(i, prompt_index, completions[i])}") from e
+                    f"{_where(i, prompt_index, completions[i])}"
+                ) from e
         raise RewardFunctionError(
             f"reward function {name!r} raised {type(e).__name__}: {e} on a batch of {n} "
             f"completions, but on none of them alone; first completion "
-            f"({_where(0, prompt_index, completions[0])})") from e
+            f"({_where(0, prompt_index, completions[0])})"
+        ) from e
     try:
         values = list(out)
     except TypeError as e:
-        raise RewardFunctionError(f"reward function {name!r} returned {type(out).__name__}, "
-                                  f"expected a list of {n} floats") from e
+        raise RewardFunctionError(
+            f"reward function {name!r} returned {type(out).__name__}, expected a list of {n} floats"
+        ) from e
     if len(values) != n:
-        raise RewardFunctionError(f"reward function {name!r} returned {len(values)} values for "
-                                  f"{n} completions (one per completion expected)")
+        raise RewardFunctionError(
+            f"reward function {name!r} returned {len(values)} values for "
+            f"{n} completions (one per completion expected)"
+        )
     scores = np.empty(n, np.float64)
     for i, v in enumerate(values):
         try:
             value = _as_value(v)
         except ValueError as e:
-            raise RewardFunctionError(f"reward function {name!r} returned {e} for "
-                                      f"{_where(i, prompt_index, completions[i])}") from None
+            raise RewardFunctionError(
+                f"reward function {name!r} returned {e} for "
+                f"{_where(i, prompt_index, completions[i])}"
+            ) from None
         scores[i] = np.nan if value is None else value
     return scores
 
 
-def score_completions(funcs: Sequence[Callable], prompts: Sequence[Any],
-                      completions: Sequence[Any], columns: Mapping[str, Sequence[Any]], *,
-                      prompt_index: Sequence[int] | None = None) -> np.ndarray:
+def score_completions(
+    funcs: Sequence[Callable],
+    prompts: Sequence[Any],
+    completions: Sequence[Any],
+    columns: Mapping[str, Sequence[Any]],
+    *,
+    prompt_index: Sequence[int] | None = None,
+) -> np.ndarray:
     """Scores ``[B, K]`` of the K reward functions (NaN = the function returned None)."""
-    return np.stack([call_reward_func(fn, prompts, completions, columns,
-                                      prompt_index=prompt_index) for fn in funcs], axis=1)
+    return np.stack(
+        [
+            call_reward_func(fn, prompts, completions, columns, prompt_index=prompt_index)
+            for fn in funcs
+        ],
+        axis=1,
+    )
 
 
 def combine_rewards(scores: np.ndarray, weights: Sequence[float]) -> np.ndarray:
@@ -156,8 +182,9 @@ def combine_rewards(scores: np.ndarray, weights: Sequence[float]) -> np.ndarray:
     return np.nansum(scores * w[None, :], axis=1)
 
 
-def group_advantages(rewards: Any, num_generations: int, *, scale: bool = True,
-                     eps: float = 1e-4) -> jax.Array:
+def group_advantages(
+    rewards: Any, num_generations: int, *, scale: bool = True, eps: float = 1e-4
+) -> jax.Array:
     """``(r - mean_group r) / (std_group r + eps)`` for rewards ``[B]`` grouped as ``[B / G, G]``
     (consecutive rows; unbiased std, ddof=1, as TRL). ``scale=False``: ``r - mean_group r``."""
     r = jnp.asarray(rewards, jnp.float32).reshape(-1, num_generations)
@@ -171,10 +198,19 @@ def group_advantages(rewards: Any, num_generations: int, *, scale: bool = True,
 # The clipped policy objective with its KL penalty, and its normalisation (see fastjax.rl)
 # ------------------------------------------------------------------------------------------------
 
-def per_token_objective(logp: jax.Array, old_logp: jax.Array, ref_logp: jax.Array | None,
-                        advantages: jax.Array, mask: jax.Array, *, epsilon: float,
-                        epsilon_high: float | None = None, beta: float = 0.0, level: str = "token"
-                        ) -> tuple[jax.Array, jax.Array, jax.Array]:
+
+def per_token_objective(
+    logp: jax.Array,
+    old_logp: jax.Array,
+    ref_logp: jax.Array | None,
+    advantages: jax.Array,
+    mask: jax.Array,
+    *,
+    epsilon: float,
+    epsilon_high: float | None = None,
+    beta: float = 0.0,
+    level: str = "token",
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """``(l, k3, clipped)``, each ``[B, N]`` and unmasked, of the module docstring's objective."""
     m = mask.astype(jnp.float32)
     log_ratio = logp - old_logp
@@ -209,14 +245,31 @@ def loss_denominator(mask: jax.Array, loss_type: str) -> jax.Array:
     return jnp.float32(np.prod(mask.shape[:-1]))
 
 
-def grpo_loss(logp: jax.Array, old_logp: jax.Array, ref_logp: jax.Array | None,
-              advantages: jax.Array, mask: jax.Array, *, epsilon: float = 0.2,
-              epsilon_high: float | None = None, beta: float = 0.0, loss_type: str = "dapo",
-              level: str = "token") -> tuple[jax.Array, dict]:
+def grpo_loss(
+    logp: jax.Array,
+    old_logp: jax.Array,
+    ref_logp: jax.Array | None,
+    advantages: jax.Array,
+    mask: jax.Array,
+    *,
+    epsilon: float = 0.2,
+    epsilon_high: float | None = None,
+    beta: float = 0.0,
+    loss_type: str = "dapo",
+    level: str = "token",
+) -> tuple[jax.Array, dict]:
     """The normalised loss of one batch ``[B, N]`` and ``{"kl", "clip_ratio"}`` (token means)."""
-    loss, kl, clipped = per_token_objective(logp, old_logp, ref_logp, advantages, mask,
-                                            epsilon=epsilon, epsilon_high=epsilon_high, beta=beta,
-                                            level=level)
+    loss, kl, clipped = per_token_objective(
+        logp,
+        old_logp,
+        ref_logp,
+        advantages,
+        mask,
+        epsilon=epsilon,
+        epsilon_high=epsilon_high,
+        beta=beta,
+        level=level,
+    )
     m = mask.astype(jnp.float32)
     tokens = jnp.maximum(jnp.sum(m), 1.0)
     value = loss_numerator(loss, m, loss_type) / loss_denominator(m, loss_type)
@@ -240,8 +293,9 @@ def _text(completion: Any) -> str:
     raise TypeError(f"expected a completion string, got {type(completion).__name__}")
 
 
-def gsm8k_correctness_reward(prompts: Sequence[Any], completions: Sequence[Any],
-                             answer: Sequence[str], **_: Any) -> list[float]:
+def gsm8k_correctness_reward(
+    prompts: Sequence[Any], completions: Sequence[Any], answer: Sequence[str], **_: Any
+) -> list[float]:
     """1.0 when the completion's final number (``gsm8k_answer``: the number after ``####``, else
     the last number in the text) equals the reference solution's ``#### <number>``; else 0.0."""
     out = []
@@ -252,8 +306,9 @@ def gsm8k_correctness_reward(prompts: Sequence[Any], completions: Sequence[Any],
     return out
 
 
-def gsm8k_format_reward(prompts: Sequence[Any], completions: Sequence[Any], **_: Any
-                        ) -> list[float]:
+def gsm8k_format_reward(
+    prompts: Sequence[Any], completions: Sequence[Any], **_: Any
+) -> list[float]:
     """1.0 for a line that is exactly ``#### <number>`` (GSM8K's final-answer line), 0.5 for an
     answer stated otherwise (``\\boxed{<number>}`` or ``answer is <number>``), 0.0 for neither."""
     out = []

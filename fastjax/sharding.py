@@ -61,8 +61,13 @@ BATCH_AXES = (DATA, FSDP)
 MIN_SHARD_ELEMENTS = 2**14
 
 
-def make_mesh(num_devices: int | None = None, *, data: int | None = None, fsdp: int | None = None,
-              devices=None) -> Mesh:
+def make_mesh(
+    num_devices: int | None = None,
+    *,
+    data: int | None = None,
+    fsdp: int | None = None,
+    devices=None,
+) -> Mesh:
     """A ``(data, fsdp)`` mesh over the first ``num_devices`` devices (default: ``data * fsdp`` if
     both are given, else all). Every device goes on fsdp unless ``data``/``fsdp`` say otherwise;
     giving one of them derives the other."""
@@ -81,20 +86,31 @@ def make_mesh(num_devices: int | None = None, *, data: int | None = None, fsdp: 
     return Mesh(np.asarray(devices[:n]).reshape(data, fsdp), (DATA, FSDP))
 
 
-def resolve_mesh(mesh: Mesh | None = None, num_devices: int | None = None, *,
-                 data: int | None = None, fsdp: int | None = None) -> Mesh | None:
+def resolve_mesh(
+    mesh: Mesh | None = None,
+    num_devices: int | None = None,
+    *,
+    data: int | None = None,
+    fsdp: int | None = None,
+) -> Mesh | None:
     """The trainer's mesh: ``mesh`` as given, else one built from ``num_devices`` / ``data`` /
     ``fsdp``, else None (no mesh: the single-device path, nothing is placed)."""
     if mesh is not None:
         if tuple(mesh.axis_names) != BATCH_AXES:
-            raise ValueError(f"mesh axes {mesh.axis_names} must be {BATCH_AXES} (make it with "
-                             "fastjax.sharding.make_mesh)")
-        given = {"num_devices": (num_devices, mesh.size),
-                 "mesh_data": (data, mesh.shape[DATA]), "mesh_fsdp": (fsdp, mesh.shape[FSDP])}
+            raise ValueError(
+                f"mesh axes {mesh.axis_names} must be {BATCH_AXES} (make it with "
+                "fastjax.sharding.make_mesh)"
+            )
+        given = {
+            "num_devices": (num_devices, mesh.size),
+            "mesh_data": (data, mesh.shape[DATA]),
+            "mesh_fsdp": (fsdp, mesh.shape[FSDP]),
+        }
         for name, (want, got) in given.items():
             if want is not None and want != got:
-                raise ValueError(f"{name}={want} disagrees with the mesh given "
-                                 f"({dict(mesh.shape)})")
+                raise ValueError(
+                    f"{name}={want} disagrees with the mesh given ({dict(mesh.shape)})"
+                )
         return mesh
     if num_devices is None and data is None and fsdp is None:
         return None
@@ -122,8 +138,7 @@ def _is_stacked(path) -> bool:
     return any(getattr(k, "key", None) == "layers" for k in path)
 
 
-def param_shardings(tree: Any, mesh: Mesh, *,
-                    min_shard_elements: int = MIN_SHARD_ELEMENTS) -> Any:
+def param_shardings(tree: Any, mesh: Mesh, *, min_shard_elements: int = MIN_SHARD_ELEMENTS) -> Any:
     """NamedShardings for a frozen / full-fine-tune param tree (NF4Tensor leaves included) by the
     FSDP rule. Works on arrays and ``jax.ShapeDtypeStruct`` leaves alike."""
     fsdp_size = mesh.shape[FSDP]
@@ -154,21 +169,23 @@ def shard_batch(batch: Mapping[str, Any], mesh: Mesh, *, axis: int = 0) -> dict:
     out = {}
     for k, v in batch.items():
         if v.shape[axis] % n:
-            raise ValueError(f"batch[{k!r}] has batch size {v.shape[axis]}, not divisible by "
-                             f"the {n} devices of the mesh")
+            raise ValueError(
+                f"batch[{k!r}] has batch size {v.shape[axis]}, not divisible by "
+                f"the {n} devices of the mesh"
+            )
         out[k] = jax.device_put(v, batch_sharding(mesh, axis=axis, ndim=v.ndim))
     return out
 
 
-def shard_params(params: Any, mesh: Mesh, *,
-                 min_shard_elements: int = MIN_SHARD_ELEMENTS) -> Any:
+def shard_params(params: Any, mesh: Mesh, *, min_shard_elements: int = MIN_SHARD_ELEMENTS) -> Any:
     """``params`` placed by the FSDP rule (a no-op for leaves already placed that way)."""
     shardings = param_shardings(params, mesh, min_shard_elements=min_shard_elements)
     return jax.device_put(params, shardings)
 
 
-def optimizer_sharding(opt_state: Any, mesh: Mesh, *, fsdp: bool,
-                       min_shard_elements: int = MIN_SHARD_ELEMENTS) -> Any:
+def optimizer_sharding(
+    opt_state: Any, mesh: Mesh, *, fsdp: bool, min_shard_elements: int = MIN_SHARD_ELEMENTS
+) -> Any:
     """Shardings for an optax state (arrays or ``jax.eval_shape`` output): the trainable tree's rule
     applied leaf by leaf. ``fsdp=False`` (replicated adapters): all replicated. ``fsdp=True`` (full
     fine-tuning): the FSDP rule by each leaf's shape and path, which puts Adam moments exactly where
@@ -192,20 +209,28 @@ class StepShardings:
     scalar: NamedSharding
 
 
-def step_shardings(mesh: Mesh, trainable: Any, frozen: Any, opt_state: Any, *,
-                   full_finetune: bool,
-                   min_shard_elements: int = MIN_SHARD_ELEMENTS) -> StepShardings:
+def step_shardings(
+    mesh: Mesh,
+    trainable: Any,
+    frozen: Any,
+    opt_state: Any,
+    *,
+    full_finetune: bool,
+    min_shard_elements: int = MIN_SHARD_ELEMENTS,
+) -> StepShardings:
     """The rules above for one train step; ``opt_state`` may be abstract (``jax.eval_shape``)."""
     kw = {"min_shard_elements": min_shard_elements}
-    trainable_sh = (param_shardings(trainable, mesh, **kw) if full_finetune
-                    else replicated(trainable, mesh))
+    trainable_sh = (
+        param_shardings(trainable, mesh, **kw) if full_finetune else replicated(trainable, mesh)
+    )
     return StepShardings(
         mesh=mesh,
         trainable=trainable_sh,
         opt_state=optimizer_sharding(opt_state, mesh, fsdp=full_finetune, **kw),
         frozen=None if frozen is None else param_shardings(frozen, mesh, **kw),
         batch=batch_sharding(mesh, axis=1, ndim=3),
-        scalar=NamedSharding(mesh, P()))
+        scalar=NamedSharding(mesh, P()),
+    )
 
 
 def partitionable_ops(ops: Any, mesh: Mesh | None) -> Any:
@@ -217,6 +242,9 @@ def partitionable_ops(ops: Any, mesh: Mesh | None) -> Any:
     changes: dict[str, Any] = {"mesh": mesh}
     if ops.resolve("linear") == "pallas":
         changes["linear"] = "xla"
-        log.info("mesh of %d devices: the NF4 linear runs on XLA (its Pallas kernel is not "
-                 "shard_mapped: it would need the FSDP-sharded weights whole)", mesh.size)
+        log.info(
+            "mesh of %d devices: the NF4 linear runs on XLA (its Pallas kernel is not "
+            "shard_mapped: it would need the FSDP-sharded weights whole)",
+            mesh.size,
+        )
     return dataclasses.replace(ops, **changes)

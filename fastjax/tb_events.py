@@ -85,8 +85,12 @@ def masked_crc32c(data: bytes) -> int:
 def encode_record(data: bytes) -> bytes:
     """One TFRecord: length, its masked CRC, the data, the data's masked CRC."""
     length = struct.pack("<Q", len(data))
-    return (length + struct.pack("<I", masked_crc32c(length)) + data
-            + struct.pack("<I", masked_crc32c(data)))
+    return (
+        length
+        + struct.pack("<I", masked_crc32c(length))
+        + data
+        + struct.pack("<I", masked_crc32c(data))
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -131,9 +135,14 @@ def _scalar_summary(scalars: Mapping[str, float]) -> bytes:
     return bytes(out)
 
 
-def encode_event(*, wall_time: float, step: int = 0, file_version: str | None = None,
-                 scalars: Mapping[str, float] | None = None,
-                 session_start: bool = False) -> bytes:
+def encode_event(
+    *,
+    wall_time: float,
+    step: int = 0,
+    file_version: str | None = None,
+    scalars: Mapping[str, float] | None = None,
+    session_start: bool = False,
+) -> bytes:
     """A serialized ``Event``: ``scalars`` (tag -> value) become one ``Summary`` of
     ``simple_value``s (stored as float32); ``session_start`` adds ``SessionLog{status: START}``."""
     step = int(step)
@@ -155,6 +164,7 @@ def encode_event(*, wall_time: float, step: int = 0, file_version: str | None = 
 # Writer
 # --------------------------------------------------------------------------------------------------
 
+
 class EventFileWriter:
     """Appends scalar events to ``<logdir>/events.out.tfevents.<time>.<host>``, flushing every
     record. Use as a context manager or call ``close()``."""
@@ -173,22 +183,34 @@ class EventFileWriter:
         self._file.write(encode_record(event))
         self._file.flush()
 
-    def add_scalars(self, scalars: Mapping[str, float], step: int, *,
-                    wall_time: float | None = None) -> None:
+    def add_scalars(
+        self, scalars: Mapping[str, float], step: int, *, wall_time: float | None = None
+    ) -> None:
         """One event holding every ``tag -> value`` of ``scalars`` at ``step``."""
         if scalars:
-            self._write(encode_event(wall_time=time.time() if wall_time is None else wall_time,
-                                     step=step, scalars=scalars))
+            self._write(
+                encode_event(
+                    wall_time=time.time() if wall_time is None else wall_time,
+                    step=step,
+                    scalars=scalars,
+                )
+            )
 
-    def add_scalar(self, tag: str, value: float, step: int, *,
-                   wall_time: float | None = None) -> None:
+    def add_scalar(
+        self, tag: str, value: float, step: int, *, wall_time: float | None = None
+    ) -> None:
         self.add_scalars({tag: value}, step, wall_time=wall_time)
 
     def add_session_start(self, step: int, *, wall_time: float | None = None) -> None:
         """Mark a (re)start at ``step``: TensorBoard discards already-read events with
         ``step >= step``, the ones a resumed run writes again."""
-        self._write(encode_event(wall_time=time.time() if wall_time is None else wall_time,
-                                 step=step, session_start=True))
+        self._write(
+            encode_event(
+                wall_time=time.time() if wall_time is None else wall_time,
+                step=step,
+                session_start=True,
+            )
+        )
 
     def close(self) -> None:
         if self._file is not None:

@@ -57,16 +57,22 @@ def decay_mask(tree: Any) -> Any:
     return jax.tree_util.tree_map_with_path(keep, tree)
 
 
-def make_optimizer(config: Any, trainable: Any, schedule: optax.Schedule,
-                   layer_masks: Any = None) -> optax.GradientTransformation:
+def make_optimizer(
+    config: Any, trainable: Any, schedule: optax.Schedule, layer_masks: Any = None
+) -> optax.GradientTransformation:
     """Clipping -> AdamW (or 8-bit AdamW, or the given transform) -> zero updates of unselected
     layers."""
     parts = []
     if config.max_grad_norm is not None:
         parts.append(optax.clip_by_global_norm(config.max_grad_norm))
     mask = decay_mask(trainable)
-    kw = {"b1": config.adam_beta1, "b2": config.adam_beta2, "eps": config.adam_epsilon,
-          "weight_decay": config.weight_decay, "mask": mask}
+    kw = {
+        "b1": config.adam_beta1,
+        "b2": config.adam_beta2,
+        "eps": config.adam_epsilon,
+        "weight_decay": config.weight_decay,
+        "mask": mask,
+    }
     if config.optimizer == "adamw":
         parts.append(optax.adamw(schedule, **kw))
     elif config.optimizer == "adamw_8bit":
@@ -76,14 +82,23 @@ def make_optimizer(config: Any, trainable: Any, schedule: optax.Schedule,
     elif isinstance(config.optimizer, optax.GradientTransformation):
         parts.append(config.optimizer)
     else:
-        raise ValueError(f"SFTConfig.optimizer={config.optimizer!r}: expected {OPTIMIZERS} or an "
-                         "optax GradientTransformation")
+        raise ValueError(
+            f"SFTConfig.optimizer={config.optimizer!r}: expected {OPTIMIZERS} or an "
+            "optax GradientTransformation"
+        )
     parts.append(lora_lib.mask_unselected_layers(layer_masks))
     return optax.chain(*parts)
 
 
-def cross_entropy_sum(hidden: jax.Array, head: jax.Array, labels: jax.Array, *, ops: O.Ops,
-                      softcap: float | None = None, head_trainable: bool = True) -> jax.Array:
+def cross_entropy_sum(
+    hidden: jax.Array,
+    head: jax.Array,
+    labels: jax.Array,
+    *,
+    ops: O.Ops,
+    softcap: float | None = None,
+    head_trainable: bool = True,
+) -> jax.Array:
     """Sum of token cross-entropies over labels != -100. hidden ``[N, D]``, head ``[V, D]``,
     labels ``[N]``.
 
@@ -91,8 +106,15 @@ def cross_entropy_sum(hidden: jax.Array, head: jax.Array, labels: jax.Array, *, 
     gradient, a matmul as large as the logits themselves.
     """
     head = head.astype(hidden.dtype)
-    return O.cross_entropy(hidden, head, labels, softcap=softcap, reduction="sum",
-                           head_trainable=head_trainable, ops=ops)
+    return O.cross_entropy(
+        hidden,
+        head,
+        labels,
+        softcap=softcap,
+        reduction="sum",
+        head_trainable=head_trainable,
+        ops=ops,
+    )
 
 
 def default_ops() -> O.Ops:
@@ -105,8 +127,16 @@ def default_ops() -> O.Ops:
     return ops
 
 
-def make_loss_fn(cfg: Any, *, full_finetune: bool, lora_scale: float, lora_dropout: float,
-                 remat_policy: str, ops: O.Ops, mlp_chunk_size: int | None = None) -> Callable:
+def make_loss_fn(
+    cfg: Any,
+    *,
+    full_finetune: bool,
+    lora_scale: float,
+    lora_dropout: float,
+    remat_policy: str,
+    ops: O.Ops,
+    mlp_chunk_size: int | None = None,
+) -> Callable:
     """``loss_sum(trainable, frozen, micro_batch, rng) -> (sum of token CE, number of label
     tokens)``. ``mlp_chunk_size``: see ``models.decoder.forward`` (long-context memory)."""
     fam = registry.family_of(cfg)
@@ -114,16 +144,31 @@ def make_loss_fn(cfg: Any, *, full_finetune: bool, lora_scale: float, lora_dropo
 
     def loss_sum(trainable, frozen, mb, rng):
         params, adapters = (trainable, None) if full_finetune else (frozen, trainable)
-        hidden = fam.forward(params, mb["input_ids"], cfg=cfg, positions=mb["positions"],
-                             segment_ids=mb.get("segment_ids"), lora=adapters,
-                             lora_scale=lora_scale, lora_dropout=lora_dropout,
-                             dropout_rng=rng if lora_dropout > 0 else None,
-                             remat_policy=remat_policy, ops=ops, return_hidden=True,
-                             mlp_chunk_size=mlp_chunk_size)
+        hidden = fam.forward(
+            params,
+            mb["input_ids"],
+            cfg=cfg,
+            positions=mb["positions"],
+            segment_ids=mb.get("segment_ids"),
+            lora=adapters,
+            lora_scale=lora_scale,
+            lora_dropout=lora_dropout,
+            dropout_rng=rng if lora_dropout > 0 else None,
+            remat_policy=remat_policy,
+            ops=ops,
+            return_hidden=True,
+            mlp_chunk_size=mlp_chunk_size,
+        )
         B, T, D = hidden.shape
         labels = mb["labels"].reshape(B * T)
-        total = cross_entropy_sum(hidden.reshape(B * T, D), fam.lm_head(params, cfg), labels,
-                                  ops=ops, softcap=softcap, head_trainable=full_finetune)
+        total = cross_entropy_sum(
+            hidden.reshape(B * T, D),
+            fam.lm_head(params, cfg),
+            labels,
+            ops=ops,
+            softcap=softcap,
+            head_trainable=full_finetune,
+        )
         return total.astype(jnp.float32)
 
     return loss_sum
@@ -134,9 +179,14 @@ def global_norm(tree: Any) -> jax.Array:
     return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
 
 
-def make_train_step(loss_sum: Callable, optimizer: optax.GradientTransformation,
-                    schedule: optax.Schedule, *, donate: bool = True,
-                    shardings: Any = None) -> Callable:
+def make_train_step(
+    loss_sum: Callable,
+    optimizer: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    *,
+    donate: bool = True,
+    shardings: Any = None,
+) -> Callable:
     """``step(trainable, opt_state, frozen, batch [A, B, T], step, rng_key) -> (trainable,
     opt_state, metrics)``, jitted, trainable and opt_state donated. ``metrics``: loss, grad_norm,
     lr, num_label_tokens.
@@ -168,18 +218,22 @@ def make_train_step(loss_sum: Callable, optimizer: optax.GradientTransformation,
         loss = total / denom
         updates, opt_state = optimizer.update(grads, opt_state, trainable)
         trainable = optax.apply_updates(trainable, updates)
-        metrics = {"loss": loss, "grad_norm": global_norm(grads),
-                   "update_norm": global_norm(updates),
-                   "lr": jnp.asarray(schedule(step_idx), jnp.float32), "num_label_tokens": count}
+        metrics = {
+            "loss": loss,
+            "grad_norm": global_norm(grads),
+            "update_norm": global_norm(updates),
+            "lr": jnp.asarray(schedule(step_idx), jnp.float32),
+            "num_label_tokens": count,
+        }
         return trainable, opt_state, metrics
 
     donate_argnums = (0, 1) if donate else ()
     if shardings is None:
         return jax.jit(step, donate_argnums=donate_argnums)
     sh = shardings
-    return jax.jit(step, donate_argnums=donate_argnums,
-                   in_shardings=(sh.trainable, sh.opt_state, sh.frozen, sh.batch, sh.scalar,
-                                 sh.scalar),
-                   out_shardings=(sh.trainable, sh.opt_state, sh.scalar))
-
-
+    return jax.jit(
+        step,
+        donate_argnums=donate_argnums,
+        in_shardings=(sh.trainable, sh.opt_state, sh.frozen, sh.batch, sh.scalar, sh.scalar),
+        out_shardings=(sh.trainable, sh.opt_state, sh.scalar),
+    )

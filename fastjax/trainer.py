@@ -169,8 +169,9 @@ class SFTConfig:
         for name in ("warmup_steps", "save_steps"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 bad(name, "an integer >= 0")
-        if self.max_steps is not None and not (isinstance(self.max_steps, int)
-                                               and self.max_steps >= 1):
+        if self.max_steps is not None and not (
+            isinstance(self.max_steps, int) and self.max_steps >= 1
+        ):
             bad("max_steps", "None or an integer >= 1")
         if self.max_seq_length < 2:
             bad("max_seq_length", ">= 2")
@@ -209,9 +210,16 @@ class TrainResult:
 # Data
 # --------------------------------------------------------------------------------------------------
 
+
 def _is_tokenized(data: Any) -> bool:
-    return (isinstance(data, Sequence) and not isinstance(data, str) and len(data) > 0
-            and isinstance(data[0], Mapping) and "input_ids" in data[0] and "loss_mask" in data[0])
+    return (
+        isinstance(data, Sequence)
+        and not isinstance(data, str)
+        and len(data) > 0
+        and isinstance(data[0], Mapping)
+        and "input_ids" in data[0]
+        and "loss_mask" in data[0]
+    )
 
 
 def build_loader(data: Any, config: SFTConfig, tokenizer: Any = None):
@@ -220,12 +228,16 @@ def build_loader(data: Any, config: SFTConfig, tokenizer: Any = None):
 
     if isinstance(data, data_lib.DataLoader):
         if data.batch_size != config.batch_size:
-            raise ValueError(f"the DataLoader's batch_size={data.batch_size} differs from "
-                             f"SFTConfig.batch_size={config.batch_size} (one loader batch is one "
-                             f"micro-batch)")
+            raise ValueError(
+                f"the DataLoader's batch_size={data.batch_size} differs from "
+                f"SFTConfig.batch_size={config.batch_size} (one loader batch is one "
+                f"micro-batch)"
+            )
         if data.max_seq_length != config.max_seq_length:
-            raise ValueError(f"the DataLoader's max_seq_length={data.max_seq_length} differs from "
-                             f"SFTConfig.max_seq_length={config.max_seq_length}")
+            raise ValueError(
+                f"the DataLoader's max_seq_length={data.max_seq_length} differs from "
+                f"SFTConfig.max_seq_length={config.max_seq_length}"
+            )
         return data
     if isinstance(data, Sequence) and not isinstance(data, str) and len(data) == 0:
         raise ValueError("dataset is empty: 0 training examples")
@@ -233,29 +245,40 @@ def build_loader(data: Any, config: SFTConfig, tokenizer: Any = None):
         examples = list(data)
     else:
         if tokenizer is None:
-            raise ValueError("training on raw rows needs a tokenizer (pass tokenizer=...), or pass "
-                             "tokenized examples {'input_ids', 'loss_mask'} or a "
-                             "fastjax.data.DataLoader")
+            raise ValueError(
+                "training on raw rows needs a tokenizer (pass tokenizer=...), or pass "
+                "tokenized examples {'input_ids', 'loss_mask'} or a "
+                "fastjax.data.DataLoader"
+            )
         examples = data_lib.tokenize_dataset(data, tokenizer)
     if not config.truncation:
         for i, ex in enumerate(examples):
             n = len(ex["input_ids"])
             if n > config.max_seq_length:
-                raise ValueError(f"example {i} has {n} tokens, longer than max_seq_length="
-                                 f"{config.max_seq_length} (a row); raise max_seq_length or set "
-                                 "truncation=True to cut it")
+                raise ValueError(
+                    f"example {i} has {n} tokens, longer than max_seq_length="
+                    f"{config.max_seq_length} (a row); raise max_seq_length or set "
+                    "truncation=True to cut it"
+                )
     pad_id = 0
     if tokenizer is not None:
         ids = (tokenizer.pad_token_id, tokenizer.eos_token_id)
         pad_id = next((i for i in ids if i is not None), 0)
-    return data_lib.DataLoader(examples, config.batch_size, config.seed,
-                               max_seq_length=config.max_seq_length,
-                               packing=config.packing, num_epochs=None, pad_id=pad_id)
+    return data_lib.DataLoader(
+        examples,
+        config.batch_size,
+        config.seed,
+        max_seq_length=config.max_seq_length,
+        packing=config.packing,
+        num_epochs=None,
+        pad_id=pad_id,
+    )
 
 
 # --------------------------------------------------------------------------------------------------
 # The trainer
 # --------------------------------------------------------------------------------------------------
+
 
 class SFTTrainer:
     """Holds the model, the trainable tree, the optimizer and the data; ``train()`` runs the loop.
@@ -269,21 +292,32 @@ class SFTTrainer:
     FSDP-sharded (``self.frozen``; params already placed that way are not copied).
     """
 
-    def __init__(self, params: Mapping, cfg: Any, train_data: Any, config: SFTConfig | None = None,
-                 *,
-                 lora: Mapping | None = None, lora_config: lora_lib.LoraConfig | None = None,
-                 tokenizer: Any = None, callbacks: Sequence[Callable[[int, dict], None]] = (),
-                 mesh: Mesh | None = None):
+    def __init__(
+        self,
+        params: Mapping,
+        cfg: Any,
+        train_data: Any,
+        config: SFTConfig | None = None,
+        *,
+        lora: Mapping | None = None,
+        lora_config: lora_lib.LoraConfig | None = None,
+        tokenizer: Any = None,
+        callbacks: Sequence[Callable[[int, dict], None]] = (),
+        mesh: Mesh | None = None,
+    ):
         self.config = config = config or SFTConfig()
         self.params, self.cfg, self.tokenizer = params, cfg, tokenizer
         self.callbacks = list(callbacks)
-        self.mesh = sharding_lib.resolve_mesh(mesh, config.num_devices, data=config.mesh_data,
-                                              fsdp=config.mesh_fsdp)
+        self.mesh = sharding_lib.resolve_mesh(
+            mesh, config.num_devices, data=config.mesh_data, fsdp=config.mesh_fsdp
+        )
         if self.mesh is not None and config.batch_size % self.mesh.size:
-            raise ValueError(f"SFTConfig.batch_size={config.batch_size} (global rows per "
-                             f"micro-batch) must be divisible by the {self.mesh.size} devices of "
-                             f"the mesh {dict(self.mesh.shape)}: the rows are split over all of "
-                             "them")
+            raise ValueError(
+                f"SFTConfig.batch_size={config.batch_size} (global rows per "
+                f"micro-batch) must be divisible by the {self.mesh.size} devices of "
+                f"the mesh {dict(self.mesh.shape)}: the rows are split over all of "
+                "them"
+            )
         self.loader = build_loader(train_data, config, tokenizer)
         if config.full_finetune:
             if lora is not None:
@@ -291,8 +325,9 @@ class SFTTrainer:
             leaves = jax.tree.leaves(params, is_leaf=_is_quantized)
             quantized = [p for p in leaves if _is_quantized(p)]
             if quantized:
-                raise ValueError("full_finetune=True needs 16/32-bit params, not NF4 (load without "
-                                 "load_in_4bit)")
+                raise ValueError(
+                    "full_finetune=True needs 16/32-bit params, not NF4 (load without load_in_4bit)"
+                )
             self.lora_config = None
             self.trainable, self.frozen = params, None
             self.lora_scale, self.layer_masks = 1.0, None
@@ -301,8 +336,9 @@ class SFTTrainer:
                 lora_config = lora_config or lora_lib.LoraConfig()
                 lora, lora_config = lora_lib.get_peft_model(params, cfg, config=lora_config)
             elif lora_config is None:
-                raise ValueError("pass the LoraConfig returned by get_peft_model together with its "
-                                 "adapters")
+                raise ValueError(
+                    "pass the LoraConfig returned by get_peft_model together with its adapters"
+                )
             self.lora_config = lora_config
             self.trainable, self.frozen = lora, params
             self.lora_scale = lora_lib.lora_scale(lora_config)
@@ -311,9 +347,11 @@ class SFTTrainer:
         steps_per_epoch = -(-self.loader.steps_per_epoch // A)
         self.max_steps = config.max_steps or config.num_epochs * steps_per_epoch
         if self.loader.total_steps is not None and self.max_steps * A > self.loader.total_steps:
-            raise ValueError(f"the DataLoader has {self.loader.total_steps} batches, fewer than "
-                             f"max_steps * grad_accum_steps = {self.max_steps * A}; build it "
-                             "with num_epochs=None")
+            raise ValueError(
+                f"the DataLoader has {self.loader.total_steps} batches, fewer than "
+                f"max_steps * grad_accum_steps = {self.max_steps * A}; build it "
+                "with num_epochs=None"
+            )
         self.schedule = make_schedule(config, self.max_steps)
         self.optimizer = make_optimizer(config, self.trainable, self.schedule, self.layer_masks)
         self.ops = sharding_lib.partitionable_ops(config.ops or default_ops(), self.mesh)
@@ -321,20 +359,32 @@ class SFTTrainer:
         if self.mesh is not None:
             abstract_state = jax.eval_shape(self.optimizer.init, self.trainable)
             self.shardings = sharding_lib.step_shardings(
-                self.mesh, self.trainable, self.frozen, abstract_state,
-                full_finetune=config.full_finetune)
+                self.mesh,
+                self.trainable,
+                self.frozen,
+                abstract_state,
+                full_finetune=config.full_finetune,
+            )
             # place the params once, here; the trainer keeps only the placed copy alive
             if self.frozen is not None:
                 self.frozen = self.params = jax.device_put(self.frozen, self.shardings.frozen)
             else:
-                self.trainable = self.params = jax.device_put(self.trainable,
-                                                              self.shardings.trainable)
+                self.trainable = self.params = jax.device_put(
+                    self.trainable, self.shardings.trainable
+                )
         dropout = 0.0 if self.lora_config is None else self.lora_config.lora_dropout
-        loss_sum = make_loss_fn(cfg, full_finetune=config.full_finetune, lora_scale=self.lora_scale,
-                                lora_dropout=dropout, remat_policy=config.remat_policy,
-                                ops=self.ops, mlp_chunk_size=config.mlp_chunk_size)
-        self.step_fn = make_train_step(loss_sum, self.optimizer, self.schedule,
-                                       shardings=self.shardings)
+        loss_sum = make_loss_fn(
+            cfg,
+            full_finetune=config.full_finetune,
+            lora_scale=self.lora_scale,
+            lora_dropout=dropout,
+            remat_policy=config.remat_policy,
+            ops=self.ops,
+            mlp_chunk_size=config.mlp_chunk_size,
+        )
+        self.step_fn = make_train_step(
+            loss_sum, self.optimizer, self.schedule, shardings=self.shardings
+        )
         self.output_dir = Path(config.output_dir)
         self.key = jax.random.key(config.seed)
 
@@ -351,8 +401,9 @@ class SFTTrainer:
         donates the trainable tree: the caller's adapters (small) are copied so their arrays
         survive; with full_finetune the params themselves are donated (a copy would double the
         model's memory)."""
-        trainable = (self.trainable if self.config.full_finetune
-                     else jax.tree.map(jnp.copy, self.trainable))
+        trainable = (
+            self.trainable if self.config.full_finetune else jax.tree.map(jnp.copy, self.trainable)
+        )
         if self.shardings is None:
             return trainable, self.optimizer.init(trainable)
         # (a replicated device_put may keep the source buffer as one of its shards: copy first)
@@ -371,14 +422,22 @@ class SFTTrainer:
         return {"packing": bool(self.loader.packing), **dataclasses.asdict(self.loader.stats)}
 
     def _state(self, trainable, opt_state) -> dict:
-        return {"trainable": trainable, "opt_state": opt_state,
-                "rng": jax.random.key_data(self.key)}
+        return {
+            "trainable": trainable,
+            "opt_state": opt_state,
+            "rng": jax.random.key_data(self.key),
+        }
 
     def _fingerprint(self) -> dict:
         c = self.config
-        return {"batch_size": c.batch_size, "grad_accum_steps": c.grad_accum_steps,
-                "max_seq_length": c.max_seq_length, "seed": c.seed, "max_steps": self.max_steps,
-                "full_finetune": c.full_finetune}
+        return {
+            "batch_size": c.batch_size,
+            "grad_accum_steps": c.grad_accum_steps,
+            "max_seq_length": c.max_seq_length,
+            "seed": c.seed,
+            "max_steps": self.max_steps,
+            "full_finetune": c.full_finetune,
+        }
 
     def _restore(self, ckpt: Checkpointer, trainable, opt_state) -> tuple[Any, Any, int]:
         """The newest checkpoint, restored into the shardings of ``trainable``/``opt_state`` (so
@@ -390,12 +449,16 @@ class SFTTrainer:
         state, meta = ckpt.restore(step, self._state(trainable, opt_state))
         saved, mine = dict(meta.get("fingerprint", {})), self._fingerprint()
         if saved.pop("max_steps", None) != mine.pop("max_steps"):
-            log.warning("resuming with max_steps=%d (the checkpoint's run had another): the learning "
-                        "rate schedule changes, so the run will differ from an uninterrupted one",
-                        self.max_steps)
+            log.warning(
+                "resuming with max_steps=%d (the checkpoint's run had another): the learning "
+                "rate schedule changes, so the run will differ from an uninterrupted one",
+                self.max_steps,
+            )
         if saved != mine:
-            raise ValueError(f"checkpoint {ckpt.directory / str(step)} was written with {saved}, "
-                             f"this run has {mine}: resume needs the same data layout and seed")
+            raise ValueError(
+                f"checkpoint {ckpt.directory / str(step)} was written with {saved}, "
+                f"this run has {mine}: resume needs the same data layout and seed"
+            )
         self.loader.load_state(meta["data"])
         self.key = jax.random.wrap_key_data(np.asarray(state["rng"]))  # uncommitted: any mesh
         log.info("resumed from %s (step %d)", ckpt.directory / str(step), step)
@@ -406,8 +469,11 @@ class SFTTrainer:
         c = self.config
         self.output_dir.mkdir(parents=True, exist_ok=True)
         trainable, opt_state = self._initial_state()
-        ckpt = Checkpointer(self.output_dir / "checkpoints", max_to_keep=c.save_total_limit) \
-            if (c.save_steps or c.resume) else None
+        ckpt = (
+            Checkpointer(self.output_dir / "checkpoints", max_to_keep=c.save_total_limit)
+            if (c.save_steps or c.resume)
+            else None
+        )
         start = 0
         if c.resume and ckpt is not None:
             trainable, opt_state, start = self._restore(ckpt, trainable, opt_state)
@@ -415,10 +481,19 @@ class SFTTrainer:
         log.warning("%s", packing_report(data_stats))
         logger = MetricsLogger(self.output_dir, tensorboard=c.tensorboard)
         history = logger.truncate_after(start)  # a resumed run redoes the steps after its ckpt
-        n_train = (lora_lib.num_trainable_params(trainable, self.lora_config) if self.lora_config
-                   else sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainable)))
-        log.info("training %s trainable params for %d steps (%d x %d rows of %d tokens per step)",
-                 f"{n_train:,}", self.max_steps, c.grad_accum_steps, c.batch_size, c.max_seq_length)
+        n_train = (
+            lora_lib.num_trainable_params(trainable, self.lora_config)
+            if self.lora_config
+            else sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainable))
+        )
+        log.info(
+            "training %s trainable params for %d steps (%d x %d rows of %d tokens per step)",
+            f"{n_train:,}",
+            self.max_steps,
+            c.grad_accum_steps,
+            c.batch_size,
+            c.max_seq_length,
+        )
         bar = _progress(c.progress_bar, self.max_steps, start)
         timing = {"t_last": None, "tokens": 0, "seconds": 0.0}
         pending: list[tuple[int, dict, int]] = []
@@ -430,10 +505,15 @@ class SFTTrainer:
             step_idx, metrics, n_tokens = item
             host = jax.device_get(metrics)
             now = time.perf_counter()
-            record = {"step": step_idx + 1, "loss": float(host["loss"]),
-                      "grad_norm": float(host["grad_norm"]),
-                      "update_norm": float(host["update_norm"]), "lr": float(host["lr"]),
-                      "num_label_tokens": int(host["num_label_tokens"]), "num_tokens": n_tokens}
+            record = {
+                "step": step_idx + 1,
+                "loss": float(host["loss"]),
+                "grad_norm": float(host["grad_norm"]),
+                "update_norm": float(host["update_norm"]),
+                "lr": float(host["lr"]),
+                "num_label_tokens": int(host["num_label_tokens"]),
+                "num_tokens": n_tokens,
+            }
             if timing["t_last"] is not None:  # the first step of a process includes compilation
                 dt = now - timing["t_last"]
                 timing["tokens"] += n_tokens
@@ -444,13 +524,17 @@ class SFTTrainer:
             if mem is not None:
                 record["memory_gib"], record["peak_memory_gib"] = mem
             if not all(math.isfinite(record[k]) for k in ("loss", "grad_norm", "update_norm")):
-                good = (f"step {last_saved} in {ckpt.directory}" if ckpt is not None and last_saved
-                        else "none")
+                good = (
+                    f"step {last_saved} in {ckpt.directory}"
+                    if ckpt is not None and last_saved
+                    else "none"
+                )
                 raise NonFiniteLossError(
                     f"non-finite loss at step {record['step']} (loss={record['loss']}, grad_norm="
                     f"{record['grad_norm']}, update_norm={record['update_norm']}); training "
                     f"stopped. Last good checkpoint: {good}. Lower the learning rate or check the "
-                    "data.")
+                    "data."
+                )
             history.append(record)
             if record["step"] % c.logging_steps == 0 or record["step"] == self.max_steps:
                 logger.log(record if data_logged else {**record, "data": data_stats})
@@ -467,8 +551,9 @@ class SFTTrainer:
                 host_batch = self.batch(step_idx)
                 n_tokens = int(np.count_nonzero(host_batch["segment_ids"]))
                 batch = self.place_batch(host_batch)
-                trainable, opt_state, metrics = self.step_fn(trainable, opt_state, self.frozen,
-                                                             batch, jnp.int32(step_idx), self.key)
+                trainable, opt_state, metrics = self.step_fn(
+                    trainable, opt_state, self.frozen, batch, jnp.int32(step_idx), self.key
+                )
                 while pending:
                     process(pending.pop(0))
                 pending.append((step_idx, metrics, n_tokens))
@@ -478,9 +563,17 @@ class SFTTrainer:
                     while pending:
                         process(pending.pop(0))
                     self.loader.step = done * c.grad_accum_steps
-                    ckpt.save(done, self._state(trainable, opt_state),
-                              {"step": done, "data": self.loader.state(), "seed": c.seed,
-                               "fingerprint": self._fingerprint(), "mesh": self._mesh_shape()})
+                    ckpt.save(
+                        done,
+                        self._state(trainable, opt_state),
+                        {
+                            "step": done,
+                            "data": self.loader.state(),
+                            "seed": c.seed,
+                            "fingerprint": self._fingerprint(),
+                            "mesh": self._mesh_shape(),
+                        },
+                    )
                     last_saved = done
             while pending:
                 process(pending.pop(0))
@@ -494,16 +587,34 @@ class SFTTrainer:
         tokens_per_s = timing["tokens"] / timing["seconds"] if timing["seconds"] > 0 else None
         saved_to = self._save_final(trainable) if c.save_final else None
         if c.plot and history:
-            write_loss_curve(self.output_dir / "loss_curve.png", [h["step"] for h in history],
-                             [h["loss"] for h in history])
-        summary = {"steps": self.max_steps, "resumed_from": start, "final_loss": history[-1]["loss"]
-                   if history else None, "tokens_per_s": tokens_per_s, "trainable_params": n_train,
-                   "saved_to": str(saved_to) if saved_to else None, "mesh": self._mesh_shape(),
-                   "data": data_stats, "data_report": packing_report(data_stats)}
+            write_loss_curve(
+                self.output_dir / "loss_curve.png",
+                [h["step"] for h in history],
+                [h["loss"] for h in history],
+            )
+        summary = {
+            "steps": self.max_steps,
+            "resumed_from": start,
+            "final_loss": history[-1]["loss"] if history else None,
+            "tokens_per_s": tokens_per_s,
+            "trainable_params": n_train,
+            "saved_to": str(saved_to) if saved_to else None,
+            "mesh": self._mesh_shape(),
+            "data": data_stats,
+            "data_report": packing_report(data_stats),
+        }
         (self.output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         self.trainable = trainable
-        return TrainResult(trainable, opt_state, history, self.max_steps, tokens_per_s,
-                           self.output_dir, saved_to, data_stats)
+        return TrainResult(
+            trainable,
+            opt_state,
+            history,
+            self.max_steps,
+            tokens_per_s,
+            self.output_dir,
+            saved_to,
+            data_stats,
+        )
 
     def _mesh_shape(self) -> dict[str, int] | None:
         return None if self.mesh is None else {k: int(v) for k, v in self.mesh.shape.items()}
@@ -517,20 +628,50 @@ class SFTTrainer:
         try:
             from fastjax.export import save_adapter
         except ImportError:  # export is optional at this layer: lora.py writes the same files
-            return Path(lora_lib.save_peft_adapter(trainable, self.cfg, self.lora_config,
-                                                   str(self.output_dir / "adapter"),
-                                                   base_model_name_or_path=base))
-        return Path(save_adapter(trainable, self.lora_config, self.cfg, self.output_dir / "adapter",
-                                 base_model_name_or_path=base))
+            return Path(
+                lora_lib.save_peft_adapter(
+                    trainable,
+                    self.cfg,
+                    self.lora_config,
+                    str(self.output_dir / "adapter"),
+                    base_model_name_or_path=base,
+                )
+            )
+        return Path(
+            save_adapter(
+                trainable,
+                self.lora_config,
+                self.cfg,
+                self.output_dir / "adapter",
+                base_model_name_or_path=base,
+            )
+        )
 
 
-def train(params: Mapping, cfg: Any, train_data: Any, config: SFTConfig | None = None, *,
-          lora: Mapping | None = None, lora_config: lora_lib.LoraConfig | None = None,
-          tokenizer: Any = None, callbacks: Sequence[Callable[[int, dict], None]] = (),
-          mesh: Mesh | None = None) -> TrainResult:
+def train(
+    params: Mapping,
+    cfg: Any,
+    train_data: Any,
+    config: SFTConfig | None = None,
+    *,
+    lora: Mapping | None = None,
+    lora_config: lora_lib.LoraConfig | None = None,
+    tokenizer: Any = None,
+    callbacks: Sequence[Callable[[int, dict], None]] = (),
+    mesh: Mesh | None = None,
+) -> TrainResult:
     """``SFTTrainer(params, cfg, train_data, config, ...).train()``; see the module docstring."""
-    return SFTTrainer(params, cfg, train_data, config, lora=lora, lora_config=lora_config,
-                      tokenizer=tokenizer, callbacks=callbacks, mesh=mesh).train()
+    return SFTTrainer(
+        params,
+        cfg,
+        train_data,
+        config,
+        lora=lora,
+        lora_config=lora_config,
+        tokenizer=tokenizer,
+        callbacks=callbacks,
+        mesh=mesh,
+    ).train()
 
 
 def load_history(output_dir: str | Path) -> list[dict]:
@@ -541,10 +682,12 @@ def load_history(output_dir: str | Path) -> list[dict]:
 def packing_report(stats: Mapping[str, Any]) -> str:
     """One line for the user: ``packed 1234 sequences into 56 rows of 2048 tokens, padding 3.1%,
     2 truncated, 0 dropped``."""
-    return (f"{'packed' if stats['packing'] else 'padded'} {stats['num_sequences']} sequences into "
-            f"{stats['num_rows']} rows of {stats['max_seq_length']} tokens, padding "
-            f"{100 * stats['padding_fraction']:.1f}%, {stats['truncated']} truncated, "
-            f"{stats['dropped']} dropped")
+    return (
+        f"{'packed' if stats['packing'] else 'padded'} {stats['num_sequences']} sequences into "
+        f"{stats['num_rows']} rows of {stats['max_seq_length']} tokens, padding "
+        f"{100 * stats['padding_fraction']:.1f}%, {stats['truncated']} truncated, "
+        f"{stats['dropped']} dropped"
+    )
 
 
 def _is_quantized(x: Any) -> bool:

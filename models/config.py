@@ -35,8 +35,11 @@ def freeze(value: Any) -> Any:
 
 def thaw(value: Any) -> Any:
     """Inverse of ``freeze`` for dicts (tuples of (str, value) pairs); lists come back as lists."""
-    if isinstance(value, tuple) and value and all(isinstance(i, tuple) and len(i) == 2 and
-                                                  isinstance(i[0], str) for i in value):
+    if (
+        isinstance(value, tuple)
+        and value
+        and all(isinstance(i, tuple) and len(i) == 2 and isinstance(i[0], str) for i in value)
+    ):
         return {k: thaw(v) for k, v in value}
     if isinstance(value, tuple):
         return [thaw(v) for v in value]
@@ -52,6 +55,7 @@ def rope_type_of(scaling: Mapping | None) -> str:
 # --------------------------------------------------------------------------------------------------------------
 # The static description of a network
 # --------------------------------------------------------------------------------------------------------------
+
 
 @dataclasses.dataclass(frozen=True)
 class RopeSpec:
@@ -80,9 +84,11 @@ class RopeSpec:
         factor = scaling.get("factor") or self.max_position_embeddings / original
         attention = scaling.get("attention_factor")
         if attention is None:
-            attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+            attention = (
+                1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+            )
         exponent = np.arange(0, self.rotary_dim, 2, dtype=np.float64) / self.rotary_dim
-        base = self.theta ** exponent
+        base = self.theta**exponent
 
         def table(factors):
             return (1.0 / (np.asarray(factors, np.float64) * base)).astype(np.float32)
@@ -104,7 +110,9 @@ class Arch:
     layer_kind: tuple[int, ...]  # per layer: index into kinds
     sm_scale: float
     norm_offset: float = 0.0  # 1.0: Gemma's (1 + w) RMSNorm
-    sandwich_norms: bool = False  # Gemma 2/3: norms after attention/MLP too (pre/post_feedforward_layernorm)
+    sandwich_norms: bool = (
+        False  # Gemma 2/3: norms after attention/MLP too (pre/post_feedforward_layernorm)
+    )
     qk_norm: bool = False  # Qwen3, Gemma 3: RMSNorm over head_dim of q and k before RoPE
     qkv_bias: bool = False
     o_bias: bool = False
@@ -121,8 +129,15 @@ class Arch:
 # HF config.json <-> frozen config
 # --------------------------------------------------------------------------------------------------------------
 
-_POSITIVE_INTS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                  "num_key_value_heads", "head_dim")
+_POSITIVE_INTS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+)
 
 
 class HFConfig:
@@ -163,22 +178,30 @@ class HFConfig:
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
                 raise self._error(name, "expected a positive integer")
         if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(f"{type(self).__name__}: num_attention_heads={self.num_attention_heads} is not a "
-                             f"multiple of num_key_value_heads={self.num_key_value_heads}")
+            raise ValueError(
+                f"{type(self).__name__}: num_attention_heads={self.num_attention_heads} is not a "
+                f"multiple of num_key_value_heads={self.num_key_value_heads}"
+            )
         act = getattr(self, self.ACT_FIELD)
         if act not in self.ACTIVATIONS:
             raise self._error(self.ACT_FIELD, f"only {self.ACTIVATIONS} supported")
         rope_type = rope_type_of(self.rope_scaling_dict)
         if rope_type not in self.ROPE_TYPES:
-            raise ValueError(f"{type(self).__name__}.rope_scaling: unsupported rope type {rope_type!r}; "
-                             f"supported: {self.ROPE_TYPES}")
+            raise ValueError(
+                f"{type(self).__name__}.rope_scaling: unsupported rope type {rope_type!r}; "
+                f"supported: {self.ROPE_TYPES}"
+            )
         layer_types = getattr(self, "layer_types", None)
         if layer_types is not None:
             if len(layer_types) != self.num_hidden_layers:
-                raise self._error("layer_types", f"needs num_hidden_layers={self.num_hidden_layers} entries")
+                raise self._error(
+                    "layer_types", f"needs num_hidden_layers={self.num_hidden_layers} entries"
+                )
             bad = sorted(set(layer_types) - {SLIDING, FULL})
             if bad:
-                raise self._error("layer_types", f"unknown layer type {bad[0]!r}; known: {(SLIDING, FULL)}")
+                raise self._error(
+                    "layer_types", f"unknown layer type {bad[0]!r}; known: {(SLIDING, FULL)}"
+                )
         window = getattr(self, "sliding_window", None)
         if window is not None and (not isinstance(window, (int, np.integer)) or window < 1):
             raise self._error("sliding_window", "expected a positive integer or null")
@@ -209,14 +232,19 @@ class HFConfig:
         """The config's RoPE table (``theta``/``scaling`` override it, e.g. Gemma 3's local layers)."""
         scaling = self.rope_scaling if scaling == "cfg" else freeze(scaling)
         factor = getattr(self, "partial_rotary_factor", 1.0) or 1.0
-        return RopeSpec(rotary_dim=int(self.head_dim * factor), theta=float(
-            self.rope_theta if theta is None else theta), scaling=scaling,
+        return RopeSpec(
+            rotary_dim=int(self.head_dim * factor),
+            theta=float(self.rope_theta if theta is None else theta),
+            scaling=scaling,
             original_max_position_embeddings=self._original_max_positions(),
-            max_position_embeddings=self.max_position_embeddings)
+            max_position_embeddings=self.max_position_embeddings,
+        )
 
     def _original_max_positions(self) -> int | None:
         field = getattr(self, "original_max_position_embeddings", None)
-        if field is not None:  # Phi-3 keeps it outside rope_scaling, and HF gives the field priority
+        if (
+            field is not None
+        ):  # Phi-3 keeps it outside rope_scaling, and HF gives the field priority
             return field
         scaling = self.rope_scaling_dict or {}
         return scaling.get("original_max_position_embeddings", self.max_position_embeddings)
@@ -242,7 +270,9 @@ class HFConfig:
         ``rope_parameters`` style). Unknown keys are ignored."""
         model_type = config.get("model_type", cls.MODEL_TYPE)
         if model_type != cls.MODEL_TYPE:
-            raise ValueError(f"{cls.__name__}.from_hf: model_type={model_type!r} is not {cls.MODEL_TYPE!r}")
+            raise ValueError(
+                f"{cls.__name__}.from_hf: model_type={model_type!r} is not {cls.MODEL_TYPE!r}"
+            )
         d = dict(config)
         d["model_type"] = cls.MODEL_TYPE
         rope_params = d.pop("rope_parameters", None)
@@ -254,7 +284,9 @@ class HFConfig:
             rs = dict(d["rope_scaling"])
             if "partial_rotary_factor" in rs:
                 d.setdefault("partial_rotary_factor", rs.pop("partial_rotary_factor"))
-            rope_type = rope_type_of(rs)  # one spelling: "rope_type" (transformers 4 also wrote "type")
+            rope_type = rope_type_of(
+                rs
+            )  # one spelling: "rope_type" (transformers 4 also wrote "type")
             rs = {k: v for k, v in rs.items() if k != "type"} | {"rope_type": rope_type}
             d["rope_scaling"] = None if rope_type == "default" else rs
         d = cls._from_hf_dict(d)
@@ -265,8 +297,9 @@ class HFConfig:
         """An HF ``config.json`` dict that transformers loads as ``ARCHITECTURE``."""
         d = {f.name: thaw(getattr(self, f.name)) for f in dataclasses.fields(self)}
         d["rope_scaling"] = self.rope_scaling_dict
-        d["eos_token_id"] = list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) \
-            else self.eos_token_id
+        d["eos_token_id"] = (
+            list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id
+        )
         d["architectures"] = [self.ARCHITECTURE]
         return d
 
@@ -287,8 +320,9 @@ def _split_rope(rope_params: Mapping, d: Mapping) -> dict:
     return out
 
 
-def kinds_from_windows(windows: tuple[int | None, ...], ropes: tuple[RopeSpec, ...]
-                       ) -> tuple[tuple[LayerKind, ...], tuple[int, ...]]:
+def kinds_from_windows(
+    windows: tuple[int | None, ...], ropes: tuple[RopeSpec, ...]
+) -> tuple[tuple[LayerKind, ...], tuple[int, ...]]:
     """Per-layer (window, rope) -> (distinct kinds in first-seen order, per-layer kind index)."""
     kinds: list[LayerKind] = []
     index: list[int] = []

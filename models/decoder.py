@@ -75,14 +75,25 @@ def final_logit_softcap(cfg) -> float | None:
 # One layer
 # --------------------------------------------------------------------------------------------------------------
 
+
 def _proj(h, p, lp, module: str, name: str, ctx) -> jax.Array:
     mod = p[module][name]
     lora = None if lp is None else lp.get(module, {}).get(name)
     rng = None
     if lora is not None and ctx["dropout_rng"] is not None:
-        rng = jax.random.fold_in(ctx["dropout_rng"], zlib.crc32(f"{module}.{name}".encode()) % (2**31))
-    return O.linear(h, mod["weight"], bias=mod.get("bias"), lora=lora, lora_scale=ctx["lora_scale"],
-                    dropout_rng=rng, lora_dropout=ctx["lora_dropout"], ops=ctx["ops"])
+        rng = jax.random.fold_in(
+            ctx["dropout_rng"], zlib.crc32(f"{module}.{name}".encode()) % (2**31)
+        )
+    return O.linear(
+        h,
+        mod["weight"],
+        bias=mod.get("bias"),
+        lora=lora,
+        lora_scale=ctx["lora_scale"],
+        dropout_rng=rng,
+        lora_dropout=ctx["lora_dropout"],
+        ops=ctx["ops"],
+    )
 
 
 def _norm(x, w, cfg, ctx):
@@ -91,8 +102,9 @@ def _norm(x, w, cfg, ctx):
 
 def _add_norm(x, branch, w, cfg, ctx):
     """``(s, norm(s))`` for ``s = x + branch``, one fused op (each residual add feeding a norm)."""
-    return O.rms_norm_residual(branch, x, w, eps=cfg.rms_norm_eps, offset=ctx["arch"].norm_offset,
-                               ops=ctx["ops"])
+    return O.rms_norm_residual(
+        branch, x, w, eps=cfg.rms_norm_eps, offset=ctx["arch"].norm_offset, ops=ctx["ops"]
+    )
 
 
 def _segment_max_positions(positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
@@ -118,8 +130,10 @@ def _rope_tables(arch, positions, segment_ids) -> list[tuple]:
         inv, long_inv, scaling = kind.rope.inv_freqs()
         use_long = None
         if long_inv is not None:
-            use_long = _segment_max_positions(positions, segment_ids) + 1 > \
-                kind.rope.original_max_position_embeddings
+            use_long = (
+                _segment_max_positions(positions, segment_ids) + 1
+                > kind.rope.original_max_position_embeddings
+            )
         tables.append((inv, long_inv, use_long, scaling, kind.rope.rotary_dim))
     return tables
 
@@ -130,8 +144,12 @@ def _rope(q, k, positions, table, ops):
     def rotate(inv):
         if rd == q.shape[-1]:
             return O.rope(q, k, positions, inv, attention_scaling=scaling, ops=ops)
-        qr, kr = O.rope(q[..., :rd], k[..., :rd], positions, inv, attention_scaling=scaling, ops=ops)
-        return jnp.concatenate([qr, q[..., rd:]], axis=-1), jnp.concatenate([kr, k[..., rd:]], axis=-1)
+        qr, kr = O.rope(
+            q[..., :rd], k[..., :rd], positions, inv, attention_scaling=scaling, ops=ops
+        )
+        return jnp.concatenate([qr, q[..., rd:]], axis=-1), jnp.concatenate(
+            [kr, k[..., rd:]], axis=-1
+        )
 
     if long_inv_freq is None:
         return rotate(inv_freq)
@@ -145,7 +163,9 @@ def _by_kind(arch, kind_idx, fn, *args):
     ``lax.switch`` over the kinds (each branch sees its window and RoPE table as static values)."""
     if len(arch.kinds) == 1:
         return fn(0, *args)
-    return jax.lax.switch(kind_idx, [functools.partial(fn, i) for i in range(len(arch.kinds))], *args)
+    return jax.lax.switch(
+        kind_idx, [functools.partial(fn, i) for i in range(len(arch.kinds))], *args
+    )
 
 
 def _layer(x, h, p, lp, kind_idx, cfg, ctx, core):
@@ -192,7 +212,9 @@ def _layer(x, h, p, lp, kind_idx, cfg, ctx, core):
 
 def _mlp(h, p, lp, ctx):
     if ctx["arch"].fused_gate_up:
-        gate, up = jnp.split(checkpoint_name(_proj(h, p, lp, "mlp", "gate_up_proj", ctx), "mlp_up"), 2, -1)
+        gate, up = jnp.split(
+            checkpoint_name(_proj(h, p, lp, "mlp", "gate_up_proj", ctx), "mlp_up"), 2, -1
+        )
     else:
         gate = checkpoint_name(_proj(h, p, lp, "mlp", "gate_proj", ctx), "mlp_up")
         up = checkpoint_name(_proj(h, p, lp, "mlp", "up_proj", ctx), "mlp_up")
@@ -238,6 +260,7 @@ def _scan_layers(layer, x, xs, params, cfg, ctx, *, remat_policy: str = "none"):
     w_in = params["model"]["layers"]["input_layernorm"]["weight"]
     w_final = params["model"]["norm"]["weight"]
     if remat_policy != "none":
+
         def body(x, xs):
             x, m, ys = layer(checkpoint_name(x, "layer_input"), None, xs)
             return x + m, ys
@@ -283,20 +306,39 @@ def _logits(x, params, cfg, arch):
 def _context(cfg, arch, positions, segment_ids, ops, lora_scale, lora_dropout, mlp_chunk_size=None):
     if mlp_chunk_size is not None and mlp_chunk_size < 1:
         raise ValueError(f"{mlp_chunk_size=} must be a positive number of tokens (or None)")
-    return {"arch": arch, "positions": positions, "rope_tables": _rope_tables(arch, positions, segment_ids),
-            "ops": ops, "lora_scale": lora_scale, "lora_dropout": lora_dropout, "dropout_rng": None,
-            "mlp_chunk_size": mlp_chunk_size}
+    return {
+        "arch": arch,
+        "positions": positions,
+        "rope_tables": _rope_tables(arch, positions, segment_ids),
+        "ops": ops,
+        "lora_scale": lora_scale,
+        "lora_dropout": lora_dropout,
+        "dropout_rng": None,
+        "mlp_chunk_size": mlp_chunk_size,
+    }
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Forward
 # --------------------------------------------------------------------------------------------------------------
 
-def forward(params: Mapping, input_ids: jax.Array, *, cfg, positions: jax.Array | None = None,
-            segment_ids: jax.Array | None = None, lora: Mapping | None = None, lora_scale: float = 1.0,
-            lora_dropout: float = 0.0, dropout_rng: jax.Array | None = None, remat_policy: str = "none",
-            ops: O.Ops | None = None, return_hidden: bool = False,
-            mlp_chunk_size: int | None = None) -> jax.Array:
+
+def forward(
+    params: Mapping,
+    input_ids: jax.Array,
+    *,
+    cfg,
+    positions: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    lora: Mapping | None = None,
+    lora_scale: float = 1.0,
+    lora_dropout: float = 0.0,
+    dropout_rng: jax.Array | None = None,
+    remat_policy: str = "none",
+    ops: O.Ops | None = None,
+    return_hidden: bool = False,
+    mlp_chunk_size: int | None = None,
+) -> jax.Array:
     """Logits ``[B, T, V]`` (fp32, final softcap applied), or the final normed hidden states ``[B, T, D]``
     with ``return_hidden``.
 
@@ -320,8 +362,17 @@ def forward(params: Mapping, input_ids: jax.Array, *, cfg, positions: jax.Array 
     ctx = _context(cfg, arch, positions, segment_ids, ops, lora_scale, lora_dropout, mlp_chunk_size)
 
     def core(kind, q, k, v):
-        out = O.attention(q, k, v, segment_ids=attn_segment_ids, causal=True, window=kind.window,
-                          softcap=arch.attn_softcap, sm_scale=arch.sm_scale, ops=ops)
+        out = O.attention(
+            q,
+            k,
+            v,
+            segment_ids=attn_segment_ids,
+            causal=True,
+            window=kind.window,
+            softcap=arch.attn_softcap,
+            sm_scale=arch.sm_scale,
+            ops=ops,
+        )
         return out, None
 
     def layer(x, h, xs):
@@ -342,6 +393,7 @@ def forward(params: Mapping, input_ids: jax.Array, *, cfg, positions: jax.Array 
 # KV-cache decoding (generation): slots are absolute cache indices shared by every row (left padding)
 # --------------------------------------------------------------------------------------------------------------
 
+
 def _longrope_threshold(arch) -> int | None:
     """``original_max_position_embeddings`` when a layer kind uses longrope (its cache keeps token ids)."""
     for kind in arch.kinds:
@@ -360,8 +412,19 @@ def init_cache(cfg, batch: int, max_len: int, dtype) -> dict:
     return cache
 
 
-def cached_attention_reference(q, k_cache, v_cache, q_slots, kv_valid, *, sm_scale, softcap=None,
-                               window=None, q_positions=None, kv_positions=None):
+def cached_attention_reference(
+    q,
+    k_cache,
+    v_cache,
+    q_slots,
+    kv_valid,
+    *,
+    sm_scale,
+    softcap=None,
+    window=None,
+    q_positions=None,
+    kv_positions=None,
+):
     """Attention of new queries ``[B, T, H, D]`` over a cache ``[B, S, KV, D]``.
 
     Query t (at cache slot ``q_slots[t]``) sees slot j when ``j <= q_slots[t]`` and ``kv_valid[b, j]``;
@@ -384,9 +447,19 @@ def cached_attention_reference(q, k_cache, v_cache, q_slots, kv_valid, *, sm_sca
     return o.reshape(B, T, H, D).astype(q.dtype)
 
 
-def forward_cached(params: Mapping, input_ids: jax.Array, cache: dict, *, cfg, positions: jax.Array,
-                   cache_index: jax.Array, kv_valid: jax.Array, lora: Mapping | None = None,
-                   lora_scale: float = 1.0, ops: O.Ops | None = None):
+def forward_cached(
+    params: Mapping,
+    input_ids: jax.Array,
+    cache: dict,
+    *,
+    cfg,
+    positions: jax.Array,
+    cache_index: jax.Array,
+    kv_valid: jax.Array,
+    lora: Mapping | None = None,
+    lora_scale: float = 1.0,
+    ops: O.Ops | None = None,
+):
     """Run ``input_ids [B, T]`` whose k/v go to cache slots ``cache_index .. cache_index+T-1``.
 
     Returns (logits of the last position ``[B, V]`` fp32, updated cache). ``kv_valid [B, S]`` marks slots
@@ -416,9 +489,18 @@ def forward_cached(params: Mapping, input_ids: jax.Array, cache: dict, *, cfg, p
             def core(kind, q, k, v):
                 kc = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), start, 1)
                 vc = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), start, 1)
-                out = cached_attention_reference(q, kc, vc, q_slots, kv_valid, sm_scale=arch.sm_scale,
-                                                 softcap=arch.attn_softcap, window=kind.window,
-                                                 q_positions=q_positions, kv_positions=kv_positions)
+                out = cached_attention_reference(
+                    q,
+                    kc,
+                    vc,
+                    q_slots,
+                    kv_valid,
+                    sm_scale=arch.sm_scale,
+                    softcap=arch.attn_softcap,
+                    window=kind.window,
+                    q_positions=q_positions,
+                    kv_positions=kv_positions,
+                )
                 return out, (kc, vc)
 
             return _layer(x, h, p, lp, kind_idx, cfg, ctx, core)
@@ -430,17 +512,21 @@ def forward_cached(params: Mapping, input_ids: jax.Array, cache: dict, *, cfg, p
     new_cache = dict(cache)
     threshold = _longrope_threshold(arch)
     if threshold is None:
-        x, new_cache["k"], new_cache["v"] = run(input_ids, positions, cache_index, cache["k"], cache["v"])
+        x, new_cache["k"], new_cache["v"] = run(
+            input_ids, positions, cache_index, cache["k"], cache["v"]
+        )
     else:
-        tokens = jax.lax.dynamic_update_slice_in_dim(cache["tokens"], input_ids.astype(jnp.int32),
-                                                     cache_index, 1)
+        tokens = jax.lax.dynamic_update_slice_in_dim(
+            cache["tokens"], input_ids.astype(jnp.int32), cache_index, 1
+        )
         before = jnp.min(positions, axis=1)  # tokens each row had before this call (0 on prefill)
         after = jnp.max(positions, axis=1) + 1
         crossing = jnp.any((before >= 1) & (before <= threshold) & (after > threshold))
         x, new_cache["k"], new_cache["v"] = jax.lax.cond(
             crossing,
             lambda: run(tokens, jnp.maximum(kv_positions, 0), jnp.int32(0), cache["k"], cache["v"]),
-            lambda: run(input_ids, positions, cache_index, cache["k"], cache["v"]))
+            lambda: run(input_ids, positions, cache_index, cache["k"], cache["v"]),
+        )
         new_cache["tokens"] = tokens
     return _logits(x, params, cfg, arch)[:, 0], new_cache
 
@@ -463,6 +549,7 @@ def flops_per_token(cfg, seq_len: int) -> float:
 # --------------------------------------------------------------------------------------------------------------
 # Flax
 # --------------------------------------------------------------------------------------------------------------
+
 
 class CausalLM:
     """A thin Flax (linen) module over ``forward``, for Flax programs that embed the model.
@@ -491,7 +578,14 @@ def _flax_module():
             template = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
             for name in template:
                 tree[name] = self.param(name, lambda key, n=name: init_params(cfg, key)[n])
-            return forward(tree, input_ids, cfg=cfg, positions=positions, segment_ids=segment_ids,
-                           lora=lora, **dict(self.forward_kwargs))
+            return forward(
+                tree,
+                input_ids,
+                cfg=cfg,
+                positions=positions,
+                segment_ids=segment_ids,
+                lora=lora,
+                **dict(self.forward_kwargs),
+            )
 
     return _DecoderModule

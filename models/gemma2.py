@@ -70,20 +70,27 @@ class Gemma2Config(HFConfig):
 
     def _normalize(self) -> None:
         if self.layer_types is None:  # transformers 5.17: sliding if (i + 1) % 2 else full
-            self._set("layer_types", tuple(SLIDING if (i + 1) % 2 else FULL
-                                           for i in range(self.num_hidden_layers)))
+            self._set(
+                "layer_types",
+                tuple(SLIDING if (i + 1) % 2 else FULL for i in range(self.num_hidden_layers)),
+            )
 
     def _validate(self) -> None:
         validate_gemma(self)
 
     def arch(self) -> Arch:
-        return gemma_arch(self, (self.rope_spec(),) * self.num_hidden_layers,
-                          attn_softcap=self.attn_logit_softcapping)
+        return gemma_arch(
+            self,
+            (self.rope_spec(),) * self.num_hidden_layers,
+            attn_softcap=self.attn_logit_softcapping,
+        )
 
 
 def validate_gemma(cfg) -> None:
     if cfg.use_bidirectional_attention:
-        raise cfg._error("use_bidirectional_attention", "bidirectional (encoder) Gemma is not supported")
+        raise cfg._error(
+            "use_bidirectional_attention", "bidirectional (encoder) Gemma is not supported"
+        )
     for name in ("final_logit_softcapping", "attn_logit_softcapping", "query_pre_attn_scalar"):
         value = getattr(cfg, name)
         if value is not None and not value > 0:
@@ -92,11 +99,20 @@ def validate_gemma(cfg) -> None:
 
 def gemma_arch(cfg, ropes, *, attn_softcap) -> Arch:
     kinds, index = kinds_from_windows(cfg.layer_windows(), ropes)
-    return Arch(kinds=kinds, layer_kind=index, sm_scale=float(cfg.query_pre_attn_scalar) ** -0.5,
-                norm_offset=1.0, sandwich_norms=True, qk_norm=cfg.MODEL_TYPE == "gemma3_text",
-                qkv_bias=cfg.attention_bias, o_bias=cfg.attention_bias, activation="gelu_tanh",
-                embed_scale=cfg.hidden_size ** 0.5, attn_softcap=attn_softcap,
-                final_softcap=cfg.final_logit_softcapping)
+    return Arch(
+        kinds=kinds,
+        layer_kind=index,
+        sm_scale=float(cfg.query_pre_attn_scalar) ** -0.5,
+        norm_offset=1.0,
+        sandwich_norms=True,
+        qk_norm=cfg.MODEL_TYPE == "gemma3_text",
+        qkv_bias=cfg.attention_bias,
+        o_bias=cfg.attention_bias,
+        activation="gelu_tanh",
+        embed_scale=cfg.hidden_size**0.5,
+        attn_softcap=attn_softcap,
+        final_softcap=cfg.final_logit_softcapping,
+    )
 
 
 class Gemma2ForCausalLM(CausalLM):

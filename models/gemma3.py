@@ -78,18 +78,24 @@ class Gemma3TextConfig(HFConfig):
     def _normalize(self) -> None:
         if self.layer_types is None:
             n = self.sliding_window_pattern
-            self._set("layer_types", tuple(SLIDING if (i + 1) % n else FULL
-                                           for i in range(self.num_hidden_layers)))
+            self._set(
+                "layer_types",
+                tuple(SLIDING if (i + 1) % n else FULL for i in range(self.num_hidden_layers)),
+            )
 
     def _validate(self) -> None:
         validate_gemma(self)
         if self.attn_logit_softcapping is not None:
-            log.warning("gemma3_text: attn_logit_softcapping=%s is ignored, as transformers does",
-                        self.attn_logit_softcapping)
+            log.warning(
+                "gemma3_text: attn_logit_softcapping=%s is ignored, as transformers does",
+                self.attn_logit_softcapping,
+            )
 
     @classmethod
     def _from_hf_dict(cls, d: dict) -> dict:
-        per_type = d.pop("rope_parameters", None)  # transformers 5: {layer_type: {rope_type, rope_theta}}
+        per_type = d.pop(
+            "rope_parameters", None
+        )  # transformers 5: {layer_type: {rope_type, rope_theta}}
         if per_type:
             full, local = dict(per_type.get(FULL) or {}), dict(per_type.get(SLIDING) or {})
             if "rope_theta" in full:
@@ -97,8 +103,10 @@ class Gemma3TextConfig(HFConfig):
             if "rope_theta" in local:
                 d.setdefault("rope_local_base_freq", local.pop("rope_theta"))
             if rope_type_of(local) != "default":
-                raise ValueError(f"Gemma3TextConfig: rope scaling on sliding_attention layers "
-                                 f"({rope_type_of(local)!r}) is not supported")
+                raise ValueError(
+                    f"Gemma3TextConfig: rope scaling on sliding_attention layers "
+                    f"({rope_type_of(local)!r}) is not supported"
+                )
             if rope_type_of(full) != "default" and d.get("rope_scaling") is None:
                 d["rope_scaling"] = full
         return d

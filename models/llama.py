@@ -66,8 +66,14 @@ class LlamaConfig(HFConfig):
     def arch(self) -> Arch:
         L = self.num_hidden_layers
         kinds, index = kinds_from_windows((None,) * L, (self.rope_spec(),) * L)
-        return Arch(kinds=kinds, layer_kind=index, sm_scale=self.head_dim ** -0.5,
-                    qkv_bias=self.attention_bias, o_bias=self.attention_bias, mlp_bias=self.mlp_bias)
+        return Arch(
+            kinds=kinds,
+            layer_kind=index,
+            sm_scale=self.head_dim**-0.5,
+            qkv_bias=self.attention_bias,
+            o_bias=self.attention_bias,
+            mlp_bias=self.mlp_bias,
+        )
 
 
 class LlamaForCausalLM(CausalLM):

@@ -57,7 +57,7 @@ class MistralConfig(HFConfig):
     def arch(self) -> Arch:
         L = self.num_hidden_layers
         kinds, index = kinds_from_windows(self.layer_windows(), (self.rope_spec(),) * L)
-        return Arch(kinds=kinds, layer_kind=index, sm_scale=self.head_dim ** -0.5)
+        return Arch(kinds=kinds, layer_kind=index, sm_scale=self.head_dim**-0.5)
 
 
 class MistralForCausalLM(CausalLM):

@@ -92,6 +92,7 @@ class Ops:
 # Per-shard execution under a mesh
 # --------------------------------------------------------------------------------------------------
 
+
 def _shard_map(fn: Callable, mesh: Mesh, in_specs: tuple, out_specs: Any) -> Callable:
     """``shard_map`` across jax versions: ``jax.shard_map`` (0.10 and 0.11 both have it), else the
     older ``jax.experimental.shard_map``.
@@ -116,8 +117,9 @@ def _sharded_mesh(ops: Ops) -> Mesh | None:
 _PARTITIONED_BY_XLA = ("xla", "cudnn")  # the jnp references and the cuDNN custom call
 
 
-def _placement(op: str, ops: Ops, impl: str, rows: Sequence[jax.Array],
-               fallback: str = "xla") -> tuple[Mesh | None, str]:
+def _placement(
+    op: str, ops: Ops, impl: str, rows: Sequence[jax.Array], fallback: str = "xla"
+) -> tuple[Mesh | None, str]:
     """``(mesh to split rows over or None, implementation to run)``. None: no mesh (or one device),
     an implementation XLA partitions itself, or rows whose axis 0 does not divide over the mesh (the
     decoder's token-sliced MLP hands the GLU ``[1, c, F]`` slices); these run ``fallback``, an XLA
@@ -127,14 +129,26 @@ def _placement(op: str, ops: Ops, impl: str, rows: Sequence[jax.Array],
         return None, impl
     bad = [x.shape for x in rows if x.ndim == 0 or x.shape[0] % mesh.size]
     if bad:
-        log.warning("%s: inputs of shape %s do not split on axis 0 over the %d devices of "
-                    "Ops.mesh; running %r instead of the kernel", op, bad[0], mesh.size, fallback)
+        log.warning(
+            "%s: inputs of shape %s do not split on axis 0 over the %d devices of "
+            "Ops.mesh; running %r instead of the kernel",
+            op,
+            bad[0],
+            mesh.size,
+            fallback,
+        )
         return None, fallback
     return mesh, impl
 
 
-def _per_shard(op: str, ops: Ops, impl: str, run: Callable[[str], Callable],
-               rows: Sequence[jax.Array], whole: Sequence[Any] = ()) -> Any:
+def _per_shard(
+    op: str,
+    ops: Ops,
+    impl: str,
+    run: Callable[[str], Callable],
+    rows: Sequence[jax.Array],
+    whole: Sequence[Any] = (),
+) -> Any:
     """``run(impl)(*rows, *whole)``; under ``ops.mesh`` once per shard: each of ``rows`` split on
     axis 0 over every mesh axis, ``whole`` replicated, every output (a pytree) split on axis 0
     likewise (``_placement`` says when not)."""
@@ -150,18 +164,21 @@ def _per_shard(op: str, ops: Ops, impl: str, run: Callable[[str], Callable],
 # Ops
 # --------------------------------------------------------------------------------------------------
 
+
 def rms_norm(x: jax.Array, w: jax.Array, *, eps: float, offset: float = 0.0, ops: Ops) -> jax.Array:
     from fastjax.pallas_kernels import rms_norm as k
 
     def run(impl):
-        return functools.partial(k.rms_norm, eps=eps, offset=offset, impl=impl,
-                                 interpret=ops.interpret)
+        return functools.partial(
+            k.rms_norm, eps=eps, offset=offset, impl=impl, interpret=ops.interpret
+        )
 
     return _per_shard("rms_norm", ops, ops.resolve("rms_norm"), run, (x,), (w,))
 
 
-def rms_norm_residual(x: jax.Array, residual: jax.Array, w: jax.Array, *, eps: float,
-                      offset: float = 0.0, ops: Ops) -> tuple[jax.Array, jax.Array]:
+def rms_norm_residual(
+    x: jax.Array, residual: jax.Array, w: jax.Array, *, eps: float, offset: float = 0.0, ops: Ops
+) -> tuple[jax.Array, jax.Array]:
     """Fused ``s = x + residual`` then ``rms_norm(s)``: returns ``(s, normed)``, both ``x.dtype``.
 
     The sum is rounded to ``x.dtype`` before the norm, exactly as ``rms_norm(x + residual)``; one
@@ -171,19 +188,28 @@ def rms_norm_residual(x: jax.Array, residual: jax.Array, w: jax.Array, *, eps: f
     from fastjax.pallas_kernels import rms_norm as k
 
     def run(impl):
-        return functools.partial(k.rms_norm_residual, eps=eps, offset=offset, impl=impl,
-                                 interpret=ops.interpret)
+        return functools.partial(
+            k.rms_norm_residual, eps=eps, offset=offset, impl=impl, interpret=ops.interpret
+        )
 
     return _per_shard("rms_norm_residual", ops, ops.resolve("rms_norm"), run, (x, residual), (w,))
 
 
-def rope(q: jax.Array, k: jax.Array, positions: jax.Array, inv_freq: jax.Array, *,
-         attention_scaling: float = 1.0, ops: Ops) -> tuple[jax.Array, jax.Array]:
+def rope(
+    q: jax.Array,
+    k: jax.Array,
+    positions: jax.Array,
+    inv_freq: jax.Array,
+    *,
+    attention_scaling: float = 1.0,
+    ops: Ops,
+) -> tuple[jax.Array, jax.Array]:
     from fastjax.pallas_kernels import rope as kr
 
     def run(impl):
-        return functools.partial(kr.rope, attention_scaling=attention_scaling, impl=impl,
-                                 interpret=ops.interpret)
+        return functools.partial(
+            kr.rope, attention_scaling=attention_scaling, impl=impl, interpret=ops.interpret
+        )
 
     inv_freq = jnp.asarray(inv_freq, jnp.float32)
     return _per_shard("rope", ops, ops.resolve("rope"), run, (q, k, positions), (inv_freq,))
@@ -204,8 +230,9 @@ def glu(gate: jax.Array, up: jax.Array, *, activation: str, ops: Ops) -> jax.Arr
     return _per_shard("glu", ops, ops.resolve("glu"), run, (gate, up))
 
 
-def attention(q, k, v, *, segment_ids=None, causal=True, window=None, softcap=None, sm_scale=None,
-              ops: Ops) -> jax.Array:
+def attention(
+    q, k, v, *, segment_ids=None, causal=True, window=None, softcap=None, sm_scale=None, ops: Ops
+) -> jax.Array:
     from fastjax.pallas_kernels import attention as ka
 
     impl = ops.resolve("attention")
@@ -216,17 +243,37 @@ def attention(q, k, v, *, segment_ids=None, causal=True, window=None, softcap=No
 
     def run(impl):
         def attend(q, k, v, *seg):
-            return ka.attention(q, k, v, segment_ids=seg[0] if seg else None, causal=causal,
-                                window=window, softcap=softcap, sm_scale=sm_scale, impl=impl,
-                                interpret=ops.interpret)
+            return ka.attention(
+                q,
+                k,
+                v,
+                segment_ids=seg[0] if seg else None,
+                causal=causal,
+                window=window,
+                softcap=softcap,
+                sm_scale=sm_scale,
+                impl=impl,
+                interpret=ops.interpret,
+            )
+
         return attend
 
     rows = (q, k, v) if segment_ids is None else (q, k, v, segment_ids)
     return _per_shard("attention", ops, impl, run, rows)
 
 
-def cross_entropy(hidden, head, labels, *, weights=None, softcap=None, z_loss=0.0,
-                  reduction="mean", head_trainable: bool = True, ops: Ops):
+def cross_entropy(
+    hidden,
+    head,
+    labels,
+    *,
+    weights=None,
+    softcap=None,
+    z_loss=0.0,
+    reduction="mean",
+    head_trainable: bool = True,
+    ops: Ops,
+):
     """Cross-entropy of ``hidden @ head.T`` (``pallas_kernels/cross_entropy.py``);
     ``head_trainable=False`` skips the ``[V, D]`` head gradient (a frozen head under LoRA).
 
@@ -239,19 +286,31 @@ def cross_entropy(hidden, head, labels, *, weights=None, softcap=None, z_loss=0.
 
     impl = ops.resolve("cross_entropy")
     rows = (hidden, labels) if weights is None else (hidden, labels, weights)
-    kw = {"softcap": softcap, "z_loss": z_loss, "head_trainable": head_trainable,
-          "interpret": ops.interpret}
+    kw = {
+        "softcap": softcap,
+        "z_loss": z_loss,
+        "head_trainable": head_trainable,
+        "interpret": ops.interpret,
+    }
     mesh, impl = _placement("cross_entropy", ops, impl, rows, fallback="xla_chunked")
     if mesh is None:
-        return k.cross_entropy(hidden, head, labels, weights=weights, reduction=reduction,
-                               impl=impl, **kw)
+        return k.cross_entropy(
+            hidden, head, labels, weights=weights, reduction=reduction, impl=impl, **kw
+        )
     if reduction not in k.REDUCTIONS:
         raise ValueError(f"reduction={reduction!r}: expected one of {k.REDUCTIONS}")
 
     def run(hidden, labels, *rest):
         *w, head = rest
-        out = k.cross_entropy(hidden, head, labels, weights=w[0] if w else None,
-                              reduction="none" if reduction == "none" else "sum", impl=impl, **kw)
+        out = k.cross_entropy(
+            hidden,
+            head,
+            labels,
+            weights=w[0] if w else None,
+            reduction="none" if reduction == "none" else "sum",
+            impl=impl,
+            **kw,
+        )
         return out if reduction == "none" else out[None]  # [1] per shard: they stack to [shards]
 
     split = P(tuple(mesh.axis_names))
@@ -269,9 +328,17 @@ def _is_quantized(w: Any) -> bool:
     return not isinstance(w, (jax.Array, jnp.ndarray)) and hasattr(w, "dequantize")
 
 
-def linear(x: jax.Array, w: Any, *, bias: jax.Array | None = None, lora: dict | None = None,
-           lora_scale: float = 1.0, dropout_rng: jax.Array | None = None, lora_dropout: float = 0.0,
-           ops: Ops) -> jax.Array:
+def linear(
+    x: jax.Array,
+    w: Any,
+    *,
+    bias: jax.Array | None = None,
+    lora: dict | None = None,
+    lora_scale: float = 1.0,
+    dropout_rng: jax.Array | None = None,
+    lora_dropout: float = 0.0,
+    ops: Ops,
+) -> jax.Array:
     """``x @ w.T (+ bias) (+ lora_scale * dropout(x) @ A.T @ B.T)``; ``w`` is ``[out, in]`` or an NF4Tensor.
 
     Matmuls run in ``x``'s dtype with fp32 accumulation; LoRA factors are cast to ``x``'s dtype.
@@ -285,13 +352,22 @@ def linear(x: jax.Array, w: Any, *, bias: jax.Array | None = None, lora: dict | 
 
         if lora is not None and lora_x is not x:
             # Dropout only feeds the adapter path: run base and adapter separately.
-            y = k.nf4_lora_linear(x, w, None, None, bias=bias, impl=ops.resolve("linear"),
-                                  interpret=ops.interpret)
+            y = k.nf4_lora_linear(
+                x, w, None, None, bias=bias, impl=ops.resolve("linear"), interpret=ops.interpret
+            )
             return y + _lora_term(lora_x, lora, lora_scale)
         a = None if lora is None else lora["lora_A"]
         b = None if lora is None else lora["lora_B"]
-        return k.nf4_lora_linear(x, w, a, b, lora_scale=lora_scale, bias=bias,
-                                 impl=ops.resolve("linear"), interpret=ops.interpret)
+        return k.nf4_lora_linear(
+            x,
+            w,
+            a,
+            b,
+            lora_scale=lora_scale,
+            bias=bias,
+            impl=ops.resolve("linear"),
+            interpret=ops.interpret,
+        )
     # No preferred_element_type: the GPU dot accumulates in fp32 anyway, and an fp32 [T, out] result would
     # cost an extra write + convert pass per projection (bf16 in, bf16 out, as cuBLAS does natively).
     y = jnp.einsum("...i,oi->...o", x, w.astype(x.dtype))

@@ -17,7 +17,6 @@ import numpy as np
 LAYER_PREFIX = "model.layers."
 
 
-
 def linear_modules(cfg) -> dict[str, tuple[int, int]]:
     """Per-layer linear modules: path inside ``model.layers.{i}.`` -> ``(in_features, out_features)``.
 
@@ -31,7 +30,9 @@ def linear_modules(cfg) -> dict[str, tuple[int, int]]:
     if arch.fused_qkv:
         mods["self_attn.qkv_proj"] = (D, q + 2 * kv)
     else:
-        mods.update({"self_attn.q_proj": (D, q), "self_attn.k_proj": (D, kv), "self_attn.v_proj": (D, kv)})
+        mods.update(
+            {"self_attn.q_proj": (D, q), "self_attn.k_proj": (D, kv), "self_attn.v_proj": (D, kv)}
+        )
     mods["self_attn.o_proj"] = (q, D)
     if arch.fused_gate_up:
         mods["mlp.gate_up_proj"] = (D, 2 * F)
@@ -45,14 +46,21 @@ def layer_param_shapes(cfg) -> dict[str, tuple[int, ...]]:
     """Per-layer tensors: name inside ``model.layers.{i}.`` -> shape (HF ``[out, in]``)."""
     arch = cfg.arch()
     D = cfg.hidden_size
-    shapes: dict[str, tuple[int, ...]] = {"input_layernorm.weight": (D,), "post_attention_layernorm.weight": (D,)}
+    shapes: dict[str, tuple[int, ...]] = {
+        "input_layernorm.weight": (D,),
+        "post_attention_layernorm.weight": (D,),
+    }
     if arch.sandwich_norms:
-        shapes.update({"pre_feedforward_layernorm.weight": (D,), "post_feedforward_layernorm.weight": (D,)})
+        shapes.update(
+            {"pre_feedforward_layernorm.weight": (D,), "post_feedforward_layernorm.weight": (D,)}
+        )
     mods = linear_modules(cfg)
     for mod, (n_in, n_out) in mods.items():
         shapes[f"{mod}.weight"] = (n_out, n_in)
     if arch.qk_norm:
-        shapes.update({"self_attn.q_norm.weight": (cfg.head_dim,), "self_attn.k_norm.weight": (cfg.head_dim,)})
+        shapes.update(
+            {"self_attn.q_norm.weight": (cfg.head_dim,), "self_attn.k_norm.weight": (cfg.head_dim,)}
+        )
     biased = []
     if arch.qkv_bias:
         biased += [m for m in mods if m.startswith("self_attn.") and m != "self_attn.o_proj"]
@@ -67,8 +75,10 @@ def layer_param_shapes(cfg) -> dict[str, tuple[int, ...]]:
 
 def param_shapes(cfg) -> dict[str, tuple[int, ...]]:
     """Every HF tensor name of the checkpoint -> shape (unstacked, as in safetensors files)."""
-    shapes = {"model.embed_tokens.weight": (cfg.vocab_size, cfg.hidden_size),
-              "model.norm.weight": (cfg.hidden_size,)}
+    shapes = {
+        "model.embed_tokens.weight": (cfg.vocab_size, cfg.hidden_size),
+        "model.norm.weight": (cfg.hidden_size,),
+    }
     if not cfg.tie_word_embeddings:
         shapes["lm_head.weight"] = (cfg.vocab_size, cfg.hidden_size)
     for i in range(cfg.num_hidden_layers):
@@ -102,13 +112,15 @@ def stack_layers(flat: Mapping[str, Any] | Iterable[tuple[str, Any]], num_layers
         if not name.startswith(LAYER_PREFIX):
             _set_path(tree, name.split("."), value)
             continue
-        idx, rest = name[len(LAYER_PREFIX):].split(".", 1)
+        idx, rest = name[len(LAYER_PREFIX) :].split(".", 1)
         i = int(idx)
         if not 0 <= i < num_layers:
             raise KeyError(f"{name}: layer index {i} outside 0..{num_layers - 1}")
         if rest not in stacks:
-            stacks[rest] = [jax.tree.map(lambda x: _empty_stack(x, num_layers), value),
-                            [False] * num_layers]
+            stacks[rest] = [
+                jax.tree.map(lambda x: _empty_stack(x, num_layers), value),
+                [False] * num_layers,
+            ]
         entry = stacks[rest]
         entry[0] = jax.tree.map(lambda buf, x, i=i: _put_slice(buf, x, i), entry[0], value)
         entry[1][i] = True

@@ -79,8 +79,10 @@ class Phi3Config(HFConfig):
             for name in ("short_factor", "long_factor"):
                 factors = scaling.get(name)
                 if factors is None or len(factors) != rotary // 2:
-                    raise ValueError(f"Phi3Config.rope_scaling[{name!r}]: expected {rotary // 2} numbers "
-                                     f"(rotary dim / 2), got {factors!r}")
+                    raise ValueError(
+                        f"Phi3Config.rope_scaling[{name!r}]: expected {rotary // 2} numbers "
+                        f"(rotary dim / 2), got {factors!r}"
+                    )
 
     @classmethod
     def _from_hf_dict(cls, d: dict) -> dict:
@@ -97,8 +99,13 @@ class Phi3Config(HFConfig):
     def arch(self) -> Arch:
         L = self.num_hidden_layers
         kinds, index = kinds_from_windows(self.layer_windows(), (self.rope_spec(),) * L)
-        return Arch(kinds=kinds, layer_kind=index, sm_scale=self.head_dim ** -0.5, fused_qkv=True,
-                    fused_gate_up=True)
+        return Arch(
+            kinds=kinds,
+            layer_kind=index,
+            sm_scale=self.head_dim**-0.5,
+            fused_qkv=True,
+            fused_gate_up=True,
+        )
 
 
 class Phi3ForCausalLM(CausalLM):

@@ -37,9 +37,15 @@ class QwenWindows:
         if not self.use_sliding_window:
             self._set("sliding_window", None)
         if self.layer_types is None:
-            self._set("layer_types", tuple(
-                SLIDING if self.sliding_window is not None and i >= self.max_window_layers else FULL
-                for i in range(self.num_hidden_layers)))
+            self._set(
+                "layer_types",
+                tuple(
+                    SLIDING
+                    if self.sliding_window is not None and i >= self.max_window_layers
+                    else FULL
+                    for i in range(self.num_hidden_layers)
+                ),
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +80,7 @@ class Qwen2Config(QwenWindows, HFConfig):
     def arch(self) -> Arch:
         L = self.num_hidden_layers
         kinds, index = kinds_from_windows(self.layer_windows(), (self.rope_spec(),) * L)
-        return Arch(kinds=kinds, layer_kind=index, sm_scale=self.head_dim ** -0.5, qkv_bias=True)
+        return Arch(kinds=kinds, layer_kind=index, sm_scale=self.head_dim**-0.5, qkv_bias=True)
 
 
 class Qwen2ForCausalLM(CausalLM):

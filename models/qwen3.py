@@ -60,8 +60,14 @@ class Qwen3Config(QwenWindows, HFConfig):
     def arch(self) -> Arch:
         L = self.num_hidden_layers
         kinds, index = kinds_from_windows(self.layer_windows(), (self.rope_spec(),) * L)
-        return Arch(kinds=kinds, layer_kind=index, sm_scale=self.head_dim ** -0.5, qk_norm=True,
-                    qkv_bias=self.attention_bias, o_bias=self.attention_bias)
+        return Arch(
+            kinds=kinds,
+            layer_kind=index,
+            sm_scale=self.head_dim**-0.5,
+            qk_norm=True,
+            qkv_bias=self.attention_bias,
+            o_bias=self.attention_bias,
+        )
 
 
 class Qwen3ForCausalLM(CausalLM):

@@ -29,7 +29,7 @@ FAMILIES: dict[str, tuple[str, str]] = {
 # Known model types that need more than a config class: say what to do instead.
 _NOT_SUPPORTED = {
     "gemma3": "it is the multimodal Gemma3ForConditionalGeneration; fastjax supports the text-only "
-              "model_type 'gemma3_text' (Gemma3ForCausalLM checkpoints such as gemma-3-1b or gemma-3-270m)",
+    "model_type 'gemma3_text' (Gemma3ForCausalLM checkpoints such as gemma-3-1b or gemma-3-270m)",
 }
 
 
@@ -40,8 +40,10 @@ def supported_model_types() -> list[str]:
 def family(model_type: str) -> ModuleType:
     if model_type not in FAMILIES:
         why = f" ({_NOT_SUPPORTED[model_type]})" if model_type in _NOT_SUPPORTED else ""
-        raise ValueError(f"unsupported architecture model_type={model_type!r}{why}; fastjax supports: "
-                         f"{', '.join(supported_model_types())}")
+        raise ValueError(
+            f"unsupported architecture model_type={model_type!r}{why}; fastjax supports: "
+            f"{', '.join(supported_model_types())}"
+        )
     return importlib.import_module(FAMILIES[model_type][0])
 
 

@@ -51,8 +51,9 @@ def triton_params(num_warps: int | None = None, num_stages: int | None = None):
     return cls(**kw)
 
 
-def pallas_call_kwargs(interpret: bool | None, num_warps: int | None = None,
-                       num_stages: int | None = None) -> dict:
+def pallas_call_kwargs(
+    interpret: bool | None, num_warps: int | None = None, num_stages: int | None = None
+) -> dict:
     """Keyword arguments for ``pl.pallas_call``: interpret flag and (when compiling) Triton params."""
     interp = resolve_interpret(interpret)
     kw: dict = {"interpret": interp}

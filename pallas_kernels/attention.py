@@ -59,8 +59,9 @@ IMPLS = ("auto", "pallas", "cudnn", "xla")
 # --- Reference ---------------------------------------------------------------------------------------
 
 
-def allowed_mask(t: int, s: int, segment_ids: jax.Array | None, *, causal: bool,
-                 window: int | None) -> jax.Array:
+def allowed_mask(
+    t: int, s: int, segment_ids: jax.Array | None, *, causal: bool, window: int | None
+) -> jax.Array:
     """Boolean mask ``[B or 1, T, S]``: which key each query may attend to (the module docstring's rule)."""
     i = jnp.arange(t)[:, None]
     j = jnp.arange(s)[None, :]
@@ -76,10 +77,17 @@ def allowed_mask(t: int, s: int, segment_ids: jax.Array | None, *, causal: bool,
     return mask
 
 
-def attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, *,
-                        segment_ids: jax.Array | None = None, causal: bool = True,
-                        window: int | None = None, softcap: float | None = None,
-                        sm_scale: float | None = None) -> jax.Array:
+def attention_reference(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    segment_ids: jax.Array | None = None,
+    causal: bool = True,
+    window: int | None = None,
+    softcap: float | None = None,
+    sm_scale: float | None = None,
+) -> jax.Array:
     """Pure-jnp fp32 attention; the definition of correct and the CPU path.
 
     GQA without repeating K/V: q is viewed as ``[B, T, KV, G, D]``. Memory is one fp32 score tensor
@@ -108,7 +116,9 @@ def attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, *,
 
 def _check_args(q, k, v, segment_ids, causal, window, softcap) -> None:
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
-        raise ValueError(f"expected q [B,T,H,D], k/v [B,S,KV,D]; got {q.shape=} {k.shape=} {v.shape=}")
+        raise ValueError(
+            f"expected q [B,T,H,D], k/v [B,S,KV,D]; got {q.shape=} {k.shape=} {v.shape=}"
+        )
     if k.shape != v.shape:
         raise ValueError(f"{k.shape=} and {v.shape=} differ")
     if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
@@ -119,7 +129,9 @@ def _check_args(q, k, v, segment_ids, causal, window, softcap) -> None:
         raise ValueError(f"dtypes differ: {q.dtype=} {k.dtype=} {v.dtype=}")
     needs_self = causal or window is not None or segment_ids is not None
     if needs_self and q.shape[1] != k.shape[1]:
-        raise ValueError(f"causal/window/segment_ids need S == T; got T={q.shape[1]}, S={k.shape[1]}")
+        raise ValueError(
+            f"causal/window/segment_ids need S == T; got T={q.shape[1]}, S={k.shape[1]}"
+        )
     if segment_ids is not None and segment_ids.shape != q.shape[:2]:
         raise ValueError(f"{segment_ids.shape=} must be [B, T] = {q.shape[:2]}")
     if window is not None and (not causal or int(window) < 1):
@@ -131,7 +143,9 @@ def _check_args(q, k, v, segment_ids, causal, window, softcap) -> None:
 # --- Kernel pieces shared by the forward and backward kernels --------------------------------------
 
 
-def dot_f32(a: jax.Array, b: jax.Array, *, trans_a: bool = False, trans_b: bool = False) -> jax.Array:
+def dot_f32(
+    a: jax.Array, b: jax.Array, *, trans_a: bool = False, trans_b: bool = False
+) -> jax.Array:
     """``a @ b`` (optionally transposed) accumulated in fp32 (Triton would accumulate fp16 in fp16).
 
     fp32 operands ask for HIGHEST: Pallas-Triton lowers DEFAULT to tf32 (3e-4 rel. error measured on
@@ -185,9 +199,19 @@ def masked_loops(body, ranges, carry, needs_mask: bool):
 # --- Forward kernel --------------------------------------------------------------------------------
 
 
-def _attention_fwd_kernel(*refs, has_seg: bool, sm_scale: float, softcap: float | None, causal: bool,
-                          window: int | None, kv_len: int | None, needs_mask: bool, num_q_blocks: int,
-                          block_q: int, block_k: int):
+def _attention_fwd_kernel(
+    *refs,
+    has_seg: bool,
+    sm_scale: float,
+    softcap: float | None,
+    causal: bool,
+    window: int | None,
+    kv_len: int | None,
+    needs_mask: bool,
+    num_q_blocks: int,
+    block_q: int,
+    block_k: int,
+):
     if has_seg:
         tab_ref, qseg_ref, kseg_ref, q_ref, k_ref, v_ref, o_ref, lse_ref = refs
     else:
@@ -216,8 +240,11 @@ def _attention_fwd_kernel(*refs, has_seg: bool, sm_scale: float, softcap: float 
         return acc, m_new, l_new
 
     d = q.shape[-1]
-    carry = (jnp.zeros((block_q, d), jnp.float32), jnp.full((block_q,), _M_INIT, jnp.float32),
-             jnp.zeros((block_q,), jnp.float32))
+    carry = (
+        jnp.zeros((block_q, d), jnp.float32),
+        jnp.full((block_q,), _M_INIT, jnp.float32),
+        jnp.zeros((block_q,), jnp.float32),
+    )
     ranges = tuple(tab_ref[c] for c in range(4))
     acc, m, l = masked_loops(body, ranges, carry, needs_mask)
     empty = l == 0.0  # no allowed key (padding): output 0, lse +inf so the backward's p is 0
@@ -255,9 +282,14 @@ class BlockSizes:
         """Shrink tiles for short sequences (never below 16, Triton's smallest dot)."""
         cq, ck = max(16, pl.next_power_of_2(t)), max(16, pl.next_power_of_2(s))
         return dataclasses.replace(
-            self, block_q=min(self.block_q, cq), block_k=min(self.block_k, ck),
-            block_q_dkv=min(self.block_q_dkv, cq), block_k_dkv=min(self.block_k_dkv, ck),
-            block_q_dq=min(self.block_q_dq, cq), block_k_dq=min(self.block_k_dq, ck))
+            self,
+            block_q=min(self.block_q, cq),
+            block_k=min(self.block_k, ck),
+            block_q_dkv=min(self.block_q_dkv, cq),
+            block_k_dkv=min(self.block_k_dkv, ck),
+            block_q_dq=min(self.block_q_dq, cq),
+            block_k_dq=min(self.block_k_dq, ck),
+        )
 
 
 # One entry per head_dim: (fwd bq, bk, warps, stages, dk/dv bq, bk, warps, stages, dq bq, bk, warps,
@@ -315,8 +347,18 @@ def _ranges(live, full):
     return jnp.stack([lo, flo, fhi, hi], axis=-1).astype(jnp.int32)
 
 
-def _block_ranges(t_pad: int, s_pad: int, block_q: int, block_k: int, *, causal: bool,
-                  window: int | None, kv_len: int, seg_pad: jax.Array | None, by: str) -> jax.Array:
+def _block_ranges(
+    t_pad: int,
+    s_pad: int,
+    block_q: int,
+    block_k: int,
+    *,
+    causal: bool,
+    window: int | None,
+    kv_len: int,
+    seg_pad: jax.Array | None,
+    by: str,
+) -> jax.Array:
     """Loop ranges per block: ``by="q"`` -> ``[Bt, nq, 4]`` kv-block ranges; ``by="k"`` -> ``[Bt, nk, 4]``.
 
     A (q block, kv block) pair is *live* when some pair inside may be allowed and *full* when every pair
@@ -337,7 +379,9 @@ def _block_ranges(t_pad: int, s_pad: int, block_q: int, block_k: int, *, causal:
     if seg_pad is not None:
         qmin, qmax, qreal = _seg_block_stats(seg_pad, block_q)
         kmin, kmax, kreal = _seg_block_stats(seg_pad[:, :s_pad], block_k)
-        live = live & (kmax[:, None, :] >= qmin[:, :, None]) & (kmin[:, None, :] <= qmax[:, :, None])
+        live = (
+            live & (kmax[:, None, :] >= qmin[:, :, None]) & (kmin[:, None, :] <= qmax[:, :, None])
+        )
         one = (qmin == qmax) & qreal
         same = (qmin[:, :, None] == kmin[:, None, :]) & (kmin == kmax)[:, None, :]
         full = full & one[:, :, None] & same & kreal[:, None, :]
@@ -401,20 +445,40 @@ def _fwd_impl(q, k, v, segment_ids, st: _Static):
     nq = t_pad // bq
     kv_len = st.kv_len
     seg_pad, qseg, kseg = kernel_segments(segment_ids, t_pad)
-    tab = _block_ranges(t_pad, s_pad, bq, bk, causal=st.causal, window=st.window, kv_len=kv_len,
-                        seg_pad=seg_pad, by="q")
+    tab = _block_ranges(
+        t_pad,
+        s_pad,
+        bq,
+        bk,
+        causal=st.causal,
+        window=st.window,
+        kv_len=kv_len,
+        seg_pad=seg_pad,
+        by="q",
+    )
     tb = tab.shape[0]
     needs_mask = st.causal or st.window is not None or seg_pad is not None or kv_len != s_pad
     kernel = functools.partial(
-        _attention_fwd_kernel, has_seg=seg_pad is not None, sm_scale=st.sm_scale, softcap=st.softcap,
-        causal=st.causal, window=st.window, kv_len=kv_len if kv_len != s_pad else None,
-        needs_mask=needs_mask, num_q_blocks=nq, block_q=bq, block_k=bk)
+        _attention_fwd_kernel,
+        has_seg=seg_pad is not None,
+        sm_scale=st.sm_scale,
+        softcap=st.softcap,
+        causal=st.causal,
+        window=st.window,
+        kv_len=kv_len if kv_len != s_pad else None,
+        needs_mask=needs_mask,
+        num_q_blocks=nq,
+        block_q=bq,
+        block_k=bk,
+    )
     rev = lambda i: nq - 1 - i
     in_specs = [pl.BlockSpec((None, None, 4), lambda i, hh, bb: (bb if tb > 1 else 0, rev(i), 0))]
     args = [tab]
     if seg_pad is not None:
-        in_specs += [pl.BlockSpec((None, bq), lambda i, hh, bb: (bb, rev(i))),
-                     pl.BlockSpec((None, s_pad), lambda i, hh, bb: (bb, 0))]
+        in_specs += [
+            pl.BlockSpec((None, bq), lambda i, hh, bb: (bb, rev(i))),
+            pl.BlockSpec((None, s_pad), lambda i, hh, bb: (bb, 0)),
+        ]
         args += [qseg, kseg]
     in_specs += [
         pl.BlockSpec((None, bq, None, d), lambda i, hh, bb: (bb, rev(i), hh, 0)),
@@ -426,10 +490,14 @@ def _fwd_impl(q, k, v, segment_ids, st: _Static):
         kernel,
         grid=(nq, h, b),
         in_specs=in_specs,
-        out_specs=[pl.BlockSpec((None, bq, None, d), lambda i, hh, bb: (bb, rev(i), hh, 0)),
-                   pl.BlockSpec((None, None, bq), lambda i, hh, bb: (bb, hh, rev(i)))],
-        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
-                   jax.ShapeDtypeStruct((b, h, t_pad), jnp.float32)],
+        out_specs=[
+            pl.BlockSpec((None, bq, None, d), lambda i, hh, bb: (bb, rev(i), hh, 0)),
+            pl.BlockSpec((None, None, bq), lambda i, hh, bb: (bb, hh, rev(i))),
+        ],
+        out_shape=[
+            jax.ShapeDtypeStruct(q.shape, q.dtype),
+            jax.ShapeDtypeStruct((b, h, t_pad), jnp.float32),
+        ],
         name="fastjax_attention_fwd",
         **_common.pallas_call_kwargs(st.interpret, bs.num_warps, bs.num_stages),
     )(*args)
@@ -486,8 +554,10 @@ def _cudnn_unsupported(q, segment_ids, softcap, max_segments) -> str | None:
     if softcap is not None:
         return "cuDNN through jax has no logit softcap"
     if segment_ids is not None and max_segments is None:
-        return ("segment ids need cuDNN's packed layout, which needs a static bound: pass "
-                "max_segments (jax.nn.dot_product_attention itself has no segment ids)")
+        return (
+            "segment ids need cuDNN's packed layout, which needs a static bound: pass "
+            "max_segments (jax.nn.dot_product_attention itself has no segment ids)"
+        )
     if q.shape[-1] % 8 or q.shape[-1] > 256:
         return f"cuDNN needs head_dim % 8 == 0 and <= 256, got {q.shape[-1]}"
     return None
@@ -498,20 +568,35 @@ def _cudnn_unsupported(q, segment_ids, softcap, max_segments) -> str | None:
 # jax 0.11.2, cuDNN 9.19, 32k tokens per step.
 AUTO_TABLE: tuple[tuple[str, str, str], ...] = (
     ("no GPU", "xla", "Pallas-Triton and cuDNN only compile for GPUs"),
-    ("softcap, fp32, or a head_dim cuDNN lacks", "pallas", "cuDNN (through jax) cannot express them"),
-    ("segment_ids", "pallas",
-     ("jax.nn.dot_product_attention has no segment ids; Pallas on packed rows beats the same "
-      "sequences as a padded cuDNN batch: 10.96 vs 16.75 ms (T=8192 D=128), 4.58 vs 8.01 (T=2048), "
-      "27.7 vs 38.2 (T=32768), 14.4 vs 27.8 (T=8192 D=256). cuDNN's packed layout (experimental "
-      "impl='cudnn' + max_segments) timed 4.95 ms at T=8192 D=128 but is unverified on a GPU")),
-    ("otherwise (bf16/fp16, causal, window, GQA)", "cudnn",
-     ("cuDNN 495 vs Pallas 193 (T=8192 D=128), 548 vs 201 (T=32768), 369 vs 168 (T=2048), "
-      "401 vs 154 (T=8192 D=256)")),
+    (
+        "softcap, fp32, or a head_dim cuDNN lacks",
+        "pallas",
+        "cuDNN (through jax) cannot express them",
+    ),
+    (
+        "segment_ids",
+        "pallas",
+        (
+            "jax.nn.dot_product_attention has no segment ids; Pallas on packed rows beats the same "
+            "sequences as a padded cuDNN batch: 10.96 vs 16.75 ms (T=8192 D=128), 4.58 vs 8.01 (T=2048), "
+            "27.7 vs 38.2 (T=32768), 14.4 vs 27.8 (T=8192 D=256). cuDNN's packed layout (experimental "
+            "impl='cudnn' + max_segments) timed 4.95 ms at T=8192 D=128 but is unverified on a GPU"
+        ),
+    ),
+    (
+        "otherwise (bf16/fp16, causal, window, GQA)",
+        "cudnn",
+        (
+            "cuDNN 495 vs Pallas 193 (T=8192 D=128), 548 vs 201 (T=32768), 369 vs 168 (T=2048), "
+            "401 vs 154 (T=8192 D=256)"
+        ),
+    ),
 )
 
 
-def choose_impl(q: jax.Array, segment_ids: jax.Array | None = None,
-                softcap: float | None = None) -> str:
+def choose_impl(
+    q: jax.Array, segment_ids: jax.Array | None = None, softcap: float | None = None
+) -> str:
     """Apply ``AUTO_TABLE`` to one call's arguments."""
     if not _common.on_gpu():
         return "xla"
@@ -542,8 +627,9 @@ def _cudnn_attention(q, k, v, segment_ids, *, causal, window, sm_scale, max_segm
     # cuDNN's sliding_window_length W keeps (i - W, i]; jax maps local_window_size=(W - 1, 0) to it.
     if segment_ids is None:
         lws = None if window is None else (int(window) - 1, 0)
-        return jax.nn.dot_product_attention(q, k, v, scale=sm_scale, is_causal=causal,
-                                            local_window_size=lws, implementation="cudnn")
+        return jax.nn.dot_product_attention(
+            q, k, v, scale=sm_scale, is_causal=causal, local_window_size=lws, implementation="cudnn"
+        )
     # Packed rows: jax exposes cuDNN's THD layout only in a private module (jax 0.10 and 0.11 alike).
     from jax._src.cudnn import fused_attention_stablehlo as cudnn_fa
 
@@ -552,16 +638,36 @@ def _cudnn_attention(q, k, v, segment_ids, *, causal, window, sm_scale, max_segm
     real = (segment_ids != 0)[:, :, None, None]
     # cuDNN leaves rows outside every segment unspecified: select them away, values and gradients.
     q, k, v = (jnp.where(real, x, lax.stop_gradient(x)) for x in (q, k, v))
-    out = cudnn_fa.dot_product_attention(q, k, v, q_seqlen=lens, kv_seqlen=lens, q_offsets=offs,
-                                         kv_offsets=offs, scale=sm_scale, mask_type=mask,
-                                         sliding_window_length=window)
+    out = cudnn_fa.dot_product_attention(
+        q,
+        k,
+        v,
+        q_seqlen=lens,
+        kv_seqlen=lens,
+        q_offsets=offs,
+        kv_offsets=offs,
+        scale=sm_scale,
+        mask_type=mask,
+        sliding_window_length=window,
+    )
     return jnp.where(real, out, 0).astype(q.dtype)
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, segment_ids: jax.Array | None = None,
-              causal: bool = True, window: int | None = None, softcap: float | None = None,
-              sm_scale: float | None = None, impl: str = "auto", interpret: bool | None = None,
-              block_sizes: BlockSizes | None = None, max_segments: int | None = None) -> jax.Array:
+def attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    segment_ids: jax.Array | None = None,
+    causal: bool = True,
+    window: int | None = None,
+    softcap: float | None = None,
+    sm_scale: float | None = None,
+    impl: str = "auto",
+    interpret: bool | None = None,
+    block_sizes: BlockSizes | None = None,
+    max_segments: int | None = None,
+) -> jax.Array:
     """Attention ``[B, T, H, D] x [B, S, KV, D] -> [B, T, H, D]`` (see the module docstring).
 
     ``impl``: ``"pallas"`` (this module's kernels; interpret mode without a GPU), ``"cudnn"``
@@ -584,18 +690,42 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, segment_ids: jax.Arra
     if impl == "auto":
         impl = choose_impl(q, segment_ids, softcap)
     if impl == "xla":
-        return attention_reference(q, k, v, segment_ids=segment_ids, causal=causal, window=window,
-                                   softcap=softcap, sm_scale=sm_scale)
+        return attention_reference(
+            q,
+            k,
+            v,
+            segment_ids=segment_ids,
+            causal=causal,
+            window=window,
+            softcap=softcap,
+            sm_scale=sm_scale,
+        )
     if impl == "cudnn":
         why = _cudnn_unsupported(q, segment_ids, softcap, max_segments)
         if why is not None:
             raise ValueError(f"impl='cudnn': {why}")
-        return _cudnn_attention(q, k, v, segment_ids, causal=causal, window=window,
-                                sm_scale=sm_scale, max_segments=max_segments)
+        return _cudnn_attention(
+            q,
+            k,
+            v,
+            segment_ids,
+            causal=causal,
+            window=window,
+            sm_scale=sm_scale,
+            max_segments=max_segments,
+        )
     bs = (block_sizes or pick_block_sizes(d)).clamp(q.shape[1], k.shape[1])
-    st = _Static(causal=causal, window=window, softcap=softcap, sm_scale=sm_scale, blocks=bs,
-                 interpret=_common.resolve_interpret(interpret), t=q.shape[1], kv_len=k.shape[1],
-                 head_dim=d)
+    st = _Static(
+        causal=causal,
+        window=window,
+        softcap=softcap,
+        sm_scale=sm_scale,
+        blocks=bs,
+        interpret=_common.resolve_interpret(interpret),
+        t=q.shape[1],
+        kv_len=k.shape[1],
+        head_dim=d,
+    )
     if segment_ids is not None:
         segment_ids = segment_ids.astype(jnp.int32)
     return _flash(q, k, v, segment_ids, st)

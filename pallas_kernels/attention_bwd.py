@@ -33,12 +33,33 @@ from fastjax.pallas_kernels.attention import (
 from jax.experimental import pallas as pl
 
 
-def _attention_dkdv_kernel(*refs, has_seg: bool, sm_scale: float, softcap: float | None, causal: bool,
-                           window: int | None, kv_len: int | None, needs_mask: bool, groups: int,
-                           block_q: int, block_k: int):
+def _attention_dkdv_kernel(
+    *refs,
+    has_seg: bool,
+    sm_scale: float,
+    softcap: float | None,
+    causal: bool,
+    window: int | None,
+    kv_len: int | None,
+    needs_mask: bool,
+    groups: int,
+    block_q: int,
+    block_k: int,
+):
     if has_seg:
-        (tab_ref, qseg_ref, kseg_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
-         dk_ref, dv_ref) = refs
+        (
+            tab_ref,
+            qseg_ref,
+            kseg_ref,
+            q_ref,
+            k_ref,
+            v_ref,
+            do_ref,
+            lse_ref,
+            delta_ref,
+            dk_ref,
+            dv_ref,
+        ) = refs
     else:
         tab_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref = refs
         qseg_ref = kseg_ref = None
@@ -64,7 +85,9 @@ def _attention_dkdv_kernel(*refs, has_seg: bool, sm_scale: float, softcap: float
             if masked:  # s is [block_k, block_q]: keys on rows
                 qpos = (i * block_q + jnp.arange(block_q))[None, :]
                 qseg = None if qseg_ref is None else qseg_ref[rows][None, :]
-                mask = kernel_mask(qpos, kpos, qseg, kseg, causal=causal, window=window, kv_len=kv_len)
+                mask = kernel_mask(
+                    qpos, kpos, qseg, kseg, causal=causal, window=window, kv_len=kv_len
+                )
                 s = jnp.where(mask, s, -jnp.inf)
             p = jnp.exp2(s - lse[None, :])
             dv = dv + dot_f32(p.astype(do.dtype), do)
@@ -86,9 +109,19 @@ def _attention_dkdv_kernel(*refs, has_seg: bool, sm_scale: float, softcap: float
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _attention_dq_kernel(*refs, has_seg: bool, sm_scale: float, softcap: float | None, causal: bool,
-                         window: int | None, kv_len: int | None, needs_mask: bool, num_q_blocks: int,
-                         block_q: int, block_k: int):
+def _attention_dq_kernel(
+    *refs,
+    has_seg: bool,
+    sm_scale: float,
+    softcap: float | None,
+    causal: bool,
+    window: int | None,
+    kv_len: int | None,
+    needs_mask: bool,
+    num_q_blocks: int,
+    block_q: int,
+    block_k: int,
+):
     if has_seg:
         tab_ref, qseg_ref, kseg_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref = refs
     else:
@@ -128,11 +161,24 @@ def _bwd_statics(q, k, segment_ids, st):
     kv_len = st.kv_len if st.kv_len != s_pad else None
     seg_pad, qseg, kseg = kernel_segments(segment_ids, t_pad)
     has_seg = seg_pad is not None
-    statics = {"has_seg": has_seg, "sm_scale": st.sm_scale, "softcap": st.softcap,
-               "causal": st.causal, "window": st.window, "kv_len": kv_len,
-               "needs_mask": st.causal or st.window is not None or has_seg or kv_len is not None}
-    ranges = functools.partial(_block_ranges, t_pad, s_pad, causal=st.causal, window=st.window,
-                               kv_len=st.kv_len, seg_pad=seg_pad)
+    statics = {
+        "has_seg": has_seg,
+        "sm_scale": st.sm_scale,
+        "softcap": st.softcap,
+        "causal": st.causal,
+        "window": st.window,
+        "kv_len": kv_len,
+        "needs_mask": st.causal or st.window is not None or has_seg or kv_len is not None,
+    }
+    ranges = functools.partial(
+        _block_ranges,
+        t_pad,
+        s_pad,
+        causal=st.causal,
+        window=st.window,
+        kv_len=st.kv_len,
+        seg_pad=seg_pad,
+    )
     return statics, ranges, qseg, kseg
 
 
@@ -148,8 +194,10 @@ def dkdv_call(q, k, v, segment_ids, do, lse, delta, st):
     in_specs = [pl.BlockSpec((None, None, 4), lambda j, g, bb: (bb if tb > 1 else 0, j, 0))]
     args = [tab]
     if statics["has_seg"]:
-        in_specs += [pl.BlockSpec((None, t_pad), lambda j, g, bb: (bb, 0)),
-                     pl.BlockSpec((None, bk), lambda j, g, bb: (bb, j))]
+        in_specs += [
+            pl.BlockSpec((None, t_pad), lambda j, g, bb: (bb, 0)),
+            pl.BlockSpec((None, bk), lambda j, g, bb: (bb, j)),
+        ]
         args += [qseg, kseg]
     full_q = pl.BlockSpec((None, t_pad, h, d), lambda j, g, bb: (bb, 0, 0, 0))
     kv_blk = pl.BlockSpec((None, bk, None, d), lambda j, g, bb: (bb, j, g, 0))
@@ -157,7 +205,9 @@ def dkdv_call(q, k, v, segment_ids, do, lse, delta, st):
     in_specs += [full_q, kv_blk, kv_blk, full_q, stat, stat]
     args += [q, k, v, do, lse, delta]
     return pl.pallas_call(
-        functools.partial(_attention_dkdv_kernel, groups=h // kv, block_q=bq, block_k=bk, **statics),
+        functools.partial(
+            _attention_dkdv_kernel, groups=h // kv, block_q=bq, block_k=bk, **statics
+        ),
         grid=(s_pad // bk, kv, b),
         in_specs=in_specs,
         out_specs=[kv_blk, kv_blk],
@@ -182,8 +232,10 @@ def dq_call(q, k, v, segment_ids, do, lse, delta, st):
     in_specs = [pl.BlockSpec((None, None, 4), lambda i, hh, bb: (bb if tb > 1 else 0, rev(i), 0))]
     args = [tab]
     if statics["has_seg"]:
-        in_specs += [pl.BlockSpec((None, bq), lambda i, hh, bb: (bb, rev(i))),
-                     pl.BlockSpec((None, s_pad), lambda i, hh, bb: (bb, 0))]
+        in_specs += [
+            pl.BlockSpec((None, bq), lambda i, hh, bb: (bb, rev(i))),
+            pl.BlockSpec((None, s_pad), lambda i, hh, bb: (bb, 0)),
+        ]
         args += [qseg, kseg]
     q_blk = pl.BlockSpec((None, bq, None, d), lambda i, hh, bb: (bb, rev(i), hh, 0))
     full_kv = pl.BlockSpec((None, s_pad, None, d), lambda i, hh, bb: (bb, 0, hh // groups, 0))

@@ -86,13 +86,25 @@ def _reduce(loss_t, labels, weights, reduction: str, ignore_index: int):
     return total / jnp.maximum(count, 1).astype(jnp.float32)
 
 
-def cross_entropy_reference(hidden: jax.Array, head: jax.Array, labels: jax.Array, *,
-                            weights: jax.Array | None = None, softcap: float | None = None,
-                            z_loss: float = 0.0, reduction: str = "mean",
-                            ignore_index: int = -100) -> jax.Array:
+def cross_entropy_reference(
+    hidden: jax.Array,
+    head: jax.Array,
+    labels: jax.Array,
+    *,
+    weights: jax.Array | None = None,
+    softcap: float | None = None,
+    z_loss: float = 0.0,
+    reduction: str = "mean",
+    ignore_index: int = -100,
+) -> jax.Array:
     """Pure-jnp loss with full fp32 logits ``[..., V]``: the definition of correct (module docstring)."""
-    z = jnp.einsum("...d,vd->...v", hidden, head, preferred_element_type=jnp.float32,
-                   precision=_precision(hidden.dtype))
+    z = jnp.einsum(
+        "...d,vd->...v",
+        hidden,
+        head,
+        preferred_element_type=jnp.float32,
+        precision=_precision(hidden.dtype),
+    )
     if softcap is not None:
         z = softcap * jnp.tanh(z / softcap)
     lse = jax.nn.logsumexp(z, axis=-1)
@@ -112,21 +124,39 @@ def _load(ref, mask, other=0.0):
 
 def _logits_tile(h_ref, w_ref, rows, cols, *, dim: int, block_k: int):
     """fp32 ``[len(rows), len(cols)]`` tile of ``hidden @ head.T``; rows/cols are in-range (clamped)."""
+
     def body(kk, acc):
         ks = kk * block_k + jnp.arange(block_k)
         kmask = (ks < dim)[None, :] if dim % block_k else None
         a = _load(h_ref.at[rows[:, None], ks[None, :]], kmask, 0.0)
         b = _load(w_ref.at[cols[:, None], ks[None, :]], kmask, 0.0)
-        return acc + lax.dot_general(a, b, (((1,), (1,)), ((), ())),
-                                     preferred_element_type=jnp.float32)
+        return acc + lax.dot_general(
+            a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
+        )
 
     acc = jnp.zeros((rows.shape[0], cols.shape[0]), jnp.float32)
     return lax.fori_loop(0, cdiv(dim, block_k), body, acc)
 
 
-def _ce_lse_kernel(h_ref, w_ref, m_ref, l_ref, *, n_tok: int, vocab: int, dim: int, block_t: int,
-                   block_v: int, block_k: int, tiles_per_split: int, softcap: float | None):
-    pid_s, pid_t = pl.program_id(0), pl.program_id(1)  # splits vary fastest: concurrent programs share
+def _ce_lse_kernel(
+    h_ref,
+    w_ref,
+    m_ref,
+    l_ref,
+    *,
+    n_tok: int,
+    vocab: int,
+    dim: int,
+    block_t: int,
+    block_v: int,
+    block_k: int,
+    tiles_per_split: int,
+    softcap: float | None,
+):
+    pid_s, pid_t = (
+        pl.program_id(0),
+        pl.program_id(1),
+    )  # splits vary fastest: concurrent programs share
     raw_rows = pid_t * block_t + jnp.arange(block_t)  # hidden blocks in L2
     rows = jnp.minimum(raw_rows, n_tok - 1)
     first = pid_s * tiles_per_split
@@ -136,8 +166,9 @@ def _ce_lse_kernel(h_ref, w_ref, m_ref, l_ref, *, n_tok: int, vocab: int, dim: i
     def body(j, carry):
         m, l = carry
         raw_cols = (first + j) * block_v + jnp.arange(block_v)
-        z = _logits_tile(h_ref, w_ref, rows, jnp.minimum(raw_cols, vocab - 1), dim=dim,
-                         block_k=block_k)
+        z = _logits_tile(
+            h_ref, w_ref, rows, jnp.minimum(raw_cols, vocab - 1), dim=dim, block_k=block_k
+        )
         if softcap is not None:
             z = softcap * jnp.tanh(z / softcap)
         if vocab % block_v:
@@ -153,9 +184,25 @@ def _ce_lse_kernel(h_ref, w_ref, m_ref, l_ref, *, n_tok: int, vocab: int, dim: i
     plt.store(l_ref.at[pid_s, raw_rows], l, mask=rmask)
 
 
-def _ce_dlogits_kernel(off_ref, h_ref, w_ref, lse_ref, g_ref, lab_ref, dz_ref, *, n_tok: int,
-                       vocab: int, chunk: int, dim: int, block_t: int, block_v: int, block_k: int,
-                       softcap: float | None, z_loss: float):
+def _ce_dlogits_kernel(
+    off_ref,
+    h_ref,
+    w_ref,
+    lse_ref,
+    g_ref,
+    lab_ref,
+    dz_ref,
+    *,
+    n_tok: int,
+    vocab: int,
+    chunk: int,
+    dim: int,
+    block_t: int,
+    block_v: int,
+    block_k: int,
+    softcap: float | None,
+    z_loss: float,
+):
     pid_v, pid_t = pl.program_id(0), pl.program_id(1)
     raw_rows = pid_t * block_t + jnp.arange(block_t)
     rows = jnp.minimum(raw_rows, n_tok - 1)
@@ -230,8 +277,16 @@ def pick_block_sizes(n_tok: int, vocab: int, dim: int, dtype) -> BlockSizes:
     itemsize = jnp.dtype(dtype).itemsize
     chunk = 1 << max(10, min(14, ((2**28) // max(1, n_tok * itemsize)).bit_length() - 1))
     token_chunk = 1 << max(4, min(12, ((2**28) // (4 * vocab)).bit_length() - 1))
-    return BlockSizes(block_t=block_t, block_v=block_v, block_k=block_k, num_warps=8, num_stages=3,
-                      vocab_splits=splits, bwd_vocab_chunk=chunk, token_chunk=token_chunk)
+    return BlockSizes(
+        block_t=block_t,
+        block_v=block_v,
+        block_k=block_k,
+        num_warps=8,
+        num_stages=3,
+        vocab_splits=splits,
+        bwd_vocab_chunk=chunk,
+        token_chunk=token_chunk,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -265,13 +320,25 @@ def _lse_pallas(h, w, cfg: _Config):
     n_vtiles = cdiv(vocab, bs.block_v)
     per_split = cdiv(n_vtiles, min(bs.vocab_splits, n_vtiles))
     splits = cdiv(n_vtiles, per_split)  # every split starts inside the vocabulary
-    kernel = functools.partial(_ce_lse_kernel, n_tok=n_tok, vocab=vocab, dim=dim,
-                               block_t=bs.block_t, block_v=bs.block_v, block_k=bs.block_k,
-                               tiles_per_split=per_split, softcap=cfg.softcap)
+    kernel = functools.partial(
+        _ce_lse_kernel,
+        n_tok=n_tok,
+        vocab=vocab,
+        dim=dim,
+        block_t=bs.block_t,
+        block_v=bs.block_v,
+        block_k=bs.block_k,
+        tiles_per_split=per_split,
+        softcap=cfg.softcap,
+    )
     part = jax.ShapeDtypeStruct((splits, n_tok), jnp.float32)
-    m, l = pl.pallas_call(kernel, out_shape=[part, part], grid=(splits, cdiv(n_tok, bs.block_t)),
-                          name="cross_entropy_lse",
-                          **pallas_call_kwargs(cfg.interpret, bs.num_warps, bs.num_stages))(h, w)
+    m, l = pl.pallas_call(
+        kernel,
+        out_shape=[part, part],
+        grid=(splits, cdiv(n_tok, bs.block_t)),
+        name="cross_entropy_lse",
+        **pallas_call_kwargs(cfg.interpret, bs.num_warps, bs.num_stages),
+    )(h, w)
     m_max = jnp.max(m, axis=0)
     return m_max + jnp.log(jnp.sum(l * jnp.exp(m - m_max[None, :]), axis=0))
 
@@ -279,12 +346,23 @@ def _lse_pallas(h, w, cfg: _Config):
 def _dlogits_pallas(offset, width: int, h, w, lse, g, labels, cfg: _Config):
     (n_tok, dim), vocab = h.shape, w.shape[0]
     bs = cfg.block_sizes
-    kernel = functools.partial(_ce_dlogits_kernel, n_tok=n_tok, vocab=vocab, chunk=width, dim=dim,
-                               block_t=bs.block_t, block_v=bs.block_v, block_k=bs.block_k,
-                               softcap=cfg.softcap, z_loss=cfg.z_loss)
+    kernel = functools.partial(
+        _ce_dlogits_kernel,
+        n_tok=n_tok,
+        vocab=vocab,
+        chunk=width,
+        dim=dim,
+        block_t=bs.block_t,
+        block_v=bs.block_v,
+        block_k=bs.block_k,
+        softcap=cfg.softcap,
+        z_loss=cfg.z_loss,
+    )
     return pl.pallas_call(
-        kernel, out_shape=jax.ShapeDtypeStruct((n_tok, width), h.dtype),
-        grid=(cdiv(width, bs.block_v), cdiv(n_tok, bs.block_t)), name="cross_entropy_dlogits",
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((n_tok, width), h.dtype),
+        grid=(cdiv(width, bs.block_v), cdiv(n_tok, bs.block_t)),
+        name="cross_entropy_dlogits",
         **pallas_call_kwargs(cfg.interpret, bs.num_warps, bs.num_stages),
     )(jnp.reshape(offset, (1,)).astype(jnp.int32), h, w, lse, g, labels)
 
@@ -300,8 +378,9 @@ def _grads_pallas(h, w, labels, lse, g, cfg: _Config):
         w_c = lax.dynamic_slice_in_dim(w, offset, width, axis=0)
         dh = dh + jnp.dot(dz, w_c, preferred_element_type=jnp.float32, precision=prec)
         if dw is not None:
-            dw_c = lax.dot_general(dz, h, (((0,), (0,)), ((), ())), precision=prec,
-                                   preferred_element_type=jnp.float32)
+            dw_c = lax.dot_general(
+                dz, h, (((0,), (0,)), ((), ())), precision=prec, preferred_element_type=jnp.float32
+            )
             dw = lax.dynamic_update_slice_in_dim(dw, dw_c.astype(w.dtype), offset, axis=0)
         return dh, dw
 
@@ -323,8 +402,9 @@ def _lse_chunked(h, w, cfg: _Config):
     c = min(cfg.block_sizes.token_chunk, h.shape[0])
 
     def one(hc):
-        z = jnp.einsum("td,vd->tv", hc, w, preferred_element_type=jnp.float32,
-                       precision=_precision(h.dtype))
+        z = jnp.einsum(
+            "td,vd->tv", hc, w, preferred_element_type=jnp.float32, precision=_precision(h.dtype)
+        )
         return jax.nn.logsumexp(_softcap(z, cfg.softcap), axis=-1)
 
     return lax.map(one, _token_chunks(h, c)).reshape(-1)[: h.shape[0]]
@@ -346,8 +426,9 @@ def _grads_chunked(h, w, labels, lse, g, cfg: _Config):
         dz = dz.astype(h.dtype)
         dh = jnp.dot(dz, w, preferred_element_type=jnp.float32, precision=prec)
         if dw is not None:
-            dw = dw + lax.dot_general(dz, hc, (((0,), (0,)), ((), ())), precision=prec,
-                                      preferred_element_type=jnp.float32)
+            dw = dw + lax.dot_general(
+                dz, hc, (((0,), (0,)), ((), ())), precision=prec, preferred_element_type=jnp.float32
+            )
         return dw, dh
 
     dw0 = jnp.zeros(w.shape, jnp.float32) if cfg.head_trainable else None
@@ -385,11 +466,21 @@ _per_token.defvjp(_per_token_fwd, _per_token_bwd)
 # ----------------------------------------------------------------------------------------------------------
 # Public API
 # ----------------------------------------------------------------------------------------------------------
-def cross_entropy(hidden: jax.Array, head: jax.Array, labels: jax.Array, *,
-                  weights: jax.Array | None = None, softcap: float | None = None,
-                  z_loss: float = 0.0, reduction: str = "mean", ignore_index: int = -100,
-                  head_trainable: bool = True, impl: str = "pallas", interpret: bool | None = None,
-                  block_sizes: BlockSizes | None = None) -> jax.Array:
+def cross_entropy(
+    hidden: jax.Array,
+    head: jax.Array,
+    labels: jax.Array,
+    *,
+    weights: jax.Array | None = None,
+    softcap: float | None = None,
+    z_loss: float = 0.0,
+    reduction: str = "mean",
+    ignore_index: int = -100,
+    head_trainable: bool = True,
+    impl: str = "pallas",
+    interpret: bool | None = None,
+    block_sizes: BlockSizes | None = None,
+) -> jax.Array:
     """Cross-entropy of ``hidden @ head.T`` against ``labels`` without materializing the logits.
 
     hidden ``[..., D]``, head ``[V, D]`` (same dtype), labels ``[...]`` int (``ignore_index`` skipped),
@@ -417,20 +508,34 @@ def cross_entropy(hidden: jax.Array, head: jax.Array, labels: jax.Array, *,
     labels = labels.reshape(-1).astype(jnp.int32)
     weights = None if weights is None else weights.reshape(-1)
     if impl == "xla" or h.shape[0] == 0:
-        out = cross_entropy_reference(h, head, labels, weights=weights, softcap=softcap,
-                                      z_loss=z_loss, reduction=reduction, ignore_index=ignore_index)
+        out = cross_entropy_reference(
+            h,
+            head,
+            labels,
+            weights=weights,
+            softcap=softcap,
+            z_loss=z_loss,
+            reduction=reduction,
+            ignore_index=ignore_index,
+        )
     else:
         bs = block_sizes or pick_block_sizes(h.shape[0], head.shape[0], h.shape[1], h.dtype)
-        cfg = _Config(impl=impl, softcap=None if softcap is None else float(softcap),
-                      z_loss=float(z_loss), ignore_index=int(ignore_index),
-                      head_trainable=bool(head_trainable), block_sizes=bs,
-                      interpret=resolve_interpret(interpret))  # resolved now: caches key on it
+        cfg = _Config(
+            impl=impl,
+            softcap=None if softcap is None else float(softcap),
+            z_loss=float(z_loss),
+            ignore_index=int(ignore_index),
+            head_trainable=bool(head_trainable),
+            block_sizes=bs,
+            interpret=resolve_interpret(interpret),
+        )  # resolved now: caches key on it
         out = _reduce(_per_token(h, head, labels, cfg), labels, weights, reduction, ignore_index)
     return out.reshape(shape) if reduction == "none" else out
 
 
-def cross_entropy_sum_and_count(hidden: jax.Array, head: jax.Array, labels: jax.Array,
-                                **kwargs) -> tuple[jax.Array, jax.Array]:
+def cross_entropy_sum_and_count(
+    hidden: jax.Array, head: jax.Array, labels: jax.Array, **kwargs
+) -> tuple[jax.Array, jax.Array]:
     """``(sum of (weighted) per-token losses, number of counted tokens int32)`` for gradient accumulation:
     the mean over micro-batches is ``sum(sums) / sum(counts)``. kwargs as :func:`cross_entropy`."""
     if "reduction" in kwargs:

@@ -46,8 +46,13 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-__all__ = ["BlockSizes", "rms_norm", "rms_norm_reference", "rms_norm_residual",
-           "rms_norm_residual_reference"]
+__all__ = [
+    "BlockSizes",
+    "rms_norm",
+    "rms_norm_reference",
+    "rms_norm_residual",
+    "rms_norm_residual_reference",
+]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -62,8 +67,9 @@ def rms_norm_reference(x: jax.Array, w: jax.Array, *, eps: float, offset: float 
     return (n * (offset + w.astype(jnp.float32))).astype(x.dtype)
 
 
-def rms_norm_residual_reference(x: jax.Array, residual: jax.Array, w: jax.Array, *, eps: float,
-                                offset: float = 0.0) -> tuple[jax.Array, jax.Array]:
+def rms_norm_residual_reference(
+    x: jax.Array, residual: jax.Array, w: jax.Array, *, eps: float, offset: float = 0.0
+) -> tuple[jax.Array, jax.Array]:
     """``s = x + residual`` (in x.dtype), ``(s, rms_norm_reference(s))``."""
     s = (x.astype(jnp.float32) + residual.astype(jnp.float32)).astype(x.dtype)
     return s, rms_norm_reference(s, w, eps=eps, offset=offset)
@@ -90,8 +96,16 @@ def _weighted(n, w, offset: float, x_dtype):
     return n * (offset + w[None, :])
 
 
-def _rms_norm_fwd_kernel(*refs, n_rows: int, dim: int, block_rows: int, block_d: int, eps: float,
-                         offset: float, residual: bool):
+def _rms_norm_fwd_kernel(
+    *refs,
+    n_rows: int,
+    dim: int,
+    block_rows: int,
+    block_d: int,
+    eps: float,
+    offset: float,
+    residual: bool,
+):
     if residual:
         x_ref, r_ref, w_ref, s_ref, y_ref, rstd_ref = refs
     else:
@@ -100,7 +114,9 @@ def _rms_norm_fwd_kernel(*refs, n_rows: int, dim: int, block_rows: int, block_d:
     cols = jnp.arange(block_d)
     rmask = rows < n_rows if n_rows % block_rows else None
     cmask = cols < dim if dim != block_d else None
-    mask = _and(None if rmask is None else rmask[:, None], None if cmask is None else cmask[None, :])
+    mask = _and(
+        None if rmask is None else rmask[:, None], None if cmask is None else cmask[None, :]
+    )
     at = (rows[:, None], cols[None, :])
     x = _load(x_ref.at[at], mask, 0.0)
     if residual:
@@ -116,8 +132,16 @@ def _rms_norm_fwd_kernel(*refs, n_rows: int, dim: int, block_rows: int, block_d:
     plt.store(rstd_ref.at[rows], rstd, mask=rmask)
 
 
-def _rms_norm_bwd_kernel(*refs, n_rows: int, dim: int, block_rows: int, block_d: int,
-                         blocks_per_program: int, offset: float, residual: bool):
+def _rms_norm_bwd_kernel(
+    *refs,
+    n_rows: int,
+    dim: int,
+    block_rows: int,
+    block_d: int,
+    blocks_per_program: int,
+    offset: float,
+    residual: bool,
+):
     if residual:
         x_ref, w_ref, rstd_ref, dy_ref, ds_ref, dx_ref, dw_ref = refs
     else:
@@ -149,8 +173,7 @@ def _rms_norm_bwd_kernel(*refs, n_rows: int, dim: int, block_rows: int, block_d:
         n_w = n.astype(x_dtype).astype(jnp.float32) if offset == 0.0 else n
         return dw_acc + dy * n_w
 
-    acc = lax.fori_loop(0, blocks_per_program, body,
-                        jnp.zeros((block_rows, block_d), jnp.float32))
+    acc = lax.fori_loop(0, blocks_per_program, body, jnp.zeros((block_rows, block_d), jnp.float32))
     plt.store(dw_ref.at[pid, cols], jnp.sum(acc, axis=0), mask=cmask)
 
 
@@ -208,15 +231,26 @@ def _fwd_call(x2, w, r2, cfg: _Config):
     bs = cfg.block_sizes
     block_d = pl.next_power_of_2(dim)
     residual = r2 is not None
-    kernel = functools.partial(_rms_norm_fwd_kernel, n_rows=n_rows, dim=dim,
-                               block_rows=bs.block_rows, block_d=block_d, eps=cfg.eps,
-                               offset=cfg.offset, residual=residual)
+    kernel = functools.partial(
+        _rms_norm_fwd_kernel,
+        n_rows=n_rows,
+        dim=dim,
+        block_rows=bs.block_rows,
+        block_d=block_d,
+        eps=cfg.eps,
+        offset=cfg.offset,
+        residual=residual,
+    )
     row = jax.ShapeDtypeStruct((n_rows, dim), x2.dtype)
     out_shape = [row] * (2 if residual else 1) + [jax.ShapeDtypeStruct((n_rows,), jnp.float32)]
     args = (x2, r2, w) if residual else (x2, w)
-    return pl.pallas_call(kernel, out_shape=out_shape, grid=(cdiv(n_rows, bs.block_rows),),
-                          name="rms_norm_residual_fwd" if residual else "rms_norm_fwd",
-                          **pallas_call_kwargs(cfg.interpret, num_warps=bs.num_warps))(*args)
+    return pl.pallas_call(
+        kernel,
+        out_shape=out_shape,
+        grid=(cdiv(n_rows, bs.block_rows),),
+        name="rms_norm_residual_fwd" if residual else "rms_norm_fwd",
+        **pallas_call_kwargs(cfg.interpret, num_warps=bs.num_warps),
+    )(*args)
 
 
 def _bwd_call(x2, w, rstd, dy2, ds2, cfg: _Config):
@@ -228,15 +262,28 @@ def _bwd_call(x2, w, rstd, dy2, ds2, cfg: _Config):
     per_program = cdiv(n_blocks, programs)
     programs = cdiv(n_blocks, per_program)
     residual = ds2 is not None
-    kernel = functools.partial(_rms_norm_bwd_kernel, n_rows=n_rows, dim=dim,
-                               block_rows=bs.block_rows, block_d=block_d,
-                               blocks_per_program=per_program, offset=cfg.offset, residual=residual)
-    out_shape = [jax.ShapeDtypeStruct((n_rows, dim), x2.dtype),
-                 jax.ShapeDtypeStruct((programs, dim), jnp.float32)]
+    kernel = functools.partial(
+        _rms_norm_bwd_kernel,
+        n_rows=n_rows,
+        dim=dim,
+        block_rows=bs.block_rows,
+        block_d=block_d,
+        blocks_per_program=per_program,
+        offset=cfg.offset,
+        residual=residual,
+    )
+    out_shape = [
+        jax.ShapeDtypeStruct((n_rows, dim), x2.dtype),
+        jax.ShapeDtypeStruct((programs, dim), jnp.float32),
+    ]
     args = (x2, w, rstd, dy2) + ((ds2,) if residual else ())
-    dx, dw_part = pl.pallas_call(kernel, out_shape=out_shape, grid=(programs,),
-                                 name="rms_norm_residual_bwd" if residual else "rms_norm_bwd",
-                                 **pallas_call_kwargs(cfg.interpret, num_warps=bs.num_warps))(*args)
+    dx, dw_part = pl.pallas_call(
+        kernel,
+        out_shape=out_shape,
+        grid=(programs,),
+        name="rms_norm_residual_bwd" if residual else "rms_norm_bwd",
+        **pallas_call_kwargs(cfg.interpret, num_warps=bs.num_warps),
+    )(*args)
     return dx, jnp.sum(dw_part, axis=0).astype(w.dtype)
 
 
@@ -293,12 +340,21 @@ def _config(x, eps, offset, interpret, block_sizes) -> _Config:
     n_rows = max(1, x.size // x.shape[-1])
     bs = block_sizes or pick_block_sizes(n_rows, x.shape[-1], x.dtype)
     # Resolved here (not inside the kernel call) so that JAX's trace caches key on the actual value.
-    return _Config(eps=float(eps), offset=float(offset), block_sizes=bs,
-                   interpret=resolve_interpret(interpret))
+    return _Config(
+        eps=float(eps), offset=float(offset), block_sizes=bs, interpret=resolve_interpret(interpret)
+    )
 
 
-def rms_norm(x: jax.Array, w: jax.Array, *, eps: float, offset: float = 0.0, impl: str = "pallas",
-             interpret: bool | None = None, block_sizes: BlockSizes | None = None) -> jax.Array:
+def rms_norm(
+    x: jax.Array,
+    w: jax.Array,
+    *,
+    eps: float,
+    offset: float = 0.0,
+    impl: str = "pallas",
+    interpret: bool | None = None,
+    block_sizes: BlockSizes | None = None,
+) -> jax.Array:
     """RMSNorm over the last axis. x ``[..., D]``, w ``[D]``; ``offset=1.0`` for Gemma's ``(1 + w)``.
 
     Returns ``x.dtype``. ``impl="xla"`` runs :func:`rms_norm_reference` (autodiff for the backward).
@@ -312,9 +368,17 @@ def rms_norm(x: jax.Array, w: jax.Array, *, eps: float, offset: float = 0.0, imp
     return _rms_norm(x.reshape(-1, x.shape[-1]), w, cfg).reshape(x.shape)
 
 
-def rms_norm_residual(x: jax.Array, residual: jax.Array, w: jax.Array, *, eps: float,
-                      offset: float = 0.0, impl: str = "pallas", interpret: bool | None = None,
-                      block_sizes: BlockSizes | None = None) -> tuple[jax.Array, jax.Array]:
+def rms_norm_residual(
+    x: jax.Array,
+    residual: jax.Array,
+    w: jax.Array,
+    *,
+    eps: float,
+    offset: float = 0.0,
+    impl: str = "pallas",
+    interpret: bool | None = None,
+    block_sizes: BlockSizes | None = None,
+) -> tuple[jax.Array, jax.Array]:
     """Fused ``s = x + residual`` and ``rms_norm(s)`` in one pass; returns ``(s, normed)``, both x.dtype."""
     _check(x, w, impl)
     if x.shape != residual.shape or x.dtype != residual.dtype:

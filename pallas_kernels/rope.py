@@ -69,13 +69,16 @@ def rope_inv_freq(head_dim: int, theta: float, rope_scaling: dict | None = None)
         low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
         wavelen = np.float32(2 * math.pi) / inv_freq
         out = np.where(wavelen > low_wavelen, inv_freq / factor, inv_freq).astype(np.float32)
-        smooth = ((np.float32(old_ctx) / wavelen - np.float32(low))
-                  / np.float32(high - low)).astype(np.float32)
+        smooth = (
+            (np.float32(old_ctx) / wavelen - np.float32(low)) / np.float32(high - low)
+        ).astype(np.float32)
         smoothed = (np.float32(1) - smooth) * out / factor + smooth * out
         medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
         return np.where(medium, smoothed, out).astype(np.float32)
-    raise ValueError(f"rope_scaling rope_type={rope_type!r} is not supported "
-                     "(supported: None/'default', 'linear', 'llama3')")
+    raise ValueError(
+        f"rope_scaling rope_type={rope_type!r} is not supported "
+        "(supported: None/'default', 'linear', 'llama3')"
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -88,8 +91,14 @@ def _rotate_reference(x, cos, sin):
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-def rope_reference(q: jax.Array, k: jax.Array, positions: jax.Array, inv_freq: jax.Array, *,
-                   attention_scaling: float = 1.0) -> tuple[jax.Array, jax.Array]:
+def rope_reference(
+    q: jax.Array,
+    k: jax.Array,
+    positions: jax.Array,
+    inv_freq: jax.Array,
+    *,
+    attention_scaling: float = 1.0,
+) -> tuple[jax.Array, jax.Array]:
     """Pure-jnp fp32 rotate-half RoPE. q ``[B, T, H, Dh]``, k ``[B, T, KV, Dh]``, positions ``[B, T]``."""
     theta = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
     cos = (jnp.cos(theta) * attention_scaling)[:, :, None, :]  # [B, T, 1, Dh/2]
@@ -105,9 +114,23 @@ def _load(ref, mask, other=0.0):
     return plt.load(ref, mask=mask, other=None if mask is None else other)
 
 
-def _rope_kernel(pos_ref, inv_ref, q_ref, k_ref, qo_ref, ko_ref, *, n_tok: int, half: int,
-                 block_t: int, block_half: int, heads: tuple[int, int], block_heads: tuple[int, int],
-                 sign: float, scaling: float):
+def _rope_kernel(
+    pos_ref,
+    inv_ref,
+    q_ref,
+    k_ref,
+    qo_ref,
+    ko_ref,
+    *,
+    n_tok: int,
+    half: int,
+    block_t: int,
+    block_half: int,
+    heads: tuple[int, int],
+    block_heads: tuple[int, int],
+    sign: float,
+    scaling: float,
+):
     toks = pl.program_id(0) * block_t + jnp.arange(block_t)
     j = jnp.arange(block_half)
     tmask = toks < n_tok if n_tok % block_t else None
@@ -117,13 +140,17 @@ def _rope_kernel(pos_ref, inv_ref, q_ref, k_ref, qo_ref, ko_ref, *, n_tok: int, 
     theta = pos[:, None] * inv[None, :]  # [bt, bh]
     cos = (jnp.cos(theta) * scaling)[:, None, :]
     sin = (jnp.sin(theta) * (scaling * sign))[:, None, :]
-    for x_ref, o_ref, n_heads, block_h in ((q_ref, qo_ref, heads[0], block_heads[0]),
-                                           (k_ref, ko_ref, heads[1], block_heads[1])):
+    for x_ref, o_ref, n_heads, block_h in (
+        (q_ref, qo_ref, heads[0], block_heads[0]),
+        (k_ref, ko_ref, heads[1], block_heads[1]),
+    ):
         h = jnp.arange(block_h)
         mask = None
-        for m, shape in ((tmask, (block_t, 1, 1)), (h < n_heads if n_heads != block_h else None,
-                                                     (1, block_h, 1)),
-                         (jmask, (1, 1, block_half))):
+        for m, shape in (
+            (tmask, (block_t, 1, 1)),
+            (h < n_heads if n_heads != block_h else None, (1, block_h, 1)),
+            (jmask, (1, 1, block_half)),
+        ):
             if m is not None:
                 m = m.reshape(shape)
                 mask = m if mask is None else mask & m
@@ -154,7 +181,8 @@ def pick_block_sizes(n_tok: int, n_heads: int, n_kv_heads: int, head_dim: int) -
     1 token and 4 warps. H200 T=16384 (bench_kernels): 1 token 0.212 ms fwd+bwd, 2 tokens 0.311 ms,
     4 tokens x 8 warps 0.595 ms (larger blocks spill)."""
     per_tok = (pl.next_power_of_2(n_heads) + pl.next_power_of_2(n_kv_heads)) * pl.next_power_of_2(
-        head_dim)
+        head_dim
+    )
     block_t = max(1, min(pl.next_power_of_2(n_tok), 8192 // per_tok))
     block_t = 1 << (block_t.bit_length() - 1)  # round down to a power of 2
     num_warps = 8 if block_t * per_tok >= 8192 else 4
@@ -177,15 +205,26 @@ def _rope_call(q3, k3, pos, inv_freq, cfg: _Config, sign: float):
     half = head_dim // 2
     bs = cfg.block_sizes
     kernel = functools.partial(
-        _rope_kernel, n_tok=n_tok, half=half, block_t=bs.block_t,
-        block_half=pl.next_power_of_2(half), heads=(n_heads, n_kv),
-        block_heads=(pl.next_power_of_2(n_heads), pl.next_power_of_2(n_kv)), sign=sign,
-        scaling=cfg.attention_scaling)
+        _rope_kernel,
+        n_tok=n_tok,
+        half=half,
+        block_t=bs.block_t,
+        block_half=pl.next_power_of_2(half),
+        heads=(n_heads, n_kv),
+        block_heads=(pl.next_power_of_2(n_heads), pl.next_power_of_2(n_kv)),
+        sign=sign,
+        scaling=cfg.attention_scaling,
+    )
     return pl.pallas_call(
-        kernel, out_shape=[jax.ShapeDtypeStruct(q3.shape, q3.dtype),
-                           jax.ShapeDtypeStruct(k3.shape, k3.dtype)],
-        grid=(cdiv(n_tok, bs.block_t),), name="rope_fwd" if sign > 0 else "rope_bwd",
-        **pallas_call_kwargs(cfg.interpret, num_warps=bs.num_warps))(pos, inv_freq, q3, k3)
+        kernel,
+        out_shape=[
+            jax.ShapeDtypeStruct(q3.shape, q3.dtype),
+            jax.ShapeDtypeStruct(k3.shape, k3.dtype),
+        ],
+        grid=(cdiv(n_tok, bs.block_t),),
+        name="rope_fwd" if sign > 0 else "rope_bwd",
+        **pallas_call_kwargs(cfg.interpret, num_warps=bs.num_warps),
+    )(pos, inv_freq, q3, k3)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -209,9 +248,17 @@ _rope.defvjp(_rope_fwd, _rope_bwd)
 # ----------------------------------------------------------------------------------------------------------
 # Public API
 # ----------------------------------------------------------------------------------------------------------
-def rope(q: jax.Array, k: jax.Array, positions: jax.Array, inv_freq: jax.Array | np.ndarray, *,
-         attention_scaling: float = 1.0, impl: str = "pallas", interpret: bool | None = None,
-         block_sizes: BlockSizes | None = None) -> tuple[jax.Array, jax.Array]:
+def rope(
+    q: jax.Array,
+    k: jax.Array,
+    positions: jax.Array,
+    inv_freq: jax.Array | np.ndarray,
+    *,
+    attention_scaling: float = 1.0,
+    impl: str = "pallas",
+    interpret: bool | None = None,
+    block_sizes: BlockSizes | None = None,
+) -> tuple[jax.Array, jax.Array]:
     """Rotate q ``[B, T, H, Dh]`` and k ``[B, T, KV, Dh]`` by ``positions [B, T]`` -> ``(q_rot, k_rot)``.
 
     ``inv_freq``: ``[Dh/2]`` from :func:`rope_inv_freq`. ``attention_scaling`` multiplies cos and sin.
@@ -220,8 +267,10 @@ def rope(q: jax.Array, k: jax.Array, positions: jax.Array, inv_freq: jax.Array |
     if impl not in ("pallas", "xla"):
         raise ValueError(f"impl={impl!r}: expected 'pallas' or 'xla'")
     if q.ndim != 4 or k.ndim != 4 or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
-        raise ValueError(f"{q.shape=} and {k.shape=}: expected [B, T, H, Dh] and [B, T, KV, Dh] "
-                         "with one B, T and head_dim")
+        raise ValueError(
+            f"{q.shape=} and {k.shape=}: expected [B, T, H, Dh] and [B, T, KV, Dh] "
+            "with one B, T and head_dim"
+        )
     if positions.shape != q.shape[:2]:
         raise ValueError(f"{positions.shape=} must be [B, T] = {q.shape[:2]}")
     if q.shape[3] % 2 or inv_freq.shape != (q.shape[3] // 2,):
@@ -233,8 +282,16 @@ def rope(q: jax.Array, k: jax.Array, positions: jax.Array, inv_freq: jax.Array |
     if b * t == 0:
         return q, k
     bs = block_sizes or pick_block_sizes(b * t, h, k.shape[2], d)
-    cfg = _Config(attention_scaling=float(attention_scaling), block_sizes=bs,
-                  interpret=resolve_interpret(interpret))  # resolved now: trace caches key on it
-    q_rot, k_rot = _rope(q.reshape(b * t, h, d), k.reshape(b * t, k.shape[2], d),
-                         positions.reshape(b * t).astype(jnp.int32), inv_freq, cfg)
+    cfg = _Config(
+        attention_scaling=float(attention_scaling),
+        block_sizes=bs,
+        interpret=resolve_interpret(interpret),
+    )  # resolved now: trace caches key on it
+    q_rot, k_rot = _rope(
+        q.reshape(b * t, h, d),
+        k.reshape(b * t, k.shape[2], d),
+        positions.reshape(b * t).astype(jnp.int32),
+        inv_freq,
+        cfg,
+    )
     return q_rot.reshape(q.shape), k_rot.reshape(k.shape)

@@ -125,8 +125,13 @@ def _call(kernel, args, n_out: int, cfg: _Config, name: str):
     bs = cfg.block_sizes
     kernel = functools.partial(kernel, n=n, block=bs.block, activation=cfg.activation)
     out = jax.ShapeDtypeStruct((n,), args[0].dtype)
-    return pl.pallas_call(kernel, out_shape=[out] * n_out, grid=(cdiv(n, bs.block),), name=name,
-                          **pallas_call_kwargs(cfg.interpret, num_warps=bs.num_warps))(*args)
+    return pl.pallas_call(
+        kernel,
+        out_shape=[out] * n_out,
+        grid=(cdiv(n, bs.block),),
+        name=name,
+        **pallas_call_kwargs(cfg.interpret, num_warps=bs.num_warps),
+    )(*args)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -150,8 +155,15 @@ _glu.defvjp(_glu_fwd, _glu_bwd)
 # ----------------------------------------------------------------------------------------------------------
 # Public API
 # ----------------------------------------------------------------------------------------------------------
-def glu(gate: jax.Array, up: jax.Array, *, activation: str = "silu", impl: str = "pallas",
-        interpret: bool | None = None, block_sizes: BlockSizes | None = None) -> jax.Array:
+def glu(
+    gate: jax.Array,
+    up: jax.Array,
+    *,
+    activation: str = "silu",
+    impl: str = "pallas",
+    interpret: bool | None = None,
+    block_sizes: BlockSizes | None = None,
+) -> jax.Array:
     """``act(gate) * up`` for ``activation`` in ``"silu"`` (SwiGLU) or ``"gelu_tanh"`` (GeGLU).
 
     gate, up: same shape ``[..., F]`` and dtype; returns that dtype. ``impl="xla"`` runs
@@ -169,8 +181,13 @@ def glu(gate: jax.Array, up: jax.Array, *, activation: str = "silu", impl: str =
     if n == 0:
         return gate
     if n >= 2**31:
-        raise ValueError(f"glu: {gate.shape=} has {n} elements; the kernel indexes with int32 "
-                         "(< 2**31); split the call")
-    cfg = _Config(activation=activation, block_sizes=block_sizes or pick_block_sizes(n),
-                  interpret=resolve_interpret(interpret))  # resolved now: trace caches key on it
+        raise ValueError(
+            f"glu: {gate.shape=} has {n} elements; the kernel indexes with int32 "
+            "(< 2**31); split the call"
+        )
+    cfg = _Config(
+        activation=activation,
+        block_sizes=block_sizes or pick_block_sizes(n),
+        interpret=resolve_interpret(interpret),
+    )  # resolved now: trace caches key on it
     return _glu(gate.reshape(n), up.reshape(n), cfg).reshape(gate.shape)

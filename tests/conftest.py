@@ -29,9 +29,18 @@ def tiny_llama_dir(tmp_path):
     import transformers
 
     def make(seed: int = 0, **overrides):
-        kw = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, vocab_size=131, max_position_embeddings=256,
-                  tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+        kw = dict(
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=131,
+            max_position_embeddings=256,
+            tie_word_embeddings=False,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
         kw.update(overrides)
         torch.manual_seed(seed)
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**kw)).float().eval()

@@ -572,12 +572,26 @@ def test_parent_modules_import_neither_jax_nor_torch():
 def test_fastjax_qlora_long_context_settings_run_on_cpu(cpu_context):
     """What max_context.py runs for fastjax QLoRA: NF4 base, offload preset, MLP in token slices."""
     tiny = ModelShape("tiny", "llama", 64, 128, 1, 4, 2, 16, 320)
-    row = train_step.run_fastjax("fastjax-qlora", tiny, 1, 40, steps=1, warmup=0,
-                                 remat="offload_layer_input", mlp_chunk_size=16)
+    row = train_step.run_fastjax(
+        "fastjax-qlora",
+        tiny,
+        1,
+        40,
+        steps=1,
+        warmup=0,
+        remat="offload_layer_input",
+        mlp_chunk_size=16,
+    )
     assert row["ok"] and row["mlp_chunk_size"] == 16 and np.isfinite(row["loss"])
-    argv, env = max_context.probe_job("fastjax-qlora", "llama-3-8b", 131072, cap_gib=24,
-                                      total_bytes=141 * 2**30, remat="offload_layer_input",
-                                      mlp_chunk_size=8192)
+    argv, env = max_context.probe_job(
+        "fastjax-qlora",
+        "llama-3-8b",
+        131072,
+        cap_gib=24,
+        total_bytes=141 * 2**30,
+        remat="offload_layer_input",
+        mlp_chunk_size=8192,
+    )
     assert argv[argv.index("--mlp-chunk-size") + 1] == "8192"
     assert float(env["XLA_PYTHON_CLIENT_MEM_FRACTION"]) == pytest.approx(24 / 141, abs=1e-4)
 

@@ -25,15 +25,42 @@ CHATML = (
     " + '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}"
     "{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
-TRAIN_OPTIONS = ("--model", "--dtype", "--load-in-4bit", "--data", "--split", "--num-arith",
-                 "--max-seq-length",
-                 "--no-packing", "--no-truncation", "--lora-r", "--lora-alpha", "--lora-dropout",
-                 "--target-modules", "--use-rslora", "--full-finetune", "--steps", "--epochs",
-                 "--batch-size",
-                 "--grad-accum", "--lr", "--lr-scheduler", "--warmup-steps", "--weight-decay",
-                 "--max-grad-norm",
-                 "--optimizer", "--remat", "--mlp-chunk-size", "--kernels", "--seed", "--output-dir", "--save-steps",
-                 "--logging-steps", "--resume", "--no-progress")
+TRAIN_OPTIONS = (
+    "--model",
+    "--dtype",
+    "--load-in-4bit",
+    "--data",
+    "--split",
+    "--num-arith",
+    "--max-seq-length",
+    "--no-packing",
+    "--no-truncation",
+    "--lora-r",
+    "--lora-alpha",
+    "--lora-dropout",
+    "--target-modules",
+    "--use-rslora",
+    "--full-finetune",
+    "--steps",
+    "--epochs",
+    "--batch-size",
+    "--grad-accum",
+    "--lr",
+    "--lr-scheduler",
+    "--warmup-steps",
+    "--weight-decay",
+    "--max-grad-norm",
+    "--optimizer",
+    "--remat",
+    "--mlp-chunk-size",
+    "--kernels",
+    "--seed",
+    "--output-dir",
+    "--save-steps",
+    "--logging-steps",
+    "--resume",
+    "--no-progress",
+)
 
 
 def _help(argv, capsys) -> str:
@@ -62,9 +89,13 @@ def test_help_lists_every_option(capsys):
 
 
 def test_console_script_entry_point():
-    out = subprocess.run([sys.executable, "-m", "fastjax.cli", "train", "--help"],
-                         capture_output=True,
-                         text=True, timeout=120, check=False)
+    out = subprocess.run(
+        [sys.executable, "-m", "fastjax.cli", "train", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert out.returncode == 0 and "--lora-r" in out.stdout
 
 
@@ -76,12 +107,20 @@ def model_dir(tmp_path_factory):
     backend = BackendTokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     backend.decoder = decoders.Fuse()
-    tok = Tokenizer(backend, chat_template=CHATML, eos_token="<|im_end|>", pad_token="<pad>",
-                    unk_token="<unk>")
-    cfg = llama.LlamaConfig(vocab_size=len(vocab) + 3, hidden_size=32, intermediate_size=48,
-                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                            max_position_embeddings=256, eos_token_id=vocab["<|im_end|>"],
-                            pad_token_id=vocab["<pad>"])
+    tok = Tokenizer(
+        backend, chat_template=CHATML, eos_token="<|im_end|>", pad_token="<pad>", unk_token="<unk>"
+    )
+    cfg = llama.LlamaConfig(
+        vocab_size=len(vocab) + 3,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        eos_token_id=vocab["<|im_end|>"],
+        pad_token_id=vocab["<pad>"],
+    )
     params = llama.init_params(cfg, jax.random.key(0), std=0.1)
     out = tmp_path_factory.mktemp("model")
     save_pretrained(params, cfg, tok, out / "tiny")
@@ -89,21 +128,47 @@ def model_dir(tmp_path_factory):
     rows = []
     for _ in range(30):
         a, b = (int(x) for x in rng.integers(1, 50, 2))
-        rows.append({"question": f"What is {a} + {b}?",
-                     "answer": f"{a} + {b} = {a + b}\n#### {a + b}"})
+        rows.append(
+            {"question": f"What is {a} + {b}?", "answer": f"{a} + {b} = {a + b}\n#### {a + b}"}
+        )
     (out / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return out
 
 
 def test_tiny_train_then_generate(model_dir, tmp_path, capsys):
     out = tmp_path / "run"
-    argv = ["train", "--model", str(model_dir / "tiny"), "--data", str(model_dir / "qa.jsonl"),
-            "--dtype", "fp32",
-            "--steps", "4", "--batch-size", "2", "--max-seq-length", "96", "--system-prompt", "",
-            "--lora-r", "4",
-            "--target-modules", "q_proj,v_proj", "--lr", "1e-2", "--remat", "none", "--kernels",
-            "xla",
-            "--save-steps", "2", "--output-dir", str(out), "--no-progress"]
+    argv = [
+        "train",
+        "--model",
+        str(model_dir / "tiny"),
+        "--data",
+        str(model_dir / "qa.jsonl"),
+        "--dtype",
+        "fp32",
+        "--steps",
+        "4",
+        "--batch-size",
+        "2",
+        "--max-seq-length",
+        "96",
+        "--system-prompt",
+        "",
+        "--lora-r",
+        "4",
+        "--target-modules",
+        "q_proj,v_proj",
+        "--lr",
+        "1e-2",
+        "--remat",
+        "none",
+        "--kernels",
+        "xla",
+        "--save-steps",
+        "2",
+        "--output-dir",
+        str(out),
+        "--no-progress",
+    ]
     assert cli.main(argv) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["steps"] == 4 and np.isfinite(summary["final_loss"])
@@ -115,20 +180,60 @@ def test_tiny_train_then_generate(model_dir, tmp_path, capsys):
     assert cli.main(argv + ["--resume"]) == 0
     capsys.readouterr()
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2, 3, 4]
-    assert cli.main(["chat", "--model", str(model_dir / "tiny"), "--adapter", str(out / "adapter"),
-                     "--prompt", "What is 2 + 3?", "--prompt", "Hi", "--max-new-tokens", "5",
-                     "--dtype", "fp32"]) == 0
+    assert (
+        cli.main(
+            [
+                "chat",
+                "--model",
+                str(model_dir / "tiny"),
+                "--adapter",
+                str(out / "adapter"),
+                "--prompt",
+                "What is 2 + 3?",
+                "--prompt",
+                "Hi",
+                "--max-new-tokens",
+                "5",
+                "--dtype",
+                "fp32",
+            ]
+        )
+        == 0
+    )
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) >= 2
 
 
 def test_cli_errors(model_dir, tmp_path):
     with pytest.raises(ValueError, match="available"):
-        cli.main(["train", "--model", str(model_dir / "tiny"), "--data",
-                  str(model_dir / "qa.jsonl"),
-                  "--target-modules", "nope_proj", "--steps", "1", "--output-dir", str(tmp_path)])
+        cli.main(
+            [
+                "train",
+                "--model",
+                str(model_dir / "tiny"),
+                "--data",
+                str(model_dir / "qa.jsonl"),
+                "--target-modules",
+                "nope_proj",
+                "--steps",
+                "1",
+                "--output-dir",
+                str(tmp_path),
+            ]
+        )
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     with pytest.raises((ValueError, SystemExit), match="empty"):
-        cli.main(["train", "--model", str(model_dir / "tiny"), "--data", str(empty), "--steps", "1",
-                  "--output-dir", str(tmp_path)])
+        cli.main(
+            [
+                "train",
+                "--model",
+                str(model_dir / "tiny"),
+                "--data",
+                str(empty),
+                "--steps",
+                "1",
+                "--output-dir",
+                str(tmp_path),
+            ]
+        )

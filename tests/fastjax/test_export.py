@@ -462,6 +462,7 @@ def test_load_adapter_rejects_bad_files(base, tmp_path):
 
 def test_qlora_merge_equals_dequantized_base_plus_lora(base, tmp_path):
     import fastjax.quant as quant
+
     params, cfg = base["params"], base["cfg"]
     # A QLoRA run: the 16-bit checkpoint loaded with load_in_4bit (decoder linears NF4, rest bf16).
     params16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
@@ -472,14 +473,18 @@ def test_qlora_merge_equals_dequantized_base_plus_lora(base, tmp_path):
     dequantize = jax.jit(quant.dequantize_nf4, static_argnums=1)
 
     out16 = export.save_pretrained_merged(q16, ad, cfg, None, tmp_path / "bf16", lora_config=config)
-    out32 = export.save_pretrained_merged(q16, ad, cfg, None, tmp_path / "fp32", lora_config=config,
-                                          dtype="fp32")
+    out32 = export.save_pretrained_merged(
+        q16, ad, cfg, None, tmp_path / "fp32", lora_config=config, dtype="fp32"
+    )
     m16, _, _ = fastjax.from_pretrained(out16, dtype=jnp.float32)
     m32, _, _ = fastjax.from_pretrained(out32, dtype=jnp.float32)
     for group, name in (("self_attn", "k_proj"), ("mlp", "down_proj")):
         node = ad["model"]["layers"][group][name]
-        delta = s * np.einsum("lor,lri->loi", np.asarray(node["lora_B"], np.float64),
-                              np.asarray(node["lora_A"], np.float64))
+        delta = s * np.einsum(
+            "lor,lri->loi",
+            np.asarray(node["lora_B"], np.float64),
+            np.asarray(node["lora_A"], np.float64),
+        )
         nf4 = q16["model"]["layers"][group][name]["weight"]
         w = np.asarray(dequantize(nf4, jnp.float32), np.float64)
         got16 = np.asarray(m16["model"]["layers"][group][name]["weight"], np.float64)
@@ -493,8 +498,10 @@ def test_qlora_merge_equals_dequantized_base_plus_lora(base, tmp_path):
     # Logits: what QLoRA training computed (NF4 + adapter) vs the merged checkpoints.
     ids = _ids(cfg, 10, (2, 17))
     q16_fp32_acts = jax.tree.map(
-        lambda x: x if isinstance(x, quant.NF4Tensor) else x.astype(jnp.float32), q16,
-        is_leaf=lambda x: isinstance(x, quant.NF4Tensor))
+        lambda x: x if isinstance(x, quant.NF4Tensor) else x.astype(jnp.float32),
+        q16,
+        is_leaf=lambda x: isinstance(x, quant.NF4Tensor),
+    )
     adapter_model = _fj_logits(q16_fp32_acts, cfg, ids, ad, s)
     _assert_adapter_matters(adapter_model, _fj_logits(params, cfg, ids), QLORA_FP32_ATOL)
     d32 = np.abs(_fj_logits(m32, cfg, ids) - adapter_model).max()
@@ -507,10 +514,12 @@ def test_qlora_merge_equals_dequantized_base_plus_lora(base, tmp_path):
     # original weights instead of dequant(NF4(W)) (what a merge that ignores QLoRA would ship).
     noise = np.abs(adapter_bf16 - adapter_model).max()
     wrong = np.abs(_fj_logits(lora.merge_lora(params, ad, cfg, s), cfg, ids) - adapter_model).max()
-    print(f"\nQLoRA merge, max|logits|={np.abs(adapter_model).max():.3f}, max|logits - NF4+LoRA|: "
-          f"merged fp32 {d32:.2e}; merged bf16 (fp32 acts) {d16:.2e}; merged bf16 run in bf16 vs "
-          f"NF4+LoRA in bf16 {d16b:.2e}; [NF4+LoRA bf16 vs fp32 compute {noise:.2e}; merged onto "
-          f"the unquantized W {wrong:.2e}]")
+    print(
+        f"\nQLoRA merge, max|logits|={np.abs(adapter_model).max():.3f}, max|logits - NF4+LoRA|: "
+        f"merged fp32 {d32:.2e}; merged bf16 (fp32 acts) {d16:.2e}; merged bf16 run in bf16 vs "
+        f"NF4+LoRA in bf16 {d16b:.2e}; [NF4+LoRA bf16 vs fp32 compute {noise:.2e}; merged onto "
+        f"the unquantized W {wrong:.2e}]"
+    )
     assert d16 < wrong / 2, "merging onto dequant(NF4(W)) must beat merging onto W"
     assert d32 < QLORA_FP32_ATOL
     assert d16 < QLORA_BF16_WEIGHTS_ATOL
@@ -551,8 +560,24 @@ def test_cli_export_end_to_end(base, tmp_path):
     # The same handler through the real entry point (fastjax.cli registers add_export_parser).
     from fastjax import cli
 
-    assert cli.main(["export", "--model", str(base["dir"]), "--adapter", str(adapter_dir),
-                     "--format", "gguf", "--quant", "f16", "--out", str(tmp_path / "gguf")]) == 0
+    assert (
+        cli.main(
+            [
+                "export",
+                "--model",
+                str(base["dir"]),
+                "--adapter",
+                str(adapter_dir),
+                "--format",
+                "gguf",
+                "--quant",
+                "f16",
+                "--out",
+                str(tmp_path / "gguf"),
+            ]
+        )
+        == 0
+    )
     path = tmp_path / "gguf" / "model-f16.gguf"
     params3, cfg3, _ = fastjax.from_pretrained(path, dtype=jnp.float32)
     same = dict(bos_token_id=None, pad_token_id=None)

@@ -20,8 +20,9 @@ def _samples(logits: np.ndarray, temperature: float, top_p: float) -> np.ndarray
     """N_SAMPLES draws for one row of logits, each with its own key."""
     keys = jax.random.split(jax.random.key(1234), N_SAMPLES)
     row = jnp.asarray(logits, jnp.float32)[None]
-    draw = jax.jit(jax.vmap(lambda k: sample_logits(row, k, jnp.float32(temperature),
-                                                    jnp.float32(top_p))[0]))
+    draw = jax.jit(
+        jax.vmap(lambda k: sample_logits(row, k, jnp.float32(temperature), jnp.float32(top_p))[0])
+    )
     return np.asarray(draw(keys))
 
 

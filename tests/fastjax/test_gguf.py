@@ -226,8 +226,9 @@ def test_export_reads_back_and_matches_transformers(tiny_models, tied, quant):
         from fastjax import quant as nf4
 
         qc = nf4.QuantConfig(skip_modules=("lm_head", "embed_tokens", "down_proj"))  # in=160
-        q4, _, _ = fastjax.from_pretrained(path, dtype=jnp.float32, load_in_4bit=True,
-                                           quant_config=qc)
+        q4, _, _ = fastjax.from_pretrained(
+            path, dtype=jnp.float32, load_in_4bit=True, quant_config=qc
+        )
         assert isinstance(q4["model"]["layers"]["self_attn"]["q_proj"]["weight"], nf4.NF4Tensor)
         want = nf4.quantize_params(params2, qc)
         assert jax.tree.structure(q4) == jax.tree.structure(want)

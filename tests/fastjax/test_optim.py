@@ -61,9 +61,11 @@ def test_signature_is_optax_adamw_plus_min_8bit_size():
         assert (ours[name].default, ours[name].kind) == (param.default, param.kind), name
 
 
-@pytest.mark.parametrize("extra", [{}, {"nesterov": True}, {"eps_root": 1e-6},
-                                   {"mu_dtype": jnp.bfloat16}], ids=["plain", "nesterov", "eps_root",
-                                                                     "mu_dtype"])
+@pytest.mark.parametrize(
+    "extra",
+    [{}, {"nesterov": True}, {"eps_root": 1e-6}, {"mu_dtype": jnp.bfloat16}],
+    ids=["plain", "nesterov", "eps_root", "mu_dtype"],
+)
 def test_first_step_matches_adamw_and_later_steps_stay_close(extra):
     params = _tree(jax.random.key(1), big=((300, 70), (128, 128)))
     opt8 = optim.adamw_8bit(1e-2, weight_decay=0.1, **extra)
@@ -167,6 +169,7 @@ def test_finetune_200_steps_matches_fp32_adamw():
 
 def test_orbax_checkpoint_roundtrip_is_bit_exact(tmp_path):
     import orbax.checkpoint as ocp
+
     params = _tree(jax.random.key(3), big=((256, 64), (40, 200)))
     opt = optim.adamw_8bit(optax.linear_schedule(1e-3, 1e-4, 100))
     state = opt.init(params)
@@ -198,8 +201,15 @@ def test_tiny_llama_200_steps_loss_within_1pct_of_fp32_adamw():
     steps with 8-bit states is within 1% of fp32 AdamW's, and both learned (loss well below init)."""
     from fastjax.models import decoder, llama
 
-    cfg = llama.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    cfg = llama.LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     params = decoder.init_params(cfg, jax.random.key(0))
     rng = np.random.default_rng(5)
     # a learnable corpus: each row repeats a random 6-token motif, so the loss can fall far
@@ -214,7 +224,9 @@ def test_tiny_llama_200_steps_loss_within_1pct_of_fp32_adamw():
     def run(opt):
         def step(carry, i):
             p, s = carry
-            rows = jax.random.choice(jax.random.fold_in(jax.random.key(9), i), 64, (16,), replace=False)
+            rows = jax.random.choice(
+                jax.random.fold_in(jax.random.key(9), i), 64, (16,), replace=False
+            )
             loss, g = jax.value_and_grad(loss_fn)(p, corpus[rows])
             u, s = opt.update(g, s, p)
             return (optax.apply_updates(p, u), s), loss
@@ -223,9 +235,12 @@ def test_tiny_llama_200_steps_loss_within_1pct_of_fp32_adamw():
         return np.asarray(losses)
 
     opt8 = optim.adamw_8bit(sched, weight_decay=0.01)
-    n8 = sum(isinstance(m, optim.QuantizedMoment)
-             for m in jax.tree.leaves(opt8.init(params)[0].mu, is_leaf=lambda x: isinstance(
-                 x, optim.QuantizedMoment)))
+    n8 = sum(
+        isinstance(m, optim.QuantizedMoment)
+        for m in jax.tree.leaves(
+            opt8.init(params)[0].mu, is_leaf=lambda x: isinstance(x, optim.QuantizedMoment)
+        )
+    )
     assert n8 >= 8  # embedding + every stacked projection
     l32, l8 = run(optax.adamw(sched, weight_decay=0.01)), run(opt8)
     end32, end8 = l32[-20:].mean(), l8[-20:].mean()

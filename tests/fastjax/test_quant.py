@@ -285,9 +285,13 @@ def test_from_pretrained_load_in_4bit_quantizes_on_load(tiny_llama_dir):
     norms and head."""
     import fastjax
 
-    ckpt, _ = tiny_llama_dir(seed=7, tie_word_embeddings=False, intermediate_size=128)  # in % 64 == 0
+    ckpt, _ = tiny_llama_dir(
+        seed=7, tie_word_embeddings=False, intermediate_size=128
+    )  # in % 64 == 0
     qc = quant.QuantConfig(skip_modules=("lm_head", "embed_tokens", "o_proj"))
-    q4, cfg, _ = fastjax.from_pretrained(ckpt, dtype=jnp.float32, load_in_4bit=True, quant_config=qc)
+    q4, cfg, _ = fastjax.from_pretrained(
+        ckpt, dtype=jnp.float32, load_in_4bit=True, quant_config=qc
+    )
     dense, _, _ = fastjax.from_pretrained(ckpt, dtype=jnp.float32)
     want = quant.quantize_params(dense, qc)
     assert jax.tree.structure(q4) == jax.tree.structure(want)
@@ -298,6 +302,10 @@ def test_from_pretrained_load_in_4bit_quantizes_on_load(tiny_llama_dir):
         assert isinstance(lay["self_attn"][module]["weight"], quant.NF4Tensor), module
     for module in ("gate_proj", "up_proj", "down_proj"):
         assert isinstance(lay["mlp"][module]["weight"], quant.NF4Tensor), module
-    for keep in (lay["self_attn"]["o_proj"]["weight"], q4["lm_head"]["weight"],
-                 q4["model"]["embed_tokens"]["weight"], lay["input_layernorm"]["weight"]):
+    for keep in (
+        lay["self_attn"]["o_proj"]["weight"],
+        q4["lm_head"]["weight"],
+        q4["model"]["embed_tokens"]["weight"],
+        lay["input_layernorm"]["weight"],
+    ):
         assert isinstance(keep, jax.Array)

@@ -18,8 +18,14 @@ from fastjax import remat
 # Tolerances, stated once: (atol, rtol) per dtype.
 TOL = {jnp.float32: (1e-5, 1e-5), jnp.bfloat16: (2e-2, 2e-2)}
 
-CFG = llama.LlamaConfig(vocab_size=41, hidden_size=24, intermediate_size=40, num_hidden_layers=3,
-                        num_attention_heads=4, num_key_value_heads=2)
+CFG = llama.LlamaConfig(
+    vocab_size=41,
+    hidden_size=24,
+    intermediate_size=40,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
 OPS = Ops.all("xla")
 
 
@@ -28,8 +34,9 @@ def _setup(seed: int):
     lora, config = L.get_peft_model(params, CFG, r=3, target_modules="all-linear", seed=seed)
     for i, path in enumerate(L.adapter_paths(lora)):
         node = lora["model"]["layers"][path[2]][path[3]]
-        node["lora_B"] = 0.1 * jax.random.normal(jax.random.fold_in(jax.random.key(seed), i),
-                                                 node["lora_B"].shape)
+        node["lora_B"] = 0.1 * jax.random.normal(
+            jax.random.fold_in(jax.random.key(seed), i), node["lora_B"].shape
+        )
     ids = jax.random.randint(jax.random.key(seed + 1), (2, 13), 0, CFG.vocab_size)
     segments = jnp.array([[1] * 6 + [2] * 7, [1] * 10 + [0] * 3], jnp.int32)
     positions = jnp.array([list(range(6)) + list(range(7)), list(range(10)) + [0] * 3], jnp.int32)
@@ -44,9 +51,18 @@ def _grads(policy: str, seed: int):
     @jax.jit
     def run(params, lora):
         def f(params, lora):
-            return llama.forward(params, ids, cfg=CFG, positions=positions, segment_ids=segments,
-                                 lora=lora,
-                                 lora_scale=scale, remat_policy=policy, ops=OPS, return_hidden=True)
+            return llama.forward(
+                params,
+                ids,
+                cfg=CFG,
+                positions=positions,
+                segment_ids=segments,
+                lora=lora,
+                lora_scale=scale,
+                remat_policy=policy,
+                ops=OPS,
+                return_hidden=True,
+            )
 
         out, vjp = jax.vjp(f, params, lora)
         return out, vjp(cot)

@@ -346,14 +346,17 @@ def test_dense_lora_base_and_weighted_reward_functions(tmp_path):
     params = jax.jit(lambda k: llama.init_params(CFG, k, std=0.3))(jax.random.key(1))
     lora = lora_lib.init_lora(params, lora_config)
     rng = np.random.default_rng(1)
-    rows = [{"prompt_ids": rng.integers(4, 32, int(rng.integers(3, 9))).tolist()} for _ in range(16)]
+    rows = [
+        {"prompt_ids": rng.integers(4, 32, int(rng.integers(3, 9))).tolist()} for _ in range(16)
+    ]
 
     def eights(prompts, completions, completion_ids):
         return [float(np.mean(np.asarray(ids) == 8)) for ids in completion_ids]
 
     config = _config(tmp_path, reward_weights=(2.0, -1.0), max_steps=8)
-    result = rl.train_grpo(params, CFG, rows, [sevens, eights], config, lora=lora,
-                           lora_config=lora_config)
+    result = rl.train_grpo(
+        params, CFG, rows, [sevens, eights], config, lora=lora, lora_config=lora_config
+    )
     assert abs(result.history[0]["kl"]) < 1e-6
     for h in result.history:
         want = 2.0 * h["rewards/sevens/mean"] - 1.0 * h["rewards/eights/mean"]

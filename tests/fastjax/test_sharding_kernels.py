@@ -176,13 +176,23 @@ SCRIPT = textwrap.dedent("""
 
 
 def _run(mode: str, devices: int, out: Path) -> dict:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", FASTJAX_PALLAS_INTERPRET="1",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        FASTJAX_PALLAS_INTERPRET="1",
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    )
     env.pop("FASTJAX_KERNELS", None)
     script = out / f"script_{mode}.py"
     script.write_text(SCRIPT)
-    proc = subprocess.run([sys.executable, str(script), mode, str(out)], capture_output=True,
-                          text=True, env=env, timeout=600, check=False)
+    proc = subprocess.run(
+        [sys.executable, str(script), mode, str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -200,10 +210,21 @@ def _close(got, want, what):
 
 
 # Every kernel a training step of the tiny Llama runs, forward and backward.
-STEP_KERNELS = {"rms_norm_fwd", "rms_norm_bwd", "rms_norm_residual_fwd", "rms_norm_residual_bwd",
-                "rope_fwd", "rope_bwd", "glu_silu_fwd", "glu_silu_bwd", "fastjax_attention_fwd",
-                "fastjax_attention_dq", "fastjax_attention_dkdv", "cross_entropy_lse",
-                "cross_entropy_dlogits"}
+STEP_KERNELS = {
+    "rms_norm_fwd",
+    "rms_norm_bwd",
+    "rms_norm_residual_fwd",
+    "rms_norm_residual_bwd",
+    "rope_fwd",
+    "rope_bwd",
+    "glu_silu_fwd",
+    "glu_silu_bwd",
+    "fastjax_attention_fwd",
+    "fastjax_attention_dq",
+    "fastjax_attention_dkdv",
+    "cross_entropy_lse",
+    "cross_entropy_dlogits",
+}
 
 
 @pytest.mark.parametrize("run", ["lora", "full"])

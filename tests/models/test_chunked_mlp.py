@@ -13,8 +13,15 @@ from fastjax import lora as L
 from fastjax.models import decoder, gemma2, llama
 
 TOL = {"logits": 1e-5, "grads": 1e-5}  # fp32, relative to the largest value
-LLAMA = llama.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+LLAMA = llama.LlamaConfig(
+    vocab_size=97,
+    hidden_size=64,
+    intermediate_size=160,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+)
 
 
 def _rel(a, b) -> float:
@@ -38,8 +45,9 @@ def test_chunked_mlp_equals_unchunked(chunk, remat_policy):
     params, lora, ids, cot = _setup(LLAMA, 1, 2, 24)
 
     def run(c):
-        f = lambda lo: llama.forward(params, ids, cfg=LLAMA, lora=lo, mlp_chunk_size=c,
-                                     remat_policy=remat_policy)
+        f = lambda lo: llama.forward(
+            params, ids, cfg=LLAMA, lora=lo, mlp_chunk_size=c, remat_policy=remat_policy
+        )
         out, vjp = jax.vjp(f, lora)
         return out, vjp(cot)[0]
 
@@ -50,12 +58,21 @@ def test_chunked_mlp_equals_unchunked(chunk, remat_policy):
 
 
 def test_chunked_mlp_gemma2_geglu_sandwich_norms():
-    cfg = gemma2.Gemma2Config(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                              num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                              sliding_window=8, max_position_embeddings=512)
+    cfg = gemma2.Gemma2Config(
+        vocab_size=97,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        sliding_window=8,
+        max_position_embeddings=512,
+    )
     params, lora, ids, cot = _setup(cfg, 2, 1, 37)
-    f = lambda c: jax.vjp(lambda lo: gemma2.forward(params, ids, cfg=cfg, lora=lo,
-                                                    mlp_chunk_size=c), lora)
+    f = lambda c: jax.vjp(
+        lambda lo: gemma2.forward(params, ids, cfg=cfg, lora=lo, mlp_chunk_size=c), lora
+    )
     (want, vw), (got, vg) = f(None), f(10)
     assert _rel(got, want) < TOL["logits"]
     for a, b in zip(jax.tree.leaves(vg(cot)[0]), jax.tree.leaves(vw(cot)[0]), strict=True):
@@ -65,18 +82,34 @@ def test_chunked_mlp_gemma2_geglu_sandwich_norms():
 def test_chunks_bound_the_mlp_activation_memory():
     """One long row, full remat: the compiled temp memory of forward+backward shrinks by about the
     [tokens, intermediate] activations when the MLP runs in slices."""
-    cfg = llama.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=16384, num_hidden_layers=2,
-                            num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=8192)
+    cfg = llama.LlamaConfig(
+        vocab_size=64,
+        hidden_size=64,
+        intermediate_size=16384,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=8192,
+    )
     params = jax.eval_shape(lambda k: decoder.init_params(cfg, k), jax.random.key(0))
-    lora = jax.eval_shape(lambda p: L.init_lora(p, L.LoraConfig(r=4, target_modules="all-linear")),
-                          params)
+    lora = jax.eval_shape(
+        lambda p: L.init_lora(p, L.LoraConfig(r=4, target_modules="all-linear")), params
+    )
     ids = jax.ShapeDtypeStruct((1, 1024), jnp.int32)  # scores [2, T, T]: small next to [T, F]
 
     def temp(chunk):
         def loss(lo, p, x):
-            h = llama.forward(p, x, cfg=cfg, lora=lo, remat_policy="full", return_hidden=True,
-                              mlp_chunk_size=chunk)
+            h = llama.forward(
+                p,
+                x,
+                cfg=cfg,
+                lora=lo,
+                remat_policy="full",
+                return_hidden=True,
+                mlp_chunk_size=chunk,
+            )
             return jnp.sum(h.astype(jnp.float32) ** 2)
+
         c = jax.jit(jax.grad(loss)).lower(lora, params, ids).compile()
         return c.memory_analysis().temp_size_in_bytes
 

@@ -35,13 +35,26 @@ TOL = {"float32": 1e-5}
 # (same settings as tests/pallas_kernels/conftest.py's run_fast).
 FAST_XLA = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
-_TINY = dict(hidden_size=64, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, vocab_size=37, max_position_embeddings=64)
+_TINY = dict(
+    hidden_size=64,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=37,
+    max_position_embeddings=64,
+)
 MODELS = {
     "llama": dict(_TINY, model_type="llama", rope_theta=500.0),
-    "gemma2": dict(_TINY, model_type="gemma2", head_dim=16, sliding_window=5,
-                   query_pre_attn_scalar=24, attn_logit_softcapping=3.0,
-                   final_logit_softcapping=4.0),
+    "gemma2": dict(
+        _TINY,
+        model_type="gemma2",
+        head_dim=16,
+        sliding_window=5,
+        query_pre_attn_scalar=24,
+        attn_logit_softcapping=3.0,
+        final_logit_softcapping=4.0,
+    ),
 }
 ACTIVATION = {"llama": "silu", "gemma2": "gelu_tanh"}
 T = 13  # row 1 packs sequences of 6 and 5 tokens, then 2 padding tokens
@@ -71,15 +84,21 @@ def _case(name: str):
         module, proj = path.split(".")
         lora.setdefault(module, {})[proj] = {
             "lora_A": jnp.asarray(_random(rng, path, (L, r, n_in), gemma)),
-            "lora_B": jnp.asarray(_random(rng, path, (L, n_out, r), gemma))}
+            "lora_B": jnp.asarray(_random(rng, path, (L, n_out, r), gemma)),
+        }
     lora = {"model": {"layers": lora}}
     ids = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, T)), jnp.int32)
     lens = (6, 5)
     pad = T - sum(lens)
     packed_positions = np.concatenate([np.arange(n) for n in lens] + [np.zeros(pad)])
     positions = jnp.asarray([np.arange(T), packed_positions], jnp.int32)
-    segment_ids = jnp.asarray([np.ones(T), np.concatenate(
-        [np.full(n, i + 1) for i, n in enumerate(lens)] + [np.zeros(pad)])], jnp.int32)
+    segment_ids = jnp.asarray(
+        [
+            np.ones(T),
+            np.concatenate([np.full(n, i + 1) for i, n in enumerate(lens)] + [np.zeros(pad)]),
+        ],
+        jnp.int32,
+    )
     ct = jnp.asarray(rng.standard_normal((2, T, cfg.vocab_size), np.float32))
     return cfg, params, lora, ids, positions, segment_ids, ct
 
@@ -89,8 +108,17 @@ def _fwd_bwd(case, ops: O.Ops, remat_policy: str):
     cfg, _, _, ids, positions, segment_ids, ct = case
 
     def forward(params, lora):
-        return decoder.forward(params, ids, cfg=cfg, positions=positions, segment_ids=segment_ids,
-                               lora=lora, lora_scale=0.5, remat_policy=remat_policy, ops=ops)
+        return decoder.forward(
+            params,
+            ids,
+            cfg=cfg,
+            positions=positions,
+            segment_ids=segment_ids,
+            lora=lora,
+            lora_scale=0.5,
+            remat_policy=remat_policy,
+            ops=ops,
+        )
 
     def fwd_bwd(params, lora):
         logits, vjp = jax.vjp(forward, params, lora)
@@ -128,9 +156,19 @@ def _pallas_calls(fn, *args) -> tuple[collections.Counter, set]:
 def _kernels(name: str) -> set[str]:
     """Every kernel a training step of the model runs (forward and backward)."""
     act = ACTIVATION[name]
-    return {"rms_norm_fwd", "rms_norm_bwd", "rms_norm_residual_fwd", "rms_norm_residual_bwd",
-            "rope_fwd", "rope_bwd", f"glu_{act}_fwd", f"glu_{act}_bwd", "fastjax_attention_fwd",
-            "fastjax_attention_dq", "fastjax_attention_dkdv"}
+    return {
+        "rms_norm_fwd",
+        "rms_norm_bwd",
+        "rms_norm_residual_fwd",
+        "rms_norm_residual_bwd",
+        "rope_fwd",
+        "rope_bwd",
+        f"glu_{act}_fwd",
+        f"glu_{act}_bwd",
+        "fastjax_attention_fwd",
+        "fastjax_attention_dq",
+        "fastjax_attention_dkdv",
+    }
 
 
 def _rel(got, want) -> float:
@@ -138,8 +176,9 @@ def _rel(got, want) -> float:
     return float(np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-30))
 
 
-@pytest.mark.parametrize("name,remat_policy",
-                         [("llama", "none"), ("gemma2", "none"), ("llama", "full")])
+@pytest.mark.parametrize(
+    "name,remat_policy", [("llama", "none"), ("gemma2", "none"), ("llama", "full")]
+)
 def test_pallas_model_matches_xla(name, remat_policy):
     case = _case(name)
     cfg, params, lora = case[:3]
@@ -159,8 +198,10 @@ def test_pallas_model_matches_xla(name, remat_policy):
     assert set(counts) == _kernels(name), counts
     assert _pallas_calls(xla, params, lora)[0] == collections.Counter()
 
-    got, want = (jax.jit(f).lower(params, lora).compile(compiler_options=FAST_XLA)(params, lora)
-                 for f in (pallas, xla))
+    got, want = (
+        jax.jit(f).lower(params, lora).compile(compiler_options=FAST_XLA)(params, lora)
+        for f in (pallas, xla)
+    )
     tol = TOL["float32"]
     assert _rel(got[0], want[0]) < tol, "logits"
     assert np.abs(np.asarray(want[0])).max() > 1.0  # far from a degenerate (all-small) output
@@ -182,16 +223,27 @@ def test_cached_decoding_pallas_matches_xla():
     def prefill(ops):
         def f(params, lora):
             cache = decoder.init_cache(cfg, 2, 9, jnp.float32)
-            return decoder.forward_cached(params, ids, cache, cfg=cfg, positions=positions,
-                                          cache_index=jnp.int32(0), kv_valid=kv_valid, lora=lora,
-                                          ops=ops)
+            return decoder.forward_cached(
+                params,
+                ids,
+                cache,
+                cfg=cfg,
+                positions=positions,
+                cache_index=jnp.int32(0),
+                kv_valid=kv_valid,
+                lora=lora,
+                ops=ops,
+            )
+
         return f
 
     pallas, xla = prefill(O.Ops.all("pallas", interpret=True)), prefill(O.Ops.all("xla"))
     counts, _ = _pallas_calls(pallas, params, lora)
     assert counts["rms_norm_residual_fwd"] == 2 and counts["rms_norm_fwd"] == 3, counts
-    got, want = (jax.jit(f).lower(params, lora).compile(compiler_options=FAST_XLA)(params, lora)
-                 for f in (pallas, xla))
+    got, want = (
+        jax.jit(f).lower(params, lora).compile(compiler_options=FAST_XLA)(params, lora)
+        for f in (pallas, xla)
+    )
     assert _rel(got[0], want[0]) < TOL["float32"], "last logits"
     for key in ("k", "v"):
         assert _rel(got[1][key], want[1][key]) < TOL["float32"], key
@@ -207,8 +259,11 @@ def _cuda_kernel_names(fn, *args, monkeypatch) -> collections.Counter:
         pytest.skip("this jaxlib compiles Triton during lowering; needs a GPU")
     monkeypatch.setenv(_common.ENV_INTERPRET, "0")
     text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-    calls = [line for line in text.splitlines()
-             if "custom_call @__gpu$xla.gpu.triton" in line or "triton_kernel_call" in line]
+    calls = [
+        line
+        for line in text.splitlines()
+        if "custom_call @__gpu$xla.gpu.triton" in line or "triton_kernel_call" in line
+    ]
     names = (m.group(1) for line in calls for m in re.finditer(r'name = "(\w+)"', line))
     return collections.Counter(names)
 
@@ -267,12 +322,18 @@ def test_env_reaches_forward_in_a_fresh_process(value):
     """``FASTJAX_KERNELS`` set before Python starts reaches ``decoder.forward``'s ``Ops()``."""
     env = dict(os.environ, FASTJAX_KERNELS=value, JAX_PLATFORMS="cpu")
     code = _CHILD.format(cfg=json.dumps(MODELS["llama"]))
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     if value == "xla":
         assert report["pallas_calls"] == 0, report
     else:
-        assert {"rms_norm_residual_fwd", "rms_norm_fwd", "rope_fwd", "glu_silu_fwd",
-                "fastjax_attention_fwd"} <= set(report["names"]), report
+        assert {
+            "rms_norm_residual_fwd",
+            "rms_norm_fwd",
+            "rope_fwd",
+            "glu_silu_fwd",
+            "fastjax_attention_fwd",
+        } <= set(report["names"]), report

@@ -15,15 +15,24 @@ import transformers
 
 LOGITS_ATOL = 1e-4  # fp32 end to end
 
-LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                  "original_max_position_embeddings": 64}
+LLAMA3_SCALING = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
 
 CASES = [
     dict(num_key_value_heads=1, tie_word_embeddings=True),
     dict(num_key_value_heads=2, tie_word_embeddings=False, rope_scaling=LLAMA3_SCALING),
     dict(num_key_value_heads=4, tie_word_embeddings=False, attention_bias=True),
-    dict(num_key_value_heads=2, tie_word_embeddings=True, rope_scaling={"rope_type": "linear", "factor": 2.0},
-         mlp_bias=True),
+    dict(
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        rope_scaling={"rope_type": "linear", "factor": 2.0},
+        mlp_bias=True,
+    ),
 ]
 
 
@@ -32,8 +41,11 @@ def _hf_logits(model, ids):
         return model(torch.tensor(np.asarray(ids))).logits.numpy()
 
 
-@pytest.mark.parametrize("overrides", CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()
-                                                                    if k != "rope_scaling"))
+@pytest.mark.parametrize(
+    "overrides",
+    CASES,
+    ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items() if k != "rope_scaling"),
+)
 def test_logits_match_transformers_and_roundtrip(tiny_llama_dir, tmp_path, overrides):
     ckpt, model = tiny_llama_dir(seed=len(str(overrides)), **overrides)
     params, cfg, _ = fastjax.from_pretrained(ckpt, dtype=jnp.float32)
@@ -56,12 +68,19 @@ def test_packed_row_equals_separate_sequences(tiny_llama_dir):
     ids = np.concatenate(seqs)[None]
     segment_ids = np.concatenate([np.full(len(s), i + 1) for i, s in enumerate(seqs)])[None]
     positions = np.concatenate([np.arange(len(s)) for s in seqs])[None]
-    packed = np.asarray(llama.forward(params, jnp.asarray(ids), cfg=cfg, positions=jnp.asarray(positions),
-                                      segment_ids=jnp.asarray(segment_ids)))[0]
+    packed = np.asarray(
+        llama.forward(
+            params,
+            jnp.asarray(ids),
+            cfg=cfg,
+            positions=jnp.asarray(positions),
+            segment_ids=jnp.asarray(segment_ids),
+        )
+    )[0]
     start = 0
     for s in seqs:
         alone = np.asarray(llama.forward(params, jnp.asarray(s[None]), cfg=cfg))[0]
-        np.testing.assert_allclose(packed[start:start + len(s)], alone, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(packed[start : start + len(s)], alone, atol=1e-5, rtol=0)
         start += len(s)
 
 
@@ -73,8 +92,13 @@ def test_greedy_generation_matches_transformers(tiny_llama_dir):
     ours = fastjax.generate(params, cfg, prompts, max_new_tokens=8, eos_token_id=[])
     for prompt, got in zip(prompts, ours):
         with torch.no_grad():
-            ref = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False,
-                                 eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+            ref = model.generate(
+                torch.tensor([prompt]),
+                max_new_tokens=8,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
+            )[0, len(prompt) :].tolist()
         assert got == ref
 
 
@@ -101,4 +125,6 @@ def test_flax_module_matches_forward(tiny_llama_dir):
     variables = module.init(jax.random.key(0), ids)
     assert jax.tree.structure(variables["params"]) == jax.tree.structure(params)
     out = module.apply({"params": params}, ids)
-    np.testing.assert_allclose(np.asarray(out), np.asarray(llama.forward(params, ids, cfg=cfg)), atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(out), np.asarray(llama.forward(params, ids, cfg=cfg)), atol=1e-6
+    )

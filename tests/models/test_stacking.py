@@ -13,8 +13,15 @@ import pytest
 from fastjax import quant
 from fastjax.models import decoder, llama
 
-CFG = llama.LlamaConfig(vocab_size=64, hidden_size=128, intermediate_size=256, num_hidden_layers=6,
-                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+CFG = llama.LlamaConfig(
+    vocab_size=64,
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=6,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    tie_word_embeddings=False,
+)
 
 
 def _flat(seed: int, as_numpy: bool) -> dict:
@@ -37,7 +44,8 @@ def test_stacks_exactly_and_unstacks_back(as_numpy, stream):
     assert q.shape == (6, 128, 128) and isinstance(q, np.ndarray) == as_numpy
     for i in range(CFG.num_hidden_layers):
         np.testing.assert_array_equal(
-            np.asarray(q[i]), np.asarray(flat[f"model.layers.{i}.self_attn.q_proj.weight"]))
+            np.asarray(q[i]), np.asarray(flat[f"model.layers.{i}.self_attn.q_proj.weight"])
+        )
     back = decoder.unstack_layers(tree)
     assert sorted(back) == sorted(flat)
     for name, value in flat.items():
@@ -46,12 +54,15 @@ def test_stacks_exactly_and_unstacks_back(as_numpy, stream):
 
 def test_nf4_leaves_stack_like_arrays():
     w = [jax.random.normal(jax.random.key(i), (128, 128)) for i in range(3)]
-    items = [(f"model.layers.{i}.mlp.up_proj.weight", quant.quantize_nf4(x)) for i, x in enumerate(w)]
+    items = [
+        (f"model.layers.{i}.mlp.up_proj.weight", quant.quantize_nf4(x)) for i, x in enumerate(w)
+    ]
     stacked = decoder.stack_layers(iter(items), 3)["model"]["layers"]["mlp"]["up_proj"]["weight"]
     assert isinstance(stacked, quant.NF4Tensor) and stacked.shape == (3, 128, 128)
     for i, (_, one) in enumerate(items):
-        np.testing.assert_array_equal(np.asarray(stacked.dequantize(jnp.float32)[i]),
-                                      np.asarray(one.dequantize(jnp.float32)))
+        np.testing.assert_array_equal(
+            np.asarray(stacked.dequantize(jnp.float32)[i]), np.asarray(one.dequantize(jnp.float32))
+        )
 
 
 def test_missing_and_out_of_range_layers_are_named():
@@ -94,8 +105,13 @@ def test_streamed_stacking_peak_is_the_model_not_twice():
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-c", PEAK_PROBE], capture_output=True, text=True,
-                         timeout=300, env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin"})
+    out = subprocess.run(
+        [sys.executable, "-c", PEAK_PROBE],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin"},
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     growth = float(out.stdout.strip().splitlines()[-1])
     assert growth < 1.4, f"stacking peaked at {growth:.2f}x the model"

@@ -24,13 +24,32 @@ def test_non_editable_install_ships_every_package(tmp_path):
         copy = shutil.copytree if (REPO / name).is_dir() else shutil.copy2
         copy(REPO / name, src / name, **({"ignore": IGNORE} if copy is shutil.copytree else {}))
     build = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-         "--no-index", "--target", str(site), str(src)],
-        capture_output=True, text=True, cwd=tmp_path, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "--target",
+            str(site),
+            str(src),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=600,
     )
     assert build.returncode == 0, build.stderr[-3000:]
-    for module in ("models/llama.py", "models/decoder.py", "pallas_kernels/attention.py",
-                   "loading.py", "cli.py"):
+    for module in (
+        "models/llama.py",
+        "models/decoder.py",
+        "pallas_kernels/attention.py",
+        "loading.py",
+        "cli.py",
+    ):
         assert (site / "fastjax" / module).is_file(), module
     assert not (site / "models").exists() and not (site / "pallas_kernels").exists()
     probe = (
@@ -40,6 +59,12 @@ def test_non_editable_install_ships_every_package(tmp_path):
         "assert all(x.__file__.startswith(sys.argv[1]) for x in (fastjax, m, k, decoder)), "
         "[x.__file__ for x in (fastjax, m, k)]"
     )
-    run = subprocess.run([sys.executable, "-c", probe, str(site)], capture_output=True, text=True,
-                         cwd=tmp_path, timeout=300, env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin"})
+    run = subprocess.run(
+        [sys.executable, "-c", probe, str(site)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+        env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin"},
+    )
     assert run.returncode == 0, run.stderr[-3000:]

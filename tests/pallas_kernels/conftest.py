@@ -37,7 +37,8 @@ def lower_for_cuda(monkeypatch):
             pytest.skip("this jaxlib compiles Triton during lowering; needs a GPU")
         monkeypatch.setenv(_common.ENV_INTERPRET, interpret)
         text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-        return sum(text.count(f"custom_call @{t}") for t in ("__gpu$xla.gpu.triton",
-                                                              "triton_kernel_call"))
+        return sum(
+            text.count(f"custom_call @{t}") for t in ("__gpu$xla.gpu.triton", "triton_kernel_call")
+        )
 
     return lower

@@ -15,7 +15,11 @@ import pytest
 from fastjax.pallas_kernels import _common
 from fastjax.pallas_kernels import attention as A
 
-TOL = {jnp.float32: 1e-5, jnp.float16: 5e-3, jnp.bfloat16: 2e-2}  # relative L2 error, per input dtype
+TOL = {
+    jnp.float32: 1e-5,
+    jnp.float16: 5e-3,
+    jnp.bfloat16: 2e-2,
+}  # relative L2 error, per input dtype
 FAST_XLA = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 SMALL16 = A.BlockSizes(16, 16, 4, 2, 16, 16, 4, 2, 16, 16, 4, 2)
 SMALL32 = A.BlockSizes(32, 16, 4, 2, 16, 32, 4, 2, 32, 16, 4, 2)
@@ -39,8 +43,9 @@ def _segments(tag, b, t, n_max, *, pad: bool = True) -> jax.Array:
     for r in range(b):
         real = t - (int(rng.integers(0, max(1, t // 6) + 1)) if pad else 0)
         n = int(rng.integers(1, n_max + 1))
-        cuts = np.sort(rng.choice(np.arange(1, max(2, real)), size=min(n - 1, max(0, real - 1)),
-                                  replace=False))
+        cuts = np.sort(
+            rng.choice(np.arange(1, max(2, real)), size=min(n - 1, max(0, real - 1)), replace=False)
+        )
         ids = np.cumsum(rng.integers(1, 3, size=len(cuts) + 1))
         seg[r, :real] = ids[np.searchsorted(cuts, np.arange(real), side="right")]
     return jnp.asarray(seg)
@@ -123,7 +128,13 @@ def test_reference_matches_naive(case):
     q, k, v, do = _inputs(("ref",) + case, b, t, h, kv, 16, jnp.float32)
     seg = _segments(("ref",) + case, b, t, nseg) if nseg else None
     sm = 0.3
-    kw = {"segment_ids": seg, "causal": causal, "window": window, "softcap": softcap, "sm_scale": sm}
+    kw = {
+        "segment_ids": seg,
+        "causal": causal,
+        "window": window,
+        "softcap": softcap,
+        "sm_scale": sm,
+    }
     got, *grads = _fwd_vjp(lambda q, k, v: A.attention_reference(q, k, v, **kw), q, k, v, do)
     want = _naive_np(q, k, v, None if seg is None else np.asarray(seg), causal, window, softcap, sm)
     assert _rel(got, want) < 1e-5
@@ -138,6 +149,7 @@ def test_reference_sliding_window_matches_transformers():
     """HF's sliding-window causal mask (masking_utils) is exactly ``allowed_mask``'s window."""
     import torch
     import transformers.masking_utils as mu
+
     t, w = 12, 4
     fn = mu.sliding_window_causal_mask_function(w)
     zero = torch.tensor(0)
@@ -163,8 +175,10 @@ PALLAS_CASES = [  # (B, T, H, KV, D, dtype, causal, segments, window, softcap, b
 
 def _case_id(c):
     b, t, h, kv, d, dt, causal, nseg, w, cap, bs = c
-    return (f"B{b}T{t}H{h}KV{kv}D{d}-{jnp.dtype(dt).name}-{'causal' if causal else 'full'}"
-            f"-seg{nseg}-w{w}-cap{cap}-{'small' if bs else 'auto'}")
+    return (
+        f"B{b}T{t}H{h}KV{kv}D{d}-{jnp.dtype(dt).name}-{'causal' if causal else 'full'}"
+        f"-seg{nseg}-w{w}-cap{cap}-{'small' if bs else 'auto'}"
+    )
 
 
 @pytest.mark.parametrize("case", PALLAS_CASES, ids=_case_id)
@@ -173,8 +187,13 @@ def test_pallas_matches_reference(case):
     q, k, v, do = _inputs(("pallas",) + case[:5] + (nseg, window), b, t, h, kv, d, dtype)
     seg = _segments(("pallas", b, t, nseg), b, t, nseg) if nseg else None
     kw = {"segment_ids": seg, "causal": causal, "window": window, "softcap": softcap}
-    got = _fwd_vjp(lambda q, k, v: A.attention(q, k, v, impl="pallas", interpret=True,
-                                               block_sizes=bs, **kw), q, k, v, do)
+    got = _fwd_vjp(
+        lambda q, k, v: A.attention(q, k, v, impl="pallas", interpret=True, block_sizes=bs, **kw),
+        q,
+        k,
+        v,
+        do,
+    )
     want = _fwd_vjp(lambda q, k, v: A.attention_reference(q, k, v, **kw), q, k, v, do)
     for name, g_, w_ in zip(("out", "dq", "dk", "dv"), got, want):
         assert g_.dtype == dtype and g_.shape == w_.shape, name
@@ -192,8 +211,11 @@ def test_packed_row_equals_separate_sequences():
     q, k, v, do = _inputs(("packed",), 2, n, h, kv, d, jnp.float32)
     row = lambda x: jnp.concatenate([x[:1], x[1:], jnp.ones_like(x[:1, :pad])], axis=1)
     seg = jnp.asarray(np.repeat([1, 2, 0], (n, n, pad))[None], jnp.int32)
-    fn = lambda seg: lambda q, k, v: A.attention(q, k, v, segment_ids=seg, impl="pallas",
-                                                 interpret=True, block_sizes=SMALL16)
+    fn = lambda seg: (
+        lambda q, k, v: A.attention(
+            q, k, v, segment_ids=seg, impl="pallas", interpret=True, block_sizes=SMALL16
+        )
+    )
     packed = _fwd_vjp(fn(seg), row(q), row(k), row(v), row(do))
     alone = _fwd_vjp(fn(None), q, k, v, do)
     for p_, a_ in zip(packed, alone):
@@ -206,17 +228,34 @@ def test_packed_row_equals_separate_sequences():
 # ----------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("causal,window,nseg,bq,bk", [
-    (True, None, 5, 16, 32), (True, 40, 3, 32, 16), (False, None, 4, 16, 16), (True, 17, 0, 16, 16)])
+@pytest.mark.parametrize(
+    "causal,window,nseg,bq,bk",
+    [
+        (True, None, 5, 16, 32),
+        (True, 40, 3, 32, 16),
+        (False, None, 4, 16, 16),
+        (True, 17, 0, 16, 16),
+    ],
+)
 def test_block_ranges_cover_exactly_the_mask(causal, window, nseg, bq, bk):
     t = 160
     seg = _segments(("tab", causal, window, nseg), 2, t, nseg) if nseg else None
     allowed = np.asarray(A.allowed_mask(t, t, seg, causal=causal, window=window))
     allowed = np.broadcast_to(allowed, (2, t, t))
-    for by, tab in (("q", A._block_ranges(t, t, bq, bk, causal=causal, window=window, kv_len=t,
-                                          seg_pad=seg, by="q")),
-                    ("k", A._block_ranges(t, t, bq, bk, causal=causal, window=window, kv_len=t,
-                                          seg_pad=seg, by="k"))):
+    for by, tab in (
+        (
+            "q",
+            A._block_ranges(
+                t, t, bq, bk, causal=causal, window=window, kv_len=t, seg_pad=seg, by="q"
+            ),
+        ),
+        (
+            "k",
+            A._block_ranges(
+                t, t, bq, bk, causal=causal, window=window, kv_len=t, seg_pad=seg, by="k"
+            ),
+        ),
+    ):
         tab = np.broadcast_to(np.asarray(tab), (2,) + tab.shape[1:])
         blocks = allowed.reshape(2, t // bq, bq, t // bk, bk).transpose(0, 1, 3, 2, 4)
         if by == "k":
@@ -234,13 +273,15 @@ def test_block_skipping_skips():
     """Four packed segments + padding: each q block loops only over its own segment's kv blocks."""
     t, bq, bk = 160, 16, 16
     seg = jnp.asarray([[1] * 40 + [2] * 40 + [3] * 32 + [4] * 32 + [0] * 16], jnp.int32)
-    tab = np.asarray(A._block_ranges(t, t, bq, bk, causal=True, window=None, kv_len=t,
-                                     seg_pad=seg, by="q"))[0]
+    tab = np.asarray(
+        A._block_ranges(t, t, bq, bk, causal=True, window=None, kv_len=t, seg_pad=seg, by="q")
+    )[0]
     np.testing.assert_array_equal(tab[:, 0], [0, 0, 0, 2, 2, 5, 5, 7, 7, 0])  # first kv block
     assert tab[-1, 0] == tab[-1, 3]  # the all-padding q block computes nothing
     assert tab[6, 1:3].tolist() == [5, 6]  # q block 6 (segment 3 only): kv block 5 is mask-free
-    causal_only = np.asarray(A._block_ranges(t, t, bq, bk, causal=True, window=None, kv_len=t,
-                                             seg_pad=None, by="q"))[0]
+    causal_only = np.asarray(
+        A._block_ranges(t, t, bq, bk, causal=True, window=None, kv_len=t, seg_pad=None, by="q")
+    )[0]
     assert np.sum(tab[:, 3] - tab[:, 0]) < np.sum(causal_only[:, 3] - causal_only[:, 0]) / 2
 
 
@@ -300,8 +341,13 @@ def test_compiled_matches_reference_gpu(impl):
     seg = _segments(("gpu",), b, t, 4)
     for kw in ({}, {"window": 100}, {"segment_ids": seg}, {"segment_ids": seg, "window": 64}):
         extra = {"max_segments": 4} if impl == "cudnn" and "segment_ids" in kw else {}
-        got = _fwd_vjp(lambda q, k, v, kw=kw, extra=extra: A.attention(q, k, v, impl=impl, **kw,
-                                                                         **extra), q, k, v, do)
+        got = _fwd_vjp(
+            lambda q, k, v, kw=kw, extra=extra: A.attention(q, k, v, impl=impl, **kw, **extra),
+            q,
+            k,
+            v,
+            do,
+        )
         want = _fwd_vjp(lambda q, k, v, kw=kw: A.attention_reference(q, k, v, **kw), q, k, v, do)
         for name, g_, w_ in zip(("out", "dq", "dk", "dv"), got, want):
             assert _rel(g_, w_) < TOL[jnp.bfloat16], (kw.keys(), name, _rel(g_, w_))

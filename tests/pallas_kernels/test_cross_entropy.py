@@ -23,8 +23,9 @@ TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}  # relative L2 error, per input dt
 IMPLS = ["pallas", "xla_chunked", pytest.param("pallas-gpu", marks=pytest.mark.gpu)]
 # Small tiles: several vocab splits, a partial last vocab tile, K not a multiple of block_k, three full
 # backward chunks plus a remainder chunk, several token chunks.
-SMALL = C.BlockSizes(block_t=32, block_v=64, block_k=32, vocab_splits=3, bwd_vocab_chunk=128,
-                     token_chunk=32)
+SMALL = C.BlockSizes(
+    block_t=32, block_v=64, block_k=32, vocab_splits=3, bwd_vocab_chunk=128, token_chunk=32
+)
 
 
 def _key(*tag) -> jax.Array:
@@ -54,10 +55,24 @@ def _inputs(tag, lead, d, v, dtype, ignore_frac=0.2):
 
 # (tag, leading shape, D, V, dtype, loss kwargs, block sizes or None for the picker)
 CASES = [
-    ("mean", (TEST_SHAPES["tokens"][2],), TEST_SHAPES["hidden"][0], TEST_SHAPES["vocab"][0],
-     jnp.float32, {}, SMALL),
-    ("none-softcap-z-w", (2, 9), TEST_SHAPES["hidden"][1], TEST_SHAPES["vocab"][1], jnp.bfloat16,
-     {"softcap": 5.0, "z_loss": 1e-3, "weights": True, "reduction": "none"}, None),
+    (
+        "mean",
+        (TEST_SHAPES["tokens"][2],),
+        TEST_SHAPES["hidden"][0],
+        TEST_SHAPES["vocab"][0],
+        jnp.float32,
+        {},
+        SMALL,
+    ),
+    (
+        "none-softcap-z-w",
+        (2, 9),
+        TEST_SHAPES["hidden"][1],
+        TEST_SHAPES["vocab"][1],
+        jnp.bfloat16,
+        {"softcap": 5.0, "z_loss": 1e-3, "weights": True, "reduction": "none"},
+        None,
+    ),
     ("sum-V32003", (123,), 72, 32003, jnp.float32, {"reduction": "sum"}, None),
 ]
 
@@ -75,10 +90,12 @@ def test_cross_entropy_matches_reference(impl, case, run_fast):
         def run(h, w, ct):
             loss, vjp = jax.vjp(fn, h, w)
             return (loss, *vjp(ct))
+
         return run_fast(run, hidden, head, ct)
 
-    got = fwd_vjp(lambda h, w: C.cross_entropy(h, w, labels, block_sizes=bs, **kw,
-                                               **_impl_kwargs(impl)))
+    got = fwd_vjp(
+        lambda h, w: C.cross_entropy(h, w, labels, block_sizes=bs, **kw, **_impl_kwargs(impl))
+    )
     want = fwd_vjp(lambda h, w: C.cross_entropy_reference(h, w, labels, **kw))
     for name, g, r in zip(("loss", "d_hidden", "d_head"), got, want):
         assert g.shape == r.shape and g.dtype == r.dtype, name
@@ -90,9 +107,16 @@ def test_cross_entropy_matches_reference(impl, case, run_fast):
 def test_all_tokens_ignored_gives_zero_loss_and_grads(impl, run_fast):
     hidden, head, _, _ = _inputs(("ignored",), (21,), 40, 203, jnp.float32)
     labels = jnp.full((21,), -100, jnp.int32)
-    loss, (dh, dw) = run_fast(jax.value_and_grad(
-        lambda h, w: C.cross_entropy(h, w, labels, z_loss=1e-2, block_sizes=SMALL,
-                                     **_impl_kwargs(impl)), argnums=(0, 1)), hidden, head)
+    loss, (dh, dw) = run_fast(
+        jax.value_and_grad(
+            lambda h, w: C.cross_entropy(
+                h, w, labels, z_loss=1e-2, block_sizes=SMALL, **_impl_kwargs(impl)
+            ),
+            argnums=(0, 1),
+        ),
+        hidden,
+        head,
+    )
     assert float(loss) == 0.0
     assert not np.any(np.asarray(dh)) and not np.any(np.asarray(dw))
 
@@ -109,10 +133,14 @@ def test_huge_logit_does_not_overflow(impl, run_fast):
         def run(h, w, ct):
             loss, vjp = jax.vjp(fn, h, w)
             return (loss, *vjp(ct))
+
         return run_fast(run, hidden, head, jax.random.normal(_key("huge-ct"), (21,)))
 
-    got = per_token_and_vjp(lambda h, w: C.cross_entropy(
-        h, w, labels, reduction="none", block_sizes=SMALL, **_impl_kwargs(impl)))
+    got = per_token_and_vjp(
+        lambda h, w: C.cross_entropy(
+            h, w, labels, reduction="none", block_sizes=SMALL, **_impl_kwargs(impl)
+        )
+    )
     want = per_token_and_vjp(lambda h, w: C.cross_entropy_reference(h, w, labels, reduction="none"))
     assert float(got[0][3]) > 2.5e4  # lse ~ 3e4 was really in play
     for g, r in zip(got, want):
@@ -131,8 +159,11 @@ def test_sum_and_count_accumulates_micro_batches(run_fast):
         return (s1 + s2) / (c1 + c2)
 
     got = run_fast(jax.value_and_grad(accumulated, argnums=(0, 1)), hidden, head)
-    want = run_fast(jax.value_and_grad(lambda h, w: C.cross_entropy_reference(h, w, labels),
-                                       argnums=(0, 1)), hidden, head)
+    want = run_fast(
+        jax.value_and_grad(lambda h, w: C.cross_entropy_reference(h, w, labels), argnums=(0, 1)),
+        hidden,
+        head,
+    )
     for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         assert _rel(g, r) < TOL[jnp.float32]
 
@@ -144,10 +175,21 @@ def test_frozen_head_skips_d_head(impl, run_fast):
 
     def vjp(trainable):
         def run(h, w, ct):
-            _, f = jax.vjp(lambda h, w: C.cross_entropy(
-                h, w, labels, reduction="none", head_trainable=trainable, block_sizes=SMALL,
-                **_impl_kwargs(impl)), h, w)
+            _, f = jax.vjp(
+                lambda h, w: C.cross_entropy(
+                    h,
+                    w,
+                    labels,
+                    reduction="none",
+                    head_trainable=trainable,
+                    block_sizes=SMALL,
+                    **_impl_kwargs(impl),
+                ),
+                h,
+                w,
+            )
             return f(ct)
+
         return run_fast(run, hidden, head, ct)
 
     (dh_frozen, dw_frozen), (dh, dw) = vjp(False), vjp(True)
@@ -161,8 +203,10 @@ def test_memory_bound_no_full_logits(impl):
     t, d, v = 123, 72, 32003
     hidden, head, labels, _ = _inputs(("mem",), (t,), d, v, jnp.float32)
     bs = C.BlockSizes(bwd_vocab_chunk=4096, token_chunk=16)
-    fn = jax.value_and_grad(lambda h, w: C.cross_entropy(h, w, labels, block_sizes=bs,
-                                                         **_impl_kwargs(impl)), argnums=(0, 1))
+    fn = jax.value_and_grad(
+        lambda h, w: C.cross_entropy(h, w, labels, block_sizes=bs, **_impl_kwargs(impl)),
+        argnums=(0, 1),
+    )
 
     def sizes(jaxpr):
         for eqn in jaxpr.eqns:
@@ -173,8 +217,9 @@ def test_memory_bound_no_full_logits(impl):
 
     biggest = max(sizes(jax.make_jaxpr(fn)(hidden, head).jaxpr))
     assert biggest <= max(t * 4096, v * d), biggest
-    full = jax.make_jaxpr(jax.grad(lambda h, w: C.cross_entropy_reference(h, w, labels),
-                                   argnums=(0, 1)))(hidden, head).jaxpr
+    full = jax.make_jaxpr(
+        jax.grad(lambda h, w: C.cross_entropy_reference(h, w, labels), argnums=(0, 1))
+    )(hidden, head).jaxpr
     assert max(sizes(full)) >= t * v  # the check can fail: the reference does build [T, V]
 
 
@@ -185,9 +230,10 @@ def test_pallas_path_really_runs(lower_for_cuda):
     bs = C.BlockSizes(block_t=32, block_v=64, block_k=32, bwd_vocab_chunk=128)
 
     def fwd_bwd():  # fresh closure per lowering: jit caches traces per function
-        return jax.value_and_grad(lambda h, w: C.cross_entropy(h, w, labels, softcap=5.0,
-                                                               z_loss=1e-3, block_sizes=bs),
-                                  argnums=(0, 1))
+        return jax.value_and_grad(
+            lambda h, w: C.cross_entropy(h, w, labels, softcap=5.0, z_loss=1e-3, block_sizes=bs),
+            argnums=(0, 1),
+        )
 
     assert "pallas_call" in str(jax.make_jaxpr(fwd_bwd())(hidden, head))
     assert lower_for_cuda(fwd_bwd(), hidden, head) == 3  # lse, dlogits (full chunk), remainder

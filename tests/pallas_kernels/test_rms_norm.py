@@ -51,7 +51,9 @@ CASES = [
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}x{c[1]}-{jnp.dtype(c[2]).name}-o{c[3]}")
+@pytest.mark.parametrize(
+    "case", CASES, ids=lambda c: f"{c[0]}x{c[1]}-{jnp.dtype(c[2]).name}-o{c[3]}"
+)
 def test_rms_norm_matches_reference(impl, case, run_fast):
     lead, d, dtype, offset, bs = case
     ks = jax.random.split(_key("rms", impl, case[:4]), 3)
@@ -63,10 +65,12 @@ def test_rms_norm_matches_reference(impl, case, run_fast):
         def run(x, w, dy):
             y, vjp = jax.vjp(fn, x, w)
             return (y, *vjp(dy))
+
         return run_fast(run, x, w, dy)
 
-    got = fwd_vjp(lambda x, w: R.rms_norm(x, w, eps=EPS, offset=offset, block_sizes=bs,
-                                          **_impl_kwargs(impl)))
+    got = fwd_vjp(
+        lambda x, w: R.rms_norm(x, w, eps=EPS, offset=offset, block_sizes=bs, **_impl_kwargs(impl))
+    )
     want = fwd_vjp(lambda x, w: R.rms_norm_reference(x, w, eps=EPS, offset=offset))
     for name, g, r in zip(("y", "dx", "dw"), got, want):
         assert g.shape == r.shape and g.dtype == r.dtype, name
@@ -87,10 +91,14 @@ def test_rms_norm_residual_matches_reference(impl, dtype, offset, run_fast):
         def run(x, r, w, ds, dy):
             out, vjp = jax.vjp(fn, x, r, w)
             return (*out, *vjp((ds, dy)))
+
         return run_fast(run, x, r, w, *cts)
 
-    got = fwd_vjp(lambda x, r, w: R.rms_norm_residual(x, r, w, eps=EPS, offset=offset,
-                                                      block_sizes=bs, **_impl_kwargs(impl)))
+    got = fwd_vjp(
+        lambda x, r, w: R.rms_norm_residual(
+            x, r, w, eps=EPS, offset=offset, block_sizes=bs, **_impl_kwargs(impl)
+        )
+    )
     want = fwd_vjp(lambda x, r, w: R.rms_norm_residual_reference(x, r, w, eps=EPS, offset=offset))
     for name, g, rr in zip(("sum", "y", "dx", "dresidual", "dw"), got, want):
         assert _rel(g, rr) < TOL[dtype], (name, _rel(g, rr))
@@ -102,10 +110,11 @@ def test_reference_matches_transformers(offset):
     import torch
     import transformers.models.llama.modeling_llama as llama
     import transformers.models.gemma.modeling_gemma as gemma
+
     ks = jax.random.split(_key("hf", offset), 2)
     x = _normal(ks[0], (5, 72), jnp.bfloat16, 3.0)
     w = _normal(ks[1], (72,), jnp.bfloat16, 0.5)
-    mod = (llama.LlamaRMSNorm(72, eps=EPS) if offset == 0.0 else gemma.GemmaRMSNorm(72, eps=EPS))
+    mod = llama.LlamaRMSNorm(72, eps=EPS) if offset == 0.0 else gemma.GemmaRMSNorm(72, eps=EPS)
     with torch.no_grad():
         mod.weight.copy_(torch.tensor(np.asarray(w, np.float32)).to(torch.bfloat16))
         want = mod.to(torch.bfloat16)(torch.tensor(np.asarray(x, np.float32)).to(torch.bfloat16))
@@ -123,6 +132,7 @@ def test_pallas_path_really_runs(lower_for_cuda):
         def f(x, w):
             y, vjp = jax.vjp(lambda x, w: R.rms_norm(x, w, eps=EPS), x, w)
             return y, vjp(y)
+
         return f
 
     def res_fwd_bwd(x, w):

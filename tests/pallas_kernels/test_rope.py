@@ -19,8 +19,13 @@ from benchmarks.shapes import TEST_SHAPES
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}  # relative L2 error, per input dtype
 IMPLS = ["xla", "pallas", pytest.param("pallas-gpu", marks=pytest.mark.gpu)]
-LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-          "original_max_position_embeddings": 8192}
+LLAMA3 = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
 
 
 def _key(*tag) -> jax.Array:
@@ -50,14 +55,23 @@ def _packed_positions(key, b: int, t: int) -> jax.Array:
 CASES = [
     (2, TEST_SHAPES["tokens"][1], TEST_SHAPES["heads"][1], 64, jnp.float32, None, 1.0, None),
     (1, TEST_SHAPES["tokens"][2], TEST_SHAPES["heads"][2], 128, jnp.bfloat16, LLAMA3, 1.0, None),
-    (2, 9, (6, 3), 72, jnp.float32, {"type": "linear", "factor": 2.0}, 1.25,
-     R.BlockSizes(block_t=4, num_warps=4)),
+    (
+        2,
+        9,
+        (6, 3),
+        72,
+        jnp.float32,
+        {"type": "linear", "factor": 2.0},
+        1.25,
+        R.BlockSizes(block_t=4, num_warps=4),
+    ),
 ]
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"B{c[0]}T{c[1]}H{c[2]}D{c[3]}-"
-                         f"{jnp.dtype(c[4]).name}")
+@pytest.mark.parametrize(
+    "case", CASES, ids=lambda c: f"B{c[0]}T{c[1]}H{c[2]}D{c[3]}-{jnp.dtype(c[4]).name}"
+)
 def test_rope_matches_reference(impl, case, run_fast):
     b, t, (h, kv), d, dtype, scaling, attn_scale, bs = case
     ks = jax.random.split(_key("rope", impl, case[:5]), 5)
@@ -72,28 +86,40 @@ def test_rope_matches_reference(impl, case, run_fast):
         def run(q, k, pos, dq, dk):
             out, vjp = jax.vjp(lambda q, k: fn(q, k, pos), q, k)
             return (*out, *vjp((dq, dk)))
+
         return run_fast(run, q, k, pos, dq, dk)
 
-    got = fwd_vjp(lambda q, k, pos: R.rope(q, k, pos, inv_freq, attention_scaling=attn_scale,
-                                           block_sizes=bs, **_impl_kwargs(impl)))
-    want = fwd_vjp(lambda q, k, pos: R.rope_reference(q, k, pos, inv_freq,
-                                                      attention_scaling=attn_scale))
+    got = fwd_vjp(
+        lambda q, k, pos: R.rope(
+            q, k, pos, inv_freq, attention_scaling=attn_scale, block_sizes=bs, **_impl_kwargs(impl)
+        )
+    )
+    want = fwd_vjp(
+        lambda q, k, pos: R.rope_reference(q, k, pos, inv_freq, attention_scaling=attn_scale)
+    )
     for name, g, r in zip(("q", "k", "dq", "dk"), got, want):
         assert g.shape == r.shape and g.dtype == r.dtype, name
         assert _rel(g, r) < TOL[dtype], (name, _rel(g, r))
 
 
-@pytest.mark.parametrize("scaling", [None, {"rope_type": "linear", "factor": 4.0}, LLAMA3,
-                                     {"type": "linear", "factor": 2.0}],
-                         ids=["default", "linear", "llama3", "old-type-key"])
+@pytest.mark.parametrize(
+    "scaling",
+    [None, {"rope_type": "linear", "factor": 4.0}, LLAMA3, {"type": "linear", "factor": 2.0}],
+    ids=["default", "linear", "llama3", "old-type-key"],
+)
 def test_inv_freq_and_reference_match_transformers(scaling):
     import torch
     import transformers
     from transformers.models.llama import modeling_llama as hf
 
-    cfg = transformers.LlamaConfig(hidden_size=256, num_attention_heads=2, head_dim=128,
-                                   rope_theta=500000.0, rope_scaling=scaling,
-                                   max_position_embeddings=131072)
+    cfg = transformers.LlamaConfig(
+        hidden_size=256,
+        num_attention_heads=2,
+        head_dim=128,
+        rope_theta=500000.0,
+        rope_scaling=scaling,
+        max_position_embeddings=131072,
+    )
     emb = hf.LlamaRotaryEmbedding(cfg)
     inv_freq = R.rope_inv_freq(128, 500000.0, scaling)
     assert inv_freq.dtype == np.float32 and inv_freq.shape == (64,)
@@ -133,6 +159,7 @@ def test_pallas_path_really_runs(lower_for_cuda):
         def f(q, k):
             out, vjp = jax.vjp(lambda q, k: R.rope(q, k, pos, inv_freq), q, k)
             return out, vjp(out)
+
         return f
 
     assert "pallas_call" in str(jax.make_jaxpr(fwd_bwd())(q, k))

@@ -50,13 +50,16 @@ def test_glu_matches_reference(impl, case, run_fast):
     shape, dtype, act, bs = case
     ks = jax.random.split(_key("glu", impl, case[:3]), 3)
     # scale 3: both tails of the activations (saturated sigmoid / tanh) are exercised
-    gate, up, dout = (jax.random.normal(k, shape, jnp.float32).astype(dtype) * s
-                      for k, s in zip(ks, (3.0, 1.0, 1.0)))
+    gate, up, dout = (
+        jax.random.normal(k, shape, jnp.float32).astype(dtype) * s
+        for k, s in zip(ks, (3.0, 1.0, 1.0))
+    )
 
     def fwd_vjp(fn):
         def run(g, u, do):
             out, vjp = jax.vjp(fn, g, u)
             return (out, *vjp(do))
+
         return run_fast(run, gate, up, dout)
 
     got = fwd_vjp(lambda g, u: S.glu(g, u, activation=act, block_sizes=bs, **_impl_kwargs(impl)))
@@ -71,6 +74,7 @@ def test_reference_matches_transformers_activation(act):
     """Our fp32 math equals HF's activation functions (silu / gelu_pytorch_tanh) in fp32."""
     import torch
     import transformers.activations as activations
+
     g = jax.random.normal(_key("hf", act), (257,), jnp.float32) * 4
     u = jax.random.normal(_key("hf-u", act), (257,), jnp.float32)
     fn = activations.ACT2FN["silu" if act == "silu" else "gelu_pytorch_tanh"]
@@ -85,6 +89,7 @@ def test_pallas_path_really_runs(lower_for_cuda):
         def f(g, u):
             out, vjp = jax.vjp(lambda g, u: S.glu(g, u, activation="gelu_tanh"), g, u)
             return out, vjp(out)
+
         return f
 
     assert "pallas_call" in str(jax.make_jaxpr(fwd_bwd())(g, g))
