@@ -15,6 +15,12 @@ a ``fastjax.data.DataLoader`` (one loader batch = one micro-batch), a list of to
 (``{"input_ids", "loss_mask"}``), or raw rows / a JSONL path (then ``tokenizer`` is needed and
 ``fastjax.data`` tokenizes them, training on responses only for prompt/completion and chat rows).
 
+This module holds ``SFTTrainer`` (setup, device placement, the host loop, checkpoint/resume, the
+final save), ``train``, ``TrainResult``, ``NonFiniteLossError`` and ``load_history``. The other
+pieces live in their own modules and are re-exported here: ``SFTConfig`` in ``fastjax.sft_config``;
+``build_loader`` (data to ``DataLoader``) and ``packing_report`` in ``fastjax.sft_data``; schedule,
+optimizer, loss and the jitted step in ``fastjax.train_step``.
+
 The step (``make_train_step`` in ``fastjax.train_step``): ``batch`` arrays are ``[A, B, T]`` (A =
 ``grad_accum_steps`` micro-batches of B rows). A ``lax.scan`` over the A micro-batches sums the
 token cross-entropy and its gradient; both are then divided by the TOTAL number of label tokens in
@@ -65,11 +71,11 @@ import numpy as np
 from jax.sharding import Mesh
 
 from fastjax import lora as lora_lib
-from fastjax import remat
 from fastjax import sharding as sharding_lib
 from fastjax.checkpoint import Checkpointer
 from fastjax.logging_utils import MetricsLogger, device_memory_gib, read_metrics, write_loss_curve
-from fastjax.models import ops as O
+from fastjax.sft_config import SCHEDULERS, SFTConfig  # noqa: F401  (re-exported)
+from fastjax.sft_data import build_loader, packing_report
 from fastjax.train_step import (  # noqa: F401  (re-exported: the step's pieces)
     IGNORE_INDEX,
     OPTIMIZERS,
@@ -85,106 +91,9 @@ from fastjax.train_step import (  # noqa: F401  (re-exported: the step's pieces)
 
 log = logging.getLogger("fastjax")
 
-SCHEDULERS = ("linear", "cosine", "constant")
-
 
 class NonFiniteLossError(FloatingPointError):
     """Training produced a NaN/inf loss or gradient norm."""
-
-
-@dataclasses.dataclass(frozen=True)
-class SFTConfig:
-    """Training hyper-parameters (HF TrainingArguments names where one exists).
-
-    ``batch_size`` rows of ``max_seq_length`` tokens per micro-batch, ``grad_accum_steps``
-    micro-batches per optimizer step. ``max_steps=None`` trains ``num_epochs`` epochs.
-    ``weight_decay`` skips norms, biases and 1-D params. ``optimizer``: ``"adamw"``,
-    ``"adamw_8bit"`` or any ``optax.GradientTransformation`` (then ``learning_rate`` and
-    ``lr_scheduler`` only feed the logged lr; gradient clipping is still applied). ``save_steps=0``
-    writes no intermediate checkpoints (only the final adapter). With ``full_finetune`` the params
-    passed in are donated to the train step (their buffers are reused; use ``result.trainable``).
-    ``truncation=False`` turns sequences longer than ``max_seq_length`` into an error instead of a
-    truncation warning. ``mlp_chunk_size`` (tokens per row) runs each MLP over slices of that many
-    tokens, so its ``[tokens, intermediate]`` activations exist for one slice at a time (long
-    context; with ``remat_policy="offload_layer_input"`` the layer inputs leave the device too).
-
-    Multi-device (``fastjax.sharding`` states the placement rules): ``num_devices`` builds a
-    ``(data, fsdp)`` mesh over that many devices, by default all on fsdp; ``mesh_data`` /
-    ``mesh_fsdp`` pick the split (give one, the other is derived). ``SFTTrainer(mesh=...)`` takes a
-    ready ``jax.sharding.Mesh`` instead. ``batch_size`` stays the GLOBAL rows per micro-batch (split
-    over all devices, so it must be divisible by their number): the same config trains the same
-    model on 1 or N devices. None of them set: single device, nothing is placed.
-    """
-
-    learning_rate: float = 2e-4
-    lr_scheduler: str = "linear"
-    warmup_steps: int = 0
-    max_steps: int | None = None
-    num_epochs: int = 1
-    batch_size: int = 8
-    grad_accum_steps: int = 1
-    max_seq_length: int = 1024
-    max_grad_norm: float | None = 1.0
-    weight_decay: float = 0.0
-    optimizer: Any = "adamw"
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_epsilon: float = 1e-8
-    seed: int = 0
-    remat_policy: str = "full"
-    mlp_chunk_size: int | None = None
-    packing: bool = True
-    truncation: bool = True
-    logging_steps: int = 1
-    save_steps: int = 0
-    save_total_limit: int | None = 2
-    output_dir: str = "outputs"
-    resume: bool = False
-    ops: O.Ops | None = None
-    full_finetune: bool = False
-    tensorboard: bool = True
-    progress_bar: bool = True
-    plot: bool = True
-    save_final: bool = True
-    base_model_name_or_path: str | None = None
-    num_devices: int | None = None
-    mesh_data: int | None = None
-    mesh_fsdp: int | None = None
-
-    def __post_init__(self):
-        def bad(name, expected):
-            raise ValueError(f"SFTConfig.{name}={getattr(self, name)!r}: expected {expected}")
-
-        if not self.learning_rate >= 0:
-            bad("learning_rate", ">= 0")
-        if self.lr_scheduler not in SCHEDULERS:
-            bad("lr_scheduler", f"one of {SCHEDULERS}")
-        for name in ("batch_size", "grad_accum_steps", "num_epochs", "logging_steps"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                bad(name, "an integer >= 1")
-        for name in ("num_devices", "mesh_data", "mesh_fsdp"):
-            value = getattr(self, name)
-            if value is not None and not (isinstance(value, int) and value >= 1):
-                bad(name, "None or an integer >= 1")
-        for name in ("warmup_steps", "save_steps"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
-                bad(name, "an integer >= 0")
-        if self.max_steps is not None and not (
-            isinstance(self.max_steps, int) and self.max_steps >= 1
-        ):
-            bad("max_steps", "None or an integer >= 1")
-        if self.max_seq_length < 2:
-            bad("max_seq_length", ">= 2")
-        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
-            bad("max_grad_norm", "None or > 0")
-        if self.weight_decay < 0:
-            bad("weight_decay", ">= 0")
-        if isinstance(self.optimizer, str) and self.optimizer not in OPTIMIZERS:
-            bad("optimizer", f"one of {OPTIMIZERS} or an optax.GradientTransformation")
-        if self.remat_policy not in remat.PRESETS:
-            bad("remat_policy", f"one of {remat.PRESETS}")
-        if self.mlp_chunk_size is not None and self.mlp_chunk_size < 1:
-            bad("mlp_chunk_size", "None or a positive number of tokens")
 
 
 @dataclasses.dataclass
@@ -204,80 +113,6 @@ class TrainResult:
     @property
     def losses(self) -> list[float]:
         return [h["loss"] for h in self.history]
-
-
-# --------------------------------------------------------------------------------------------------
-# Data
-# --------------------------------------------------------------------------------------------------
-
-
-def _is_tokenized(data: Any) -> bool:
-    return (
-        isinstance(data, Sequence)
-        and not isinstance(data, str)
-        and len(data) > 0
-        and isinstance(data[0], Mapping)
-        and "input_ids" in data[0]
-        and "loss_mask" in data[0]
-    )
-
-
-def build_loader(data: Any, config: SFTConfig, tokenizer: Any = None):
-    """A ``fastjax.data.DataLoader`` from a loader, tokenized examples, rows or a JSONL path."""
-    from fastjax import data as data_lib
-
-    if isinstance(data, data_lib.DataLoader):
-        if data.batch_size != config.batch_size:
-            raise ValueError(
-                f"the DataLoader's batch_size={data.batch_size} differs from "
-                f"SFTConfig.batch_size={config.batch_size} (one loader batch is one "
-                f"micro-batch)"
-            )
-        if data.max_seq_length != config.max_seq_length:
-            raise ValueError(
-                f"the DataLoader's max_seq_length={data.max_seq_length} differs from "
-                f"SFTConfig.max_seq_length={config.max_seq_length}"
-            )
-        return data
-    if isinstance(data, Sequence) and not isinstance(data, str) and len(data) == 0:
-        raise ValueError("dataset is empty: 0 training examples")
-    if _is_tokenized(data):
-        examples = list(data)
-    else:
-        if tokenizer is None:
-            raise ValueError(
-                "training on raw rows needs a tokenizer (pass tokenizer=...), or pass "
-                "tokenized examples {'input_ids', 'loss_mask'} or a "
-                "fastjax.data.DataLoader"
-            )
-        examples = data_lib.tokenize_dataset(data, tokenizer)
-    if not config.truncation:
-        for i, ex in enumerate(examples):
-            n = len(ex["input_ids"])
-            if n > config.max_seq_length:
-                raise ValueError(
-                    f"example {i} has {n} tokens, longer than max_seq_length="
-                    f"{config.max_seq_length} (a row); raise max_seq_length or set "
-                    "truncation=True to cut it"
-                )
-    pad_id = 0
-    if tokenizer is not None:
-        ids = (tokenizer.pad_token_id, tokenizer.eos_token_id)
-        pad_id = next((i for i in ids if i is not None), 0)
-    return data_lib.DataLoader(
-        examples,
-        config.batch_size,
-        config.seed,
-        max_seq_length=config.max_seq_length,
-        packing=config.packing,
-        num_epochs=None,
-        pad_id=pad_id,
-    )
-
-
-# --------------------------------------------------------------------------------------------------
-# The trainer
-# --------------------------------------------------------------------------------------------------
 
 
 class SFTTrainer:
@@ -677,17 +512,6 @@ def train(
 def load_history(output_dir: str | Path) -> list[dict]:
     """The per-step records of a run (``metrics.jsonl``)."""
     return read_metrics(Path(output_dir) / "metrics.jsonl")
-
-
-def packing_report(stats: Mapping[str, Any]) -> str:
-    """One line for the user: ``packed 1234 sequences into 56 rows of 2048 tokens, padding 3.1%,
-    2 truncated, 0 dropped``."""
-    return (
-        f"{'packed' if stats['packing'] else 'padded'} {stats['num_sequences']} sequences into "
-        f"{stats['num_rows']} rows of {stats['max_seq_length']} tokens, padding "
-        f"{100 * stats['padding_fraction']:.1f}%, {stats['truncated']} truncated, "
-        f"{stats['dropped']} dropped"
-    )
 
 
 def _is_quantized(x: Any) -> bool:

@@ -30,12 +30,13 @@ probabilities block by block (FlashAttention-2): one kernel for dk/dv (loop over
 Block skipping: before each kernel, XLA builds a tiny per-(q block, kv block) table from causal/window
 bounds and per-block segment ranges (min/max of the non-padding ids). A kv block whose range cannot meet
 the q block's is never loaded; block pairs that need no mask at all (strictly inside the causal/window
-band, one shared segment, no padding) run a mask-free loop body. See ``_block_ranges``.
+band, one shared segment, no padding) run a mask-free loop body. See ``attention_common._block_ranges``.
 
 Ragged lengths are padded to the block size in the wrapper (padding keys masked, padding queries sliced
 off). head_dim 64/128/256 run as is; other head dims are zero-padded to the next power of two.
 
-The backward kernels live in ``attention_bwd.py``.
+The backward kernels live in ``attention_bwd.py``, the pieces both kernels share (fp32 dots, log2 scores,
+tile masks, masked loops, segment padding, block-skipping tables) in ``attention_common.py``.
 """
 
 from __future__ import annotations
@@ -46,12 +47,20 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-from fastjax.pallas_kernels import _common
+from fastjax.pallas_kernels import _common, attention_bwd
+from fastjax.pallas_kernels.attention_common import (
+    LOG2E,  # noqa: F401 - re-exported (it lived here before attention_common)
+    _block_ranges,
+    _pad_to,
+    dot_f32,
+    kernel_mask,
+    kernel_segments,
+    log2_scores,
+    masked_loops,
+)
 from jax import lax
 from jax.experimental import pallas as pl
 
-LOG2E = math.log2(math.e)
 _M_INIT = -1e30  # finite start for the running max: a fully masked block never gives inf - inf
 IMPLS = ("auto", "pallas", "cudnn", "xla")
 
@@ -138,62 +147,6 @@ def _check_args(q, k, v, segment_ids, causal, window, softcap) -> None:
         raise ValueError(f"window={window} needs causal=True and window >= 1 (HF sliding_window)")
     if softcap is not None and not softcap > 0:
         raise ValueError(f"softcap={softcap} must be > 0")
-
-
-# --- Kernel pieces shared by the forward and backward kernels --------------------------------------
-
-
-def dot_f32(
-    a: jax.Array, b: jax.Array, *, trans_a: bool = False, trans_b: bool = False
-) -> jax.Array:
-    """``a @ b`` (optionally transposed) accumulated in fp32 (Triton would accumulate fp16 in fp16).
-
-    fp32 operands ask for HIGHEST: Pallas-Triton lowers DEFAULT to tf32 (3e-4 rel. error measured on
-    the H200 against the fp32 reference), HIGHEST to IEEE fp32.
-    """
-    dims = (((0,) if trans_a else (1,), (1,) if trans_b else (0,)), ((), ()))
-    prec = lax.Precision.HIGHEST if a.dtype == jnp.float32 and b.dtype == jnp.float32 else None
-    return lax.dot_general(a, b, dims, precision=prec, preferred_element_type=jnp.float32)
-
-
-def log2_scores(s: jax.Array, *, sm_scale: float, softcap: float | None):
-    """Raw ``q.k`` -> scores in the log2 domain, and ``tanh`` (for the softcap backward) or None."""
-    if softcap is None:
-        return s * (sm_scale * LOG2E), None
-    t = jnp.tanh(s * (sm_scale / softcap))
-    return t * (softcap * LOG2E), t
-
-
-def kernel_mask(qpos, kpos, qseg, kseg, *, causal: bool, window: int | None, kv_len: int | None):
-    """Allowed-pairs mask from broadcastable position / segment vectors (either orientation).
-
-    ``qseg`` uses -1 for padding queries and ``kseg`` 0 for padding keys, so equality alone excludes padding.
-    ``kv_len`` (static) masks the keys added by padding S up to the block size.
-    """
-    mask = None
-
-    def _and(m, x):
-        return x if m is None else m & x
-
-    if kv_len is not None:
-        mask = _and(mask, kpos < kv_len)
-    if causal:
-        mask = _and(mask, kpos <= qpos)
-    if window is not None:
-        mask = _and(mask, kpos > qpos - window)
-    if qseg is not None:
-        mask = _and(mask, qseg == kseg)
-    return mask
-
-
-def masked_loops(body, ranges, carry, needs_mask: bool):
-    """Run ``body(j, carry, masked)`` over ``[lo, hi)``: masked edges, a mask-free middle ``[flo, fhi)``."""
-    lo, flo, fhi, hi = ranges
-    if not needs_mask:
-        return lax.fori_loop(lo, hi, functools.partial(body, masked=False), carry)
-    carry = lax.fori_loop(lo, flo, functools.partial(body, masked=True), carry)
-    carry = lax.fori_loop(flo, fhi, functools.partial(body, masked=False), carry)
-    return lax.fori_loop(fhi, hi, functools.partial(body, masked=True), carry)
 
 
 # --- Forward kernel --------------------------------------------------------------------------------
@@ -317,80 +270,6 @@ def pick_block_sizes(head_dim: int) -> BlockSizes:
     return _BLOCKS_BY_HEAD_DIM[64] if d < 64 else _BLOCKS_BY_HEAD_DIM[256]
 
 
-# --- Block-skipping tables (XLA, O(B * T/bq * S/bk) int work) --------------------------------------
-
-
-def _seg_block_stats(seg, block):
-    """Per block of ``seg`` [B, N*block] (0 = padding): min/max non-padding id and "all real"."""
-    b, n = seg.shape
-    sb = seg.reshape(b, n // block, block)
-    real = sb > 0
-    big = jnp.iinfo(jnp.int32).max
-    lo = jnp.min(jnp.where(real, sb, big), axis=-1)
-    hi = jnp.max(jnp.where(real, sb, 0), axis=-1)
-    return lo, hi, jnp.all(real, axis=-1)
-
-
-def _ranges(live, full):
-    """Along the last axis: ``[lo, flo, fhi, hi]`` with [flo, fhi) mask-free and live blocks in [lo, hi)."""
-    n = live.shape[-1]
-    idx = jnp.arange(n)
-    lo = jnp.min(jnp.where(live, idx, n), axis=-1)
-    hi = jnp.max(jnp.where(live, idx + 1, 0), axis=-1)
-    lo = jnp.minimum(lo, hi)  # nothing live: an empty [hi, hi)
-    any_full = jnp.any(full, axis=-1)
-    flo = jnp.min(jnp.where(full, idx, n), axis=-1)
-    brk = jnp.min(jnp.where((idx >= flo[..., None]) & ~full, idx, n), axis=-1)
-    fhi = jnp.minimum(brk, hi)
-    flo = jnp.where(any_full, flo, hi)
-    fhi = jnp.where(any_full, fhi, hi)
-    return jnp.stack([lo, flo, fhi, hi], axis=-1).astype(jnp.int32)
-
-
-def _block_ranges(
-    t_pad: int,
-    s_pad: int,
-    block_q: int,
-    block_k: int,
-    *,
-    causal: bool,
-    window: int | None,
-    kv_len: int,
-    seg_pad: jax.Array | None,
-    by: str,
-) -> jax.Array:
-    """Loop ranges per block: ``by="q"`` -> ``[Bt, nq, 4]`` kv-block ranges; ``by="k"`` -> ``[Bt, nk, 4]``.
-
-    A (q block, kv block) pair is *live* when some pair inside may be allowed and *full* when every pair
-    is allowed (no mask needed). ``seg_pad`` is ``[B, T_pad]`` with 0 for padding (or None).
-    """
-    nq, nk = t_pad // block_q, s_pad // block_k
-    q0 = np.arange(nq)[:, None] * block_q
-    q1 = q0 + block_q - 1
-    k0 = np.arange(nk)[None, :] * block_k
-    k1 = k0 + block_k - 1
-    live = np.broadcast_to(k0 < kv_len, (nq, nk))
-    full = np.broadcast_to(k1 < kv_len, (nq, nk))
-    if causal:
-        live, full = live & (k0 <= q1), full & (k1 <= q0)
-    if window is not None:
-        live, full = live & (k1 > q0 - window), full & (k0 > q1 - window)
-    live, full = jnp.asarray(live)[None], jnp.asarray(full)[None]
-    if seg_pad is not None:
-        qmin, qmax, qreal = _seg_block_stats(seg_pad, block_q)
-        kmin, kmax, kreal = _seg_block_stats(seg_pad[:, :s_pad], block_k)
-        live = (
-            live & (kmax[:, None, :] >= qmin[:, :, None]) & (kmin[:, None, :] <= qmax[:, :, None])
-        )
-        one = (qmin == qmax) & qreal
-        same = (qmin[:, :, None] == kmin[:, None, :]) & (kmin == kmax)[:, None, :]
-        full = full & one[:, :, None] & same & kreal[:, None, :]
-    full = full & live
-    if by == "k":
-        live, full = jnp.swapaxes(live, 1, 2), jnp.swapaxes(full, 1, 2)
-    return _ranges(live, full)
-
-
 # --- Forward pallas_call and custom_vjp wiring -----------------------------------------------------
 
 
@@ -409,14 +288,6 @@ class _Static:
     head_dim: int
 
 
-def _pad_to(x, axis, size, value=0):
-    if x.shape[axis] == size:
-        return x
-    pad = [(0, 0)] * x.ndim
-    pad[axis] = (0, size - x.shape[axis])
-    return jnp.pad(x, pad, constant_values=value)
-
-
 def padded_lengths(t: int, s: int, bs: BlockSizes) -> tuple[int, int]:
     """T and S rounded up to every kernel's tiles (kept equal for self-attention)."""
     mq = max(bs.block_q, bs.block_q_dkv, bs.block_q_dq)
@@ -425,14 +296,6 @@ def padded_lengths(t: int, s: int, bs: BlockSizes) -> tuple[int, int]:
         m = max(mq, mk)
         return _common.cdiv(t, m) * m, _common.cdiv(t, m) * m
     return _common.cdiv(t, mq) * mq, _common.cdiv(s, mk) * mk
-
-
-def kernel_segments(segment_ids, t_pad):
-    """``(seg_pad, qseg, kseg)``: padded ids (0 = padding), query form (-1 = padding), key form."""
-    if segment_ids is None:
-        return None, None, None
-    seg = _pad_to(segment_ids.astype(jnp.int32), 1, t_pad)
-    return seg, jnp.where(seg == 0, -1, seg), seg
 
 
 def _fwd_impl(q, k, v, segment_ids, st: _Static):
@@ -526,8 +389,6 @@ def _flash_fwd(q, k, v, segment_ids, st: _Static):
 
 
 def _flash_bwd(st: _Static, res, do):
-    from fastjax.pallas_kernels import attention_bwd  # imports this module: import at call time
-
     q, k, v, segment_ids, out, lse = res
     qp, kp, vp = _pad_inputs(q, k, v, st)
     t_pad = qp.shape[1]

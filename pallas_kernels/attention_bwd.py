@@ -13,6 +13,8 @@ Two kernels, so neither needs atomics:
   blocks: GQA costs no K/V repeat and no per-q-head dk/dv buffer (dk/dv are ``[B, S, KV, D]``).
 - ``_attention_dq_kernel``: one program per (q block, q head, batch), looping over live kv blocks.
 Both skip dead block pairs and run mask-free bodies on full ones, from the same tables as the forward.
+The pieces shared with the forward come from ``attention_common.py``; ``attention.py`` imports this
+module, so this module does not import it.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from fastjax.pallas_kernels import _common
-from fastjax.pallas_kernels.attention import (
+from fastjax.pallas_kernels.attention_common import (
     _block_ranges,
     dot_f32,
     kernel_mask,
