@@ -35,9 +35,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import harness  # noqa: E402
+from benchmarks import harness, train_step  # noqa: E402
 
-HERE = Path(__file__).resolve().parent
 DEFAULT_SYSTEMS = "fastjax-qlora,unsloth-qlora,hf+peft-qlora"
 
 
@@ -134,46 +133,22 @@ def probe_job(
 ) -> tuple[list[str], dict]:
     """``(argv, env)`` of the child that runs one capped step of ``system`` at ``[1, seq]``."""
     if system.startswith(("hf+peft", "unsloth")):
-        script = "torch_systems.py" if system.startswith("hf+peft") else "unsloth_runner.py"
-        argv = [
-            str(HERE / script),
-            "--shape",
+        argv = train_step.torch_argv(
+            system,
             shape,
-            "--batch",
-            "1",
-            "--seq",
-            str(seq),
-            "--steps",
-            "1",
-            "--warmup",
-            "0",
-            "--cap-gib",
-            str(cap_gib),
-        ]
-        if system.endswith("qlora"):
-            argv.append("--qlora")
-        if checkpoint_root:
-            argv += ["--checkpoint-root", checkpoint_root]
-        return argv, dict(site_env or {}) if system != "hf+peft" else {}
-    argv = [
-        str(HERE / "train_step.py"),
-        "--one",
-        system,
-        "--shape",
-        shape,
-        "--batch",
-        "1",
-        "--seq",
-        str(seq),
-        "--steps",
-        "1",
-        "--warmup",
-        "0",
-        "--remat",
-        remat,
-    ]
-    if mlp_chunk_size:
-        argv += ["--mlp-chunk-size", str(mlp_chunk_size)]
+            1,
+            seq,
+            steps=1,
+            warmup=0,
+            checkpoint_root=checkpoint_root,
+            cap_gib=cap_gib,
+        )
+        return list(argv), dict(site_env or {}) if system != "hf+peft" else {}
+    argv = list(
+        train_step.fastjax_argv(
+            system, shape, 1, seq, steps=1, warmup=0, remat=remat, mlp_chunk_size=mlp_chunk_size
+        )
+    )
     frac = cap_gib * 2**30 / total_bytes
     if frac >= 1.0:
         raise ValueError(f"cap {cap_gib} GiB is not below the GPU's {total_bytes / 2**30:.1f} GiB")

@@ -304,6 +304,31 @@ def fastjax_argv(
     return tuple(argv)
 
 
+def torch_argv(
+    system: str,
+    shape: str,
+    batch: int,
+    seq: int,
+    *,
+    steps: int,
+    warmup: int,
+    checkpoint_root: str | None = None,
+    cap_gib: float | None = None,
+) -> tuple[str, ...]:
+    """The child command of an HF+PEFT (``torch_systems.py``) or Unsloth (``unsloth_runner.py``)
+    system."""
+    script = "unsloth_runner.py" if system.startswith("unsloth") else "torch_systems.py"
+    argv = [str(HERE / script), "--shape", shape, "--batch", str(batch), "--seq", str(seq)]
+    argv += ["--steps", str(steps), "--warmup", str(warmup)]
+    if cap_gib:
+        argv += ["--cap-gib", str(cap_gib)]
+    if system.endswith("qlora"):
+        argv.append("--qlora")
+    if checkpoint_root:
+        argv += ["--checkpoint-root", checkpoint_root]
+    return tuple(argv)
+
+
 def plan(args) -> list[Job]:
     """Every child process of this invocation, in run order (shape, then cell, then system)."""
     jobs = []
@@ -323,27 +348,16 @@ def plan(args) -> list[Job]:
                         argv = fastjax_argv(system, shape, b, s, remat=remat, **common_steps)
                         jobs.append(Job(system, shape, b, s, argv))
                 elif system in TORCH_SYSTEMS or system in UNSLOTH_SYSTEMS:
-                    script = "torch_systems.py" if system in TORCH_SYSTEMS else "unsloth_runner.py"
-                    argv = [
-                        str(HERE / script),
-                        "--shape",
+                    argv = torch_argv(
+                        system,
                         shape,
-                        "--batch",
-                        str(b),
-                        "--seq",
-                        str(s),
-                        "--steps",
-                        str(args.steps),
-                        "--warmup",
-                        str(args.warmup),
-                    ]
-                    if system.endswith("qlora"):
-                        argv.append("--qlora")
-                    if args.checkpoint_root:
-                        argv += ["--checkpoint-root", args.checkpoint_root]
-                    jobs.append(
-                        Job(system, shape, b, s, tuple(argv), needs_site=system != "hf+peft")
+                        b,
+                        s,
+                        steps=args.steps,
+                        warmup=args.warmup,
+                        checkpoint_root=args.checkpoint_root,
                     )
+                    jobs.append(Job(system, shape, b, s, argv, needs_site=system != "hf+peft"))
                 else:
                     jobs.append(Job(system, shape, b, s, ()))  # unknown: a skipped row, no process
     return jobs

@@ -244,10 +244,8 @@ def bench(
 
 
 def main() -> None:
-    for (
-        k,
-        v,
-    ) in OFFLINE_ENV.items():  # before transformers / huggingface_hub / datasets are imported
+    # before transformers / huggingface_hub / datasets are imported
+    for k, v in OFFLINE_ENV.items():
         os.environ.setdefault(k, v)
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
