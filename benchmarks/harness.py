@@ -178,8 +178,9 @@ def run_subprocess(
     """Run ``python args...`` in its own process group (fresh device memory); return its JSON rows.
 
     Values of ``env`` replace the inherited environment's; a value of ``None`` removes the variable.
-    A child that prints no JSON row yields one ``error`` row (with ``oom`` set when its output says
-    it ran out of device memory, ``timeout`` when it was killed after ``timeout`` seconds).
+    A child that fails (non-zero exit, killed after ``timeout`` seconds, or no JSON row at all) adds
+    one ``error`` row after whatever rows it printed, with ``oom`` set when its output says it ran
+    out of device memory and ``timeout`` when it was killed.
     """
     full_env = dict(os.environ)
     run_id(), command()  # make sure children inherit this invocation's context
@@ -219,7 +220,9 @@ def run_subprocess(
                 rows.append(json.loads(line))
             except json.JSONDecodeError:
                 pass
-    if not rows:
+    if timed_out or proc.returncode != 0 or not rows:
+        # rows printed before a crash or a kill (e.g. Unsloth's checkpoint row) are kept, and the
+        # failure still gets its own row, so a half-finished system never reads as a result
         tail = "\n".join((err or "").strip().splitlines()[-20:])[-2000:]
         why = f"timeout after {timeout:.0f}s" if timed_out else f"rc={proc.returncode}"
         rows.append(

@@ -213,7 +213,9 @@ def run_search(
             checkpoint_root=args.checkpoint_root,
             mlp_chunk_size=chunk or None,
         )
-        row = harness.run_subprocess(argv, env=env, timeout=timeout, system=system)[-1]
+        rows = harness.run_subprocess(argv, env=env, timeout=timeout, system=system)
+        # a step that finished counts even if the child died afterwards (teardown)
+        row = next((r for r in rows if r.get("ok") is True), rows[-1])
         ok = probe_outcome(row)
         if ok is None:
             last_error["why"] = row.get("skipped") or row.get("error") or "no result"

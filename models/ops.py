@@ -81,7 +81,8 @@ class Ops:
         impl = getattr(self, op)
         if impl == "auto" and op == "linear":
             # NF4 linears: XLA's dequantize-then-matmul beats the fused Pallas kernel on the H200 at every
-            # Llama-3-8B shape with T >= 2048 (fused 0.41-0.81x of it, benchmarks/results/nf4_h200.md).
+            # Llama-3-8B shape with T >= 2048 (fused 0.41-0.81x of it, benchmarks/results/nf4_h200.md);
+            # "xla" is nf4_lora_xla (x.dtype results, backward re-dequantizes), not the fp32 reference.
             return "xla"
         if impl == "auto" and op != "attention":
             return "pallas" if _common.on_gpu() else "xla"

@@ -556,14 +556,22 @@ def nf4_lora_linear(
 
     ``x [..., in]``, ``w`` NF4Tensor ``[out, in]`` (no batch dims), ``lora_a [r, in]``, ``lora_b [out, r]``,
     ``bias [out]``. Differentiable in x, lora_a, lora_b, bias (W is frozen: zero cotangent).
-    ``impl="xla"`` runs ``nf4_lora_linear_reference``; ``"pallas"`` the fused kernels (interpret mode per
-    ``interpret`` / ``FASTJAX_PALLAS_INTERPRET``, default on without a GPU).
+    ``impl="pallas"`` runs the fused kernels (interpret mode per ``interpret`` /
+    ``FASTJAX_PALLAS_INTERPRET``, default on without a GPU); ``"xla"`` dequantize-then-matmul in XLA with
+    ``x.dtype`` results and a backward that re-dequantizes (``nf4_lora_xla``, what training uses on GPU);
+    ``"reference"`` the plain-autodiff oracle ``nf4_lora_linear_reference``.
     """
     _check(x, w, lora_a, lora_b, bias, block_sizes)
     if impl == "xla":
+        from fastjax.pallas_kernels.nf4_lora_xla import nf4_lora_linear_xla
+
+        return nf4_lora_linear_xla(x, w, lora_a, lora_b, lora_scale=lora_scale, bias=bias)
+    if impl == "reference":
         return nf4_lora_linear_reference(x, w, lora_a, lora_b, lora_scale=lora_scale, bias=bias)
     if impl != "pallas":
-        raise ValueError(f"nf4_lora_linear: impl={impl!r}, expected 'pallas' or 'xla'")
+        raise ValueError(
+            f"nf4_lora_linear: impl={impl!r}, expected 'pallas', 'xla' or 'reference'"
+        )
     out, n_in = w.shape
     lead = x.shape[:-1]
     x2 = x.reshape(-1, n_in)

@@ -16,7 +16,10 @@ jax.config.update("jax_default_matmul_precision", "highest")
 def pytest_collection_modifyitems(config, items):
     if jax.default_backend() == "gpu":
         return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    skip = pytest.mark.skip(
+        reason="needs a CUDA GPU; this conftest defaults JAX_PLATFORMS to cpu, so on a GPU machine "
+        "run: JAX_PLATFORMS=cuda,cpu pytest -m gpu"
+    )
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)

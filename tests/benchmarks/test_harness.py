@@ -205,6 +205,12 @@ def test_run_subprocess_reports_crashes_ooms_and_timeouts(cpu_context):
     )
     rows = harness.run_subprocess(["-c", "import time; time.sleep(30)"], timeout=1, system="slow")
     assert rows[0]["timeout"] is True and "timeout after 1s" in rows[0]["error"]
+    # rows printed before the kill are kept, and the kill still gets its own row
+    code = "import json, time; print(json.dumps({'checkpoint': 'x'}), flush=True); time.sleep(30)"
+    rows = harness.run_subprocess(["-c", code], timeout=2, system="half")
+    assert [r.get("checkpoint") for r in rows] == ["x", None] and rows[1]["timeout"] is True
+    rows = harness.run_subprocess(["-c", "import json; print(json.dumps({'a': 1})); exit(3)"])
+    assert rows[0] == {"a": 1, "wall_s": rows[0]["wall_s"]} and rows[1]["error"].startswith("rc=3")
     code = (
         "import json, os; print(json.dumps({k: os.environ.get(k) for k in "
         "('FASTJAX_BENCH_RUN_ID', 'FASTJAX_BENCH_GPU', 'GONE')}))"

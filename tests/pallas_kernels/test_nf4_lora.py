@@ -104,7 +104,7 @@ def test_fused_matches_reference(case):
     bs = k.pick_block_sizes(m, out, n_in)
     bs = dataclasses.replace(bs, lookup=lookup, **(overrides or {}))
     y, g = _fwd_vjp("pallas", w, 0.7, bs, x, a, b, bvec, ct)
-    y_ref, g_ref = _fwd_vjp("xla", w, 0.7, None, x, a, b, bvec, ct)
+    y_ref, g_ref = _fwd_vjp("reference", w, 0.7, None, x, a, b, bvec, ct)
     tol = TOL[dtype]
     assert y.dtype == dtype and y.shape == (*lead, out)
     assert _rel(y, y_ref) < tol, ("y", _rel(y, y_ref))
@@ -116,13 +116,65 @@ def test_fused_matches_reference(case):
 
 def test_reference_matches_float64():
     x, w, a, b, bvec, _ = _case(7, (11,), 128, 96, 4, jnp.float32, True)
-    y = jax.jit(lambda *args: k.nf4_lora_linear(*args, lora_scale=0.5, bias=bvec, impl="xla"))(
+    y = jax.jit(lambda *args: k.nf4_lora_linear(*args, lora_scale=0.5, bias=bvec, impl="reference"))(
         x, w, a, b
     )
     wd = np.asarray(jax.jit(quant.dequantize_nf4, static_argnums=1)(w, jnp.float32), np.float64)
     xn, an, bn = (np.asarray(v, np.float64) for v in (x, a, b))
     want = xn @ wd.T + 0.5 * (xn @ an.T) @ bn.T + np.asarray(bvec, np.float64)
     assert _rel(y, want) < TOL_REF_VS_F64
+
+
+XLA_CASES = [
+    # name, lead, in, out, r, dtype, bias
+    ("fp32-lora-bias-odd-rows", (3, 41), 192, 96, 8, jnp.float32, True),
+    ("bf16-lora", (123,), 128, 160, 16, jnp.bfloat16, False),
+    ("bf16-base-only-bias", (17,), 256, 64, 0, jnp.bfloat16, True),
+    ("fp32-out-not-mult-of-32", (5,), 64, 48, 4, jnp.float32, False),
+]
+
+
+@pytest.mark.parametrize("case", XLA_CASES, ids=[c[0] for c in XLA_CASES])
+def test_xla_impl_matches_reference(case):
+    """impl="xla" (x.dtype results, re-dequantizing backward) against the plain-autodiff reference:
+    forward and vjp with a random cotangent. bf16 rounds each matmul result once more than the
+    reference does (same tolerance as the kernels)."""
+    name, lead, n_in, out, r, dtype, bias = case
+    x, w, a, b, bvec, ct = _case(hash(name) % 1000 + 50, lead, n_in, out, r, dtype, bias)
+    y, g = _fwd_vjp("xla", w, 0.7, None, x, a, b, bvec, ct)
+    y_ref, g_ref = _fwd_vjp("reference", w, 0.7, None, x, a, b, bvec, ct)
+    assert y.dtype == dtype and y.shape == (*lead, out)
+    assert _rel(y, y_ref) < TOL[dtype], ("y", _rel(y, y_ref))
+    assert set(g) == set(g_ref)
+    for n in g:
+        assert g[n].shape == g_ref[n].shape and g[n].dtype == g_ref[n].dtype, n
+        assert _rel(g[n], g_ref[n]) < TOL[dtype], (n, _rel(g[n], g_ref[n]))
+
+
+def test_xla_impl_keeps_no_bf16_weight_and_no_fp32_result():
+    """What makes impl="xla" the training path: the vjp's residuals hold no dequantized [out, in]
+    weight (the reference's autodiff keeps one per layer), and no op of the bf16 forward produces an
+    fp32 [T, out] array (the reference's dot does)."""
+    x, w, a, b, _, _ = _case(9, (64,), 128, 96, 8, jnp.bfloat16, False)
+
+    def residual_shapes(impl):
+        _, vjp = jax.vjp(lambda x, a, b: k.nf4_lora_linear(x, w, a, b, impl=impl), x, a, b)
+        return {(leaf.shape, leaf.dtype) for leaf in jax.tree.leaves(vjp)}
+
+    assert ((96, 128), jnp.dtype(jnp.bfloat16)) in residual_shapes("reference")  # can fail
+    assert not any(s == (96, 128) for s, _ in residual_shapes("xla"))
+
+    def fp32_results(impl):
+        jaxpr = jax.make_jaxpr(lambda x: k.nf4_lora_linear(x, w, a, b, impl=impl))(x)
+        return [
+            v.aval.shape
+            for e in jaxpr.eqns
+            for v in e.outvars
+            if v.aval.dtype == jnp.float32 and v.aval.shape == (64, 96)
+        ]
+
+    assert fp32_results("reference")
+    assert not fp32_results("xla")
 
 
 def test_lora_zero_b_is_base_and_w_gets_no_gradient():
@@ -142,7 +194,8 @@ def test_constraints_raise_clear_errors():
     assert not k.supports_pallas(w)
     with pytest.raises(ValueError, match="out % 32"):
         k.nf4_lora_linear(x, w)
-    k.nf4_lora_linear(x, w, impl="xla")  # the reference takes any even out
+    k.nf4_lora_linear(x, w, impl="xla")  # the XLA paths take any even out
+    k.nf4_lora_linear(x, w, impl="reference")
     w64 = _quantize(jax.random.normal(jax.random.key(1), (64, 128)))
     with pytest.raises(ValueError, match="does not end in"):
         k.nf4_lora_linear(jnp.ones((3, 64)), w64)
