@@ -10,6 +10,10 @@ Shapes: Llama-3-8B projections (4096->4096, 4096->1024, 4096->14336, 14336->4096
 forward and forward+backward (dx, dA, dB; W frozen), LoRA r=16 on every variant, bf16. Each timed program
 runs the op on ``K`` distinct input sets (rotating weights, so decode shapes don't time the L2), is launched
 several times back to back, and the median wall time over repeats / K is reported.
+
+Variants are what training runs: "xla_dequant" is ``impl="xla"`` (``nf4_lora_xla``: bf16 results, backward
+re-dequantizes), "bf16" the model's dense projection (bf16 results). Rows before 2026-12-01 timed the fp32-
+result reference and an fp32-result dense einsum instead. ``--ts 16,1`` times only those T (decode).
 """
 
 from __future__ import annotations
@@ -92,11 +96,10 @@ def make_sets(n_in, out, t, n_sets, seed=0):
 
 
 def dense_lora(x, w16, a, b):
-    y = jnp.einsum("ti,oi->to", x, w16, preferred_element_type=jnp.float32).astype(x.dtype)
-    xa = jnp.einsum("ti,ri->tr", x, a, preferred_element_type=jnp.float32).astype(x.dtype)
-    return y + (SCALE * jnp.einsum("tr,or->to", xa, b, preferred_element_type=jnp.float32)).astype(
-        x.dtype
-    )
+    """The model's dense projection (``models.ops.linear``): bf16 in, bf16 out, fp32 accumulation."""
+    y = jnp.einsum("ti,oi->to", x, w16)
+    h = jnp.einsum("ti,ri->tr", x, a)
+    return y + (SCALE * jnp.einsum("tr,or->to", h, b)).astype(x.dtype)
 
 
 def variants(bs):
@@ -333,6 +336,11 @@ def main(argv=None):
     ap.add_argument(
         "--tiny", action="store_true", help="CPU smoke test: small shapes, interpret mode"
     )
+    ap.add_argument(
+        "--ts",
+        default=None,
+        help="comma-separated T values: time only these (picked tiles; no sweep, no 8-bit AdamW)",
+    )
     args = ap.parse_args(argv)
     global SHAPES, TS, SWEEP_T
     if args.tiny:
@@ -364,7 +372,10 @@ def main(argv=None):
                 rows.extend(run_case(name, n_in, out, t, bs_for(t, n_in, out), fh))
 
         best = None
-        if not args.no_sweep:
+        only_ts = [int(t) for t in args.ts.split(",")] if args.ts else None
+        for t in only_ts or ():
+            grid(t, lambda t, i, o: k.pick_block_sizes(t, o, i))
+        if not args.no_sweep and not only_ts:
             name, n_in, out = SHAPES[2]
             base = k.pick_block_sizes(SWEEP_T, out, n_in)
             base_rows = run_case(
@@ -376,14 +387,17 @@ def main(argv=None):
         large = lambda t, i, o: (
             best if (best is not None and t >= SWEEP_T) else k.pick_block_sizes(t, o, i)
         )
-        grid(SWEEP_T, large)
-        grid(TS[1], large)
+        if only_ts:
+            TS = ()
+        else:
+            grid(SWEEP_T, large)
+            grid(TS[1], large)
         trees = (
             (("tiny", {"a": (64, 256), "b": (100,)}),)
             if args.tiny
             else (("llama3-8b LoRA r16", lora_tree_8b()), ("llama3.2-1b full", full_tree_1b()))
         )
-        for tname, tree in trees:
+        for tname, tree in trees if not only_ts else ():
             try:
                 adam_case(tname, tree, fh)
             except Exception as e:  # noqa: BLE001

@@ -37,7 +37,8 @@ from fastjax.rl_rewards import FINAL_LINE, gsm8k_correctness_reward, gsm8k_forma
 
 ON_GPU = jax.default_backend() == "gpu"
 
-# --full: a GPU-sized run (about 1 hour of H200 time at these settings for the 135M model on GSM8K)
+# --full: a GPU-sized run. Measured on one H200 (2026-12-01, 30 of these steps): 25 s for the first step
+# (compilation), then about 2.3 s a step, so 250 steps take about 10 minutes plus two evaluations.
 FULL = {
     "steps": 250,
     "prompts_per_step": 16,

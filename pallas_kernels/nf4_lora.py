@@ -569,9 +569,7 @@ def nf4_lora_linear(
     if impl == "reference":
         return nf4_lora_linear_reference(x, w, lora_a, lora_b, lora_scale=lora_scale, bias=bias)
     if impl != "pallas":
-        raise ValueError(
-            f"nf4_lora_linear: impl={impl!r}, expected 'pallas', 'xla' or 'reference'"
-        )
+        raise ValueError(f"nf4_lora_linear: impl={impl!r}, expected 'pallas', 'xla' or 'reference'")
     out, n_in = w.shape
     lead = x.shape[:-1]
     x2 = x.reshape(-1, n_in)

@@ -65,8 +65,12 @@ def _bwd(res, dy):
         dyb = _mm(dy, lora_b, "to,or->tr")  # [T, r]
         dx = dx + (scale * _mm(dyb, lora_a, "tr,ri->ti")).astype(dt)
         prec = _prec(dt)
-        da = (scale * jnp.einsum("tr,ti->ri", dyb, x, precision=prec, preferred_element_type=jnp.float32))
-        db = (scale * jnp.einsum("to,tr->or", dy, xa, precision=prec, preferred_element_type=jnp.float32))
+        da = scale * jnp.einsum(
+            "tr,ti->ri", dyb, x, precision=prec, preferred_element_type=jnp.float32
+        )
+        db = scale * jnp.einsum(
+            "to,tr->or", dy, xa, precision=prec, preferred_element_type=jnp.float32
+        )
         da, db = da.astype(lora_a.dtype), db.astype(lora_b.dtype)
     dbias = None if bias is None else jnp.sum(dy.astype(jnp.float32), axis=0).astype(bias.dtype)
     dw = jax.tree.map(_zero_cotangent, w)

@@ -116,9 +116,9 @@ def test_fused_matches_reference(case):
 
 def test_reference_matches_float64():
     x, w, a, b, bvec, _ = _case(7, (11,), 128, 96, 4, jnp.float32, True)
-    y = jax.jit(lambda *args: k.nf4_lora_linear(*args, lora_scale=0.5, bias=bvec, impl="reference"))(
-        x, w, a, b
-    )
+    y = jax.jit(
+        lambda *args: k.nf4_lora_linear(*args, lora_scale=0.5, bias=bvec, impl="reference")
+    )(x, w, a, b)
     wd = np.asarray(jax.jit(quant.dequantize_nf4, static_argnums=1)(w, jnp.float32), np.float64)
     xn, an, bn = (np.asarray(v, np.float64) for v in (x, a, b))
     want = xn @ wd.T + 0.5 * (xn @ an.T) @ bn.T + np.asarray(bvec, np.float64)
