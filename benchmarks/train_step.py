@@ -16,7 +16,8 @@ Systems (``--systems``; default all but ``xla-cudnn``):
                   scan carry goes to pinned host memory) and micro-batches of ``--lean-rows`` rows
                   (gradient accumulation, the same tokens per step); aims at <= 17.8 GiB on
                   Llama-3-8B (Unsloth 16-bit LoRA's peak)
-  fastjax-packed  fastjax-lora on rows of 4-8 packed segments (less attention work: MFU counts it)
+  fastjax-packed  fastjax-lora on rows of 4-8 packed segments (less attention work: MFU counts it),
+                  with the rows' segment bound, so attention takes cuDNN's packed layout
   plain-xla       the same model with every op on its XLA reference (``Ops.all("xla")``)
   xla-cudnn       plain XLA except cuDNN attention (the "plain JAX" row of ../shared/ANCHORS.md)
   ablate-OP=IMPL  fastjax-lora with one op forced, e.g. ``ablate-cross_entropy=xla_chunked``
@@ -142,6 +143,10 @@ def run_fastjax(
         seg, pos = harness.packed_segments(batch, seq)
         labels = np.where(np.roll(seg, -1, axis=1) == seg, labels, -100)
         lengths = [int(n) for row in seg for n in np.unique(row, return_counts=True)[1]]
+        # the bound the trainer takes from its loader: packed rows then use cuDNN's packed layout
+        ops = dataclasses.replace(
+            ops, max_segments=max(len(set(row) - {0}) for row in seg.tolist())
+        )
     else:
         seg, lengths = None, None
         pos = np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq)).copy()

@@ -430,6 +430,12 @@ class DataLoader:
         return len(self.rows)
 
     @property
+    def max_segments(self) -> int:
+        """The most segments any row holds (1 when unpacked): a static bound the attention op can
+        use for cuDNN's packed layout (``models.ops.Ops.max_segments``)."""
+        return max(len(row) for row in self.rows)
+
+    @property
     def epoch(self) -> int:
         """The epoch the next batch (``self.step``) belongs to."""
         return self.step // self.steps_per_epoch

@@ -61,7 +61,11 @@ class Ops:
     """Implementation per op: ``"auto" | "pallas" | "xla"`` (attention also ``"cudnn"``; cross-entropy also
     ``"xla_chunked"``, the memory-bounded XLA path). ``interpret`` overrides the Pallas interpret switch.
     ``mesh``: the activations' rows are split over all of its axes; kernels then run per shard
-    under ``shard_map`` (module docstring). None, or one device: kernels see whole arrays."""
+    under ``shard_map`` (module docstring). None, or one device: kernels see whole arrays.
+    ``max_segments``: a static bound on the packed segments per row, which lets ``auto`` attention
+    take cuDNN's packed layout on a GPU (``pallas_kernels.attention.AUTO_TABLE``). The trainer sets
+    it from its packed rows (``DataLoader.max_segments``); a row with more segments than the bound
+    would lose the extra ones, so only set it from the data itself."""
 
     rms_norm: str = _field()
     rope: str = _field()
@@ -71,6 +75,7 @@ class Ops:
     cross_entropy: str = _field()
     interpret: bool | None = None
     mesh: Mesh | None = None
+    max_segments: int | None = None
 
     @classmethod
     def all(cls, impl: str, interpret: bool | None = None) -> "Ops":
@@ -240,7 +245,7 @@ def attention(
     if impl == "auto" and _sharded_mesh(ops) is not None:
         # Decided on the whole arrays: the choice depends on dtype, head_dim, softcap and whether
         # segment ids exist, none of which a batch split changes.
-        impl = ka.choose_impl(q, segment_ids, softcap)
+        impl = ka.choose_impl(q, segment_ids, softcap, ops.max_segments)
 
     def run(impl):
         def attend(q, k, v, *seg):
@@ -255,6 +260,7 @@ def attention(
                 sm_scale=sm_scale,
                 impl=impl,
                 interpret=ops.interpret,
+                max_segments=ops.max_segments,
             )
 
         return attend

@@ -187,6 +187,13 @@ def test_packing_random_invariants(case):
     padded = DataLoader(examples, 4, case, max_seq_length=t, packing=False)
     packed = DataLoader(examples, 4, case, max_seq_length=t)
     assert packed.stats.padding_fraction < padded.stats.padding_fraction
+    # the segment bound attention may rely on: no batch row holds more segments than it says
+    most = max(
+        len(set(row.tolist()) - {0})
+        for step in range(packed.steps_per_epoch)
+        for row in packed.batch_at(step)["segment_ids"]
+    )
+    assert packed.max_segments == most and padded.max_segments == 1
     assert abs(packed.stats.padding_fraction - (1 - sum(lengths) / (len(rows) * t))) < 1e-12
 
 

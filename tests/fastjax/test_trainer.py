@@ -454,9 +454,14 @@ def test_padding_fraction_is_reported(tmp_path, caplog):
     assert recs[0]["data"] == stats and "data" not in recs[1]  # once, on the first line
     summary = json.loads((tmp_path / "out" / "train_summary.json").read_text())
     assert summary["data"] == stats and summary["data_report"] == line
-    padded = SFTTrainer(
+    padded_trainer = SFTTrainer(
         _params(21), CFG, examples, _config(tmp_path, max_seq_length=T, packing=False)
-    ).data_summary()
+    )
+    padded = padded_trainer.data_summary()
     assert (padded["packing"], padded["num_rows"]) == (False, len(examples))
+    # the loader's segment bound reaches the attention op (cuDNN's packed layout on a GPU)
+    packed_trainer = SFTTrainer(_params(21), CFG, examples, _config(tmp_path, max_seq_length=T))
+    assert packed_trainer.ops.max_segments == packed_trainer.loader.max_segments > 1
+    assert padded_trainer.ops.max_segments == 1
     assert padded["padding_fraction"] == pytest.approx(1 - n_tokens / (len(examples) * T))
     assert padded["padding_fraction"] > stats["padding_fraction"]

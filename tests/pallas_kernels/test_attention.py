@@ -285,6 +285,20 @@ def test_block_skipping_skips():
     assert np.sum(tab[:, 3] - tab[:, 0]) < np.sum(causal_only[:, 3] - causal_only[:, 0]) / 2
 
 
+def test_auto_table_on_a_gpu(monkeypatch):
+    """The GPU rows of AUTO_TABLE: cuDNN unless it cannot express the case; packed rows take cuDNN's
+    packed layout only with a static segment bound (``max_segments``), else the Pallas kernel."""
+    monkeypatch.setattr(A._common, "on_gpu", lambda: True)
+    q = jnp.zeros((1, 16, 4, 128), jnp.bfloat16)
+    seg = jnp.ones((1, 16), jnp.int32)
+    assert A.choose_impl(q) == "cudnn"
+    assert A.choose_impl(q, seg) == "pallas"
+    assert A.choose_impl(q, seg, None, 8) == "cudnn"
+    assert A.choose_impl(q, seg, 50.0, 8) == "pallas"  # softcap: cuDNN through jax has none
+    assert A.choose_impl(q.astype(jnp.float32), seg, None, 8) == "pallas"
+    assert A.choose_impl(jnp.zeros((1, 16, 4, 36), jnp.bfloat16)) == "pallas"  # head_dim % 8 != 0
+
+
 def test_auto_picks_reference_on_cpu_and_validates():
     q, k, v, _ = _inputs(("auto",), 1, 8, 2, 1, 16, jnp.float32)
     assert A.choose_impl(q) == "xla"
