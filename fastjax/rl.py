@@ -284,6 +284,10 @@ class GRPOTrainer:
         self.layer_masks = lora_lib.layer_masks(lora, lora_config)
         self.optimizer, self.schedule = build_optimizer(c, lora, self.layer_masks)
         self.ops = c.ops or O.Ops()
+        if self.ops.max_segments is None:
+            # a rollout row is one contiguous run (left-padded prompt, completion up to its first
+            # EOS: build_rollout_batch), so 1 bounds its segments: cuDNN attention on a GPU
+            self.ops = dataclasses.replace(self.ops, max_segments=1)
         eos = c.eos_token_id if c.eos_token_id is not None else tuple(cfg.eos_token_ids)
         eos = (eos,) if isinstance(eos, int) else tuple(eos)
         tok_eos = getattr(tokenizer, "eos_token_id", None)

@@ -220,6 +220,12 @@ def test_logprobs_of_sampled_tokens_match_full_forward(model, tmp_path):
         ).items()
     }
     scale = lora_lib.lora_scale(lora_config)
+    # the segment bound the trainer gives attention: every rollout row is one contiguous run
+    from fastjax.pallas_kernels.attention import segment_offsets
+
+    assert trainer.ops.max_segments == 1
+    lens, _ = segment_offsets(batch["segment_ids"], 1)
+    np.testing.assert_array_equal(lens[:, 0], np.count_nonzero(batch["segment_ids"], axis=1))
 
     @jax.jit
     def both(batch):
