@@ -46,6 +46,7 @@ import numpy as np
 from fastjax.pallas_kernels import _common
 from jax.experimental import pallas as pl
 
+from fastjax.pallas_kernels.nf4_lora_xla import frozen_cotangents, nf4_lora_linear_xla
 from fastjax.quant import NF4_CODE, NF4Tensor, dequantize_absmax, dequantize_nf4
 
 QBLOCK = 64  # NF4 block size the kernels support (bitsandbytes' default)
@@ -522,15 +523,8 @@ def _nf4_lora_2d_bwd(bs, interpret, res, dy):
         da = (scale * _dot(dyb.T.astype(dt), x)).astype(lora_a.dtype)
         db = (scale * _dot(dy.T, xa.astype(dt))).astype(lora_b.dtype)
     dx = _bwd_call(dy, w, dyb_s, a, bs, interpret)
-    dbias = None if bias is None else jnp.sum(dy.astype(jnp.float32), axis=0).astype(bias.dtype)
-    dw = jax.tree.map(_zero_cotangent, w)
-    return dx, dw, da, db, dbias, jnp.zeros_like(scale)
-
-
-def _zero_cotangent(a):
-    if jnp.issubdtype(a.dtype, jnp.floating):
-        return jnp.zeros_like(a)
-    return np.zeros(a.shape, jax.dtypes.float0)
+    dw, dbias, dscale = frozen_cotangents(dy, w, bias, scale)
+    return dx, dw, da, db, dbias, dscale
 
 
 _nf4_lora_2d.defvjp(_nf4_lora_2d_fwd, _nf4_lora_2d_bwd)
@@ -563,8 +557,6 @@ def nf4_lora_linear(
     """
     _check(x, w, lora_a, lora_b, bias, block_sizes)
     if impl == "xla":
-        from fastjax.pallas_kernels.nf4_lora_xla import nf4_lora_linear_xla
-
         return nf4_lora_linear_xla(x, w, lora_a, lora_b, lora_scale=lora_scale, bias=bias)
     if impl == "reference":
         return nf4_lora_linear_reference(x, w, lora_a, lora_b, lora_scale=lora_scale, bias=bias)

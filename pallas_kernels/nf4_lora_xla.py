@@ -72,15 +72,23 @@ def _bwd(res, dy):
             "to,tr->or", dy, xa, precision=prec, preferred_element_type=jnp.float32
         )
         da, db = da.astype(lora_a.dtype), db.astype(lora_b.dtype)
+    dw, dbias, dscale = frozen_cotangents(dy, w, bias, scale)
+    return dx, dw, da, db, dbias, dscale
+
+
+def frozen_cotangents(dy, w, bias, scale):
+    """The NF4 linear's other cotangents (shared with the Pallas op): zeros for W's leaves (float0 for
+    the integer ones) and for the LoRA scale; ``sum(dy)`` over rows for the bias (or None)."""
     dbias = None if bias is None else jnp.sum(dy.astype(jnp.float32), axis=0).astype(bias.dtype)
-    dw = jax.tree.map(_zero_cotangent, w)
-    return dx, dw, da, db, dbias, jnp.zeros_like(scale)
-
-
-def _zero_cotangent(a):
-    if jnp.issubdtype(a.dtype, jnp.floating):
-        return jnp.zeros_like(a)
-    return np.zeros(a.shape, jax.dtypes.float0)
+    dw = jax.tree.map(
+        lambda a: (
+            jnp.zeros_like(a)
+            if jnp.issubdtype(a.dtype, jnp.floating)
+            else np.zeros(a.shape, jax.dtypes.float0)
+        ),
+        w,
+    )
+    return dw, dbias, jnp.zeros_like(scale)
 
 
 _nf4_xla_2d.defvjp(_fwd, _bwd)
