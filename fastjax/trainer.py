@@ -190,11 +190,10 @@ class SFTTrainer:
         self.schedule = make_schedule(config, self.max_steps)
         self.optimizer = make_optimizer(config, self.trainable, self.schedule, self.layer_masks)
         self.ops = sharding_lib.partitionable_ops(config.ops or default_ops(), self.mesh)
-        bound = getattr(self.loader, "max_segments", None)
-        if bound and self.ops.max_segments is None:
-            # every row comes from this loader, so the bound holds: packed rows can take cuDNN's
+        if self.ops.max_segments is None:
+            # every row comes from this loader, so its bound holds: packed rows can take cuDNN's
             # packed attention on a GPU (pallas_kernels/attention.py AUTO_TABLE)
-            self.ops = dataclasses.replace(self.ops, max_segments=int(bound))
+            self.ops = dataclasses.replace(self.ops, max_segments=self.loader.max_segments)
         self.shardings = None
         if self.mesh is not None:
             abstract_state = jax.eval_shape(self.optimizer.init, self.trainable)
