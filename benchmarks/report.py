@@ -48,7 +48,7 @@ SYSTEM_ORDER = (
 SYSTEM_NAMES = {
     "fastjax-lora": "fastjax LoRA (bf16 base)",
     "fastjax-qlora": "fastjax QLoRA (NF4 base)",
-    "fastjax-lean": "fastjax LoRA, lean (offload, micro-batches)",
+    "fastjax-lean": "fastjax LoRA, lean (remat, micro-batches)",
     "fastjax-packed": "fastjax LoRA, packed rows",
     "plain-xla": "plain XLA (every op its reference)",
     "xla-cudnn": "plain XLA + cuDNN attention",
@@ -115,6 +115,12 @@ def label(r: dict) -> str:
     system = r.get("system", "?")
     remat = r.get("remat")
     name = SYSTEM_NAMES.get(system, system)
+    if system.startswith("ablate-"):
+        ops = system[len("ablate-") :].replace("=xla", "").replace(",", " + ")
+        name = f"ablation: fastjax LoRA with {ops} on its XLA reference"
+    if system == "fastjax-lean":
+        micro = r.get("micro_batches")
+        return f"fastjax LoRA, lean: remat {remat}" + (f", {micro} micro-batches" if micro else "")
     if (
         remat
         and system.startswith(("fastjax", "plain", "xla", "ablate"))
@@ -209,10 +215,16 @@ def markdown(rows: list[dict], *, gpu: str, png: str | None) -> str:
         r for r in rows if r.get("kind") == "max_context" and r.get("gpu") == gpu and "max_fit" in r
     ]
     cells = cell_table(train)
+    searched = [r for r in ctx if r.get("trials")]  # a search that ran no probe says nothing
     best_ctx = latest(
-        ctx, lambda r: (r.get("system"), r.get("shape"), r.get("cap_gib"), r.get("remat"))
+        searched, lambda r: (r.get("system"), r.get("shape"), r.get("cap_gib"), r.get("remat"))
     )
-    shown = [r for c in cells for r in c[3]] + list(best_ctx.values())
+    unsearched = {
+        (r.get("system"), r.get("shape"), r.get("cap_gib")): r
+        for r in sorted(ctx, key=_when)
+        if not r.get("trials")
+    }
+    shown = [r for c in cells for r in c[3]] + list(best_ctx.values()) + list(unsearched.values())
     runs = run_numbers(shown)
     dates = sorted({r.get("date") for r in shown if r.get("date")})
     when = dates[0] if len(dates) == 1 else (f"{dates[0]} to {dates[-1]}" if dates else "?")
@@ -284,6 +296,16 @@ def markdown(rows: list[dict], *, gpu: str, png: str | None) -> str:
                 f"{_fmt(r.get('min_fail'), ',')} | {r.get('stopped', '')} | "
                 f"{runs.get(r['_run'], '?')} |"
             )
+        for (system, shape, cap), r in sorted(unsearched.items(), key=lambda kv: str(kv[0])):
+            if not any(
+                (b.get("system"), b.get("shape"), b.get("cap_gib")) == (system, shape, cap)
+                for b in best_ctx.values()
+            ):
+                lines.append(
+                    f"| {SHAPE_NAMES.get(shape, shape)} | {label(r)} | {cap:g} | not searched: "
+                    f"{r.get('why') or r.get('stopped', '?')} | — | — | "
+                    f"{runs.get(r['_run'], '?')} |"
+                )
     notes = not_measured(rows, gpu)
     if notes:
         lines += ["", "Not measured in the newest run:"] + [f"- {n}" for n in notes]
@@ -333,6 +355,7 @@ def chart(rows: list[dict], *, gpu: str, path: Path) -> Path | None:
         r for r in rows if r.get("kind") == "max_context" and r.get("gpu") == gpu and "max_fit" in r
     ]
     cells = cell_table(train)
+    ctx = [r for r in ctx if r.get("trials")]  # a search that ran no probe has no bar
     best = latest(ctx, lambda r: (r.get("system"), r.get("shape"), r.get("cap_gib")))
     shown = [r for c in cells for r in c[3]] + list(best.values())
     runs = run_numbers(shown)

@@ -452,6 +452,7 @@ def _synthetic(results: Path) -> None:
             max_fit=f,
             min_fail=f + 8192,
             stopped="converged",
+            trials=[[f, True], [f + 8192, False]],
             gpu="NVIDIA H200",
             date="2026-12-02",
             run_id="r3",
@@ -464,6 +465,17 @@ def _synthetic(results: Path) -> None:
             ("fastjax-qlora", 80, 393216),
         )
     ]
+    ctx.append(  # a search whose time budget ran out before its first probe: no "0 tokens" bar
+        dict(
+            ctx[1],
+            system="hf+peft-qlora",
+            max_fit=0,
+            min_fail=None,
+            trials=[],
+            stopped="inconclusive at 65536",
+            why="--budget-s 460 spent",
+        )
+    )
     results.mkdir()
     (results / "train_step_h200.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (results / "max_context_h200.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ctx))
@@ -505,6 +517,8 @@ def test_report_renders_table_and_png_from_rows(tmp_path):
         "139,264 | converged | 3 |"
     ) in block
     assert "| 80 | 393,216 |" in block
+    hf_ctx = next(ln for ln in lines if "transformers + PEFT QLoRA" in ln and "| 24 |" in ln)
+    assert "not searched: --budget-s 460 spent" in hf_ctx and "| 0 |" not in hf_ctx
     assert "transformers + PEFT QLoRA (bitsandbytes): bitsandbytes not importable" in block
     assert "](results/performance_h200.png)" in block
     png = results / "performance_h200.png"
