@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import math
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -335,6 +336,30 @@ def _is_quantized(w: Any) -> bool:
     return not isinstance(w, (jax.Array, jnp.ndarray)) and hasattr(w, "dequantize")
 
 
+# Decode-sized NF4 linears on a GPU: the fused kernel's forward beats XLA's dequantize-then-
+# matmul at T <= 16 on weights of >= 16M elements (H200, benchmarks/results/nf4_h200.md run 3:
+# gate/up and down 1.32-1.40x, q/o 1.03-1.14x) and loses on k/v at T=16 (4M elements, 0.55x);
+# its backward at these sizes is slower than XLA's (0.59-0.90x): "pallas_fwd" pairs the fused
+# forward with the XLA backward.
+FUSED_NF4_MAX_TOKENS = 16
+FUSED_NF4_MIN_WEIGHT = 1 << 24
+
+
+def nf4_linear_impl(ops: Ops, x: jax.Array, w: Any, lora_a: jax.Array | None = None) -> str:
+    """The NF4 implementation ``linear`` runs for ``x``, the NF4 weight ``w`` and its adapter."""
+    impl = ops.resolve("linear")
+    if ops.linear != "auto" or not _common.on_gpu() or _sharded_mesh(ops) is not None:
+        return impl  # under a mesh XLA partitions the linear (fastjax.sharding.partitionable_ops)
+    from fastjax.pallas_kernels import nf4_lora as k
+
+    tokens = math.prod(x.shape[:-1])
+    out, n_in = w.shape[-2:]
+    big = out * n_in >= FUSED_NF4_MIN_WEIGHT
+    if tokens <= FUSED_NF4_MAX_TOKENS and big and k.supports_pallas(w, lora_a):
+        return "pallas_fwd"
+    return impl
+
+
 def linear(
     x: jax.Array,
     w: Any,
@@ -359,9 +384,8 @@ def linear(
 
         if lora is not None and lora_x is not x:
             # Dropout only feeds the adapter path: run base and adapter separately.
-            y = k.nf4_lora_linear(
-                x, w, None, None, bias=bias, impl=ops.resolve("linear"), interpret=ops.interpret
-            )
+            impl = nf4_linear_impl(ops, x, w)
+            y = k.nf4_lora_linear(x, w, None, None, bias=bias, impl=impl, interpret=ops.interpret)
             return y + _lora_term(lora_x, lora, lora_scale)
         a = None if lora is None else lora["lora_A"]
         b = None if lora is None else lora["lora_B"]
@@ -372,7 +396,7 @@ def linear(
             b,
             lora_scale=lora_scale,
             bias=bias,
-            impl=ops.resolve("linear"),
+            impl=nf4_linear_impl(ops, x, w, a),
             interpret=ops.interpret,
         )
     # No preferred_element_type: the GPU dot accumulates in fp32 anyway, and an fp32 [T, out] result would

@@ -47,6 +47,7 @@ from fastjax.pallas_kernels import _common
 from jax.experimental import pallas as pl
 
 from fastjax.pallas_kernels.nf4_lora_xla import frozen_cotangents, nf4_lora_linear_xla
+from fastjax.pallas_kernels.nf4_lora_xla import nf4_xla_backward
 from fastjax.quant import NF4_CODE, NF4Tensor, dequantize_absmax, dequantize_nf4
 
 QBLOCK = 64  # NF4 block size the kernels support (bitsandbytes' default)
@@ -254,7 +255,8 @@ class BlockSizes:
     ``split_k`` splits ``in`` across programs in the forward (decode shapes); ``bwd_bk`` is the dx tile
     width (a multiple of 64). ``lookup`` picks the in-register dequantization (module docstring);
     ``w_lhs`` / ``bwd_w_lhs`` make the dequantized tile the dot's left (register) operand and accumulate
-    transposed tiles, transposed once before the store.
+    transposed tiles, transposed once before the store. ``xla_backward``: the fused forward with
+    ``nf4_lora_xla``'s backward (``impl="pallas_fwd"``: decode sizes, where only the forward wins).
 
     Measured on H200 (bench_nf4, gate/up 4096->14336, T=2048, bf16): forward ``select`` 1.66 ms vs
     ``gather`` 3.87 ms at bm=128, bn=64, 8 warps; at bm=256 ``select`` 1.08 ms, ``gather`` 2.10 ms.
@@ -273,6 +275,7 @@ class BlockSizes:
     lookup: str = "select"
     w_lhs: bool = False
     bwd_w_lhs: bool = False
+    xla_backward: bool = False
 
     def __post_init__(self):
         for f in ("bm", "bn", "bwd_bm", "bwd_bn"):
@@ -512,6 +515,8 @@ def _nf4_lora_2d_fwd(x, w, lora_a, lora_b, bias, scale, bs, interpret):
 def _nf4_lora_2d_bwd(bs, interpret, res, dy):
     x, w, lora_a, lora_b, bias, scale, xa = res
     dt = x.dtype
+    if bs.xla_backward:  # the same residuals, with x @ A.T in x.dtype as the XLA forward saves it
+        return nf4_xla_backward((*res[:-1], None if xa is None else xa.astype(dt)), dy)
     dy = dy.astype(dt)
     da = db = dyb_s = a = None
     if lora_a is not None:
@@ -553,21 +558,26 @@ def nf4_lora_linear(
     ``impl="pallas"`` runs the fused kernels (interpret mode per ``interpret`` /
     ``FASTJAX_PALLAS_INTERPRET``, default on without a GPU); ``"xla"`` dequantize-then-matmul in XLA with
     ``x.dtype`` results and a backward that re-dequantizes (``nf4_lora_xla``, what training uses on GPU);
-    ``"reference"`` the plain-autodiff oracle ``nf4_lora_linear_reference``.
+    ``"reference"`` the plain-autodiff oracle ``nf4_lora_linear_reference``; ``"pallas_fwd"`` the fused
+    forward with the XLA backward (``BlockSizes.xla_backward``).
     """
     _check(x, w, lora_a, lora_b, bias, block_sizes)
     if impl == "xla":
         return nf4_lora_linear_xla(x, w, lora_a, lora_b, lora_scale=lora_scale, bias=bias)
     if impl == "reference":
         return nf4_lora_linear_reference(x, w, lora_a, lora_b, lora_scale=lora_scale, bias=bias)
-    if impl != "pallas":
-        raise ValueError(f"nf4_lora_linear: impl={impl!r}, expected 'pallas', 'xla' or 'reference'")
+    if impl not in ("pallas", "pallas_fwd"):
+        raise ValueError(
+            f"nf4_lora_linear: impl={impl!r}, expected 'pallas', 'pallas_fwd', 'xla' or 'reference'"
+        )
     out, n_in = w.shape
     lead = x.shape[:-1]
     x2 = x.reshape(-1, n_in)
     _check_pallas_shapes(w, lora_a)
     bs = block_sizes or pick_block_sizes(x2.shape[0], out, n_in)
     _check_block_sizes(w, bs)
+    if impl == "pallas_fwd":
+        bs = dataclasses.replace(bs, xla_backward=True)
     scale = jnp.asarray(lora_scale, jnp.float32)
     y = _nf4_lora_2d(x2, w, lora_a, lora_b, bias, scale, bs, _common.resolve_interpret(interpret))
     return y.reshape(*lead, out)

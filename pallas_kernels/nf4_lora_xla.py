@@ -92,6 +92,7 @@ def frozen_cotangents(dy, w, bias, scale):
 
 
 _nf4_xla_2d.defvjp(_fwd, _bwd)
+nf4_xla_backward = _bwd  # the Pallas op's ``impl="pallas_fwd"`` backward (same residuals)
 
 
 def nf4_lora_linear_xla(

@@ -125,6 +125,36 @@ def test_reference_matches_float64():
     assert _rel(y, want) < TOL_REF_VS_F64
 
 
+@pytest.mark.parametrize(
+    "case",
+    [
+        ("decode_f32_lora_bias", (1, 8), 192, 320, 8, jnp.float32, True),
+        ("decode_bf16_base_only", (16,), 256, 128, 0, jnp.bfloat16, False),
+    ],
+    ids=lambda c: c[0],
+)
+def test_pallas_fwd_is_fused_forward_with_xla_backward(case):
+    """impl="pallas_fwd" (what decode-sized NF4 linears run on a GPU): forward and vjp equal the
+    reference, and the vjp program holds one pallas_call (the forward), where "pallas" holds two."""
+    name, lead, n_in, out, r, dtype, bias = case
+    x, w, a, b, bvec, ct = _case(hash(name) % 1000 + 90, lead, n_in, out, r, dtype, bias)
+    y, g = _fwd_vjp("pallas_fwd", w, 0.7, None, x, a, b, bvec, ct)
+    y_ref, g_ref = _fwd_vjp("reference", w, 0.7, None, x, a, b, bvec, ct)
+    assert y.dtype == dtype and _rel(y, y_ref) < TOL[dtype], ("y", _rel(y, y_ref))
+    assert set(g) == set(g_ref)
+    for n in g:
+        assert g[n].dtype == g_ref[n].dtype and _rel(g[n], g_ref[n]) < TOL[dtype], n
+
+    def n_pallas_calls(impl):
+        def f(x, ct):
+            y, vjp = jax.vjp(lambda x: k.nf4_lora_linear(x, w, a, b, bias=bvec, impl=impl), x)
+            return y, vjp(ct)
+
+        return str(jax.make_jaxpr(f)(x, ct)).count("pallas_call")
+
+    assert (n_pallas_calls("pallas_fwd"), n_pallas_calls("pallas")) == (1, 2)
+
+
 XLA_CASES = [
     # name, lead, in, out, r, dtype, bias
     ("fp32-lora-bias-odd-rows", (3, 41), 192, 96, 8, jnp.float32, True),
