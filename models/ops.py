@@ -121,7 +121,7 @@ def _sharded_mesh(ops: Ops) -> Mesh | None:
     return ops.mesh if ops.mesh is not None and ops.mesh.size > 1 else None
 
 
-_PARTITIONED_BY_XLA = ("xla", "cudnn")  # the jnp references and the cuDNN custom call
+_PARTITIONED_BY_XLA = ("xla", "xla_recompute", "cudnn")  # jnp paths and the cuDNN custom call
 
 
 def _placement(

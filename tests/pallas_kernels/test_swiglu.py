@@ -17,7 +17,7 @@ from fastjax.pallas_kernels import swiglu as S
 from benchmarks.shapes import TEST_SHAPES
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}  # relative L2 error, per input dtype
-IMPLS = ["xla", "pallas", pytest.param("pallas-gpu", marks=pytest.mark.gpu)]
+IMPLS = ["xla", "xla_recompute", "pallas", pytest.param("pallas-gpu", marks=pytest.mark.gpu)]
 
 
 def _key(*tag) -> jax.Array:
@@ -67,6 +67,22 @@ def test_glu_matches_reference(impl, case, run_fast):
     for name, g, r in zip(("out", "dgate", "dup"), got, want):
         assert g.shape == r.shape and g.dtype == r.dtype, name
         assert _rel(g, r) < TOL[dtype], (name, _rel(g, r))
+
+
+def test_xla_recompute_saves_only_its_inputs():
+    """What "xla_recompute" is for: its vjp keeps gate and up only (bf16, as given), where plain
+    autodiff of the reference keeps fp32 intermediates (93.9 GiB on Llama-3-8B without remat)."""
+    g, u = (
+        jax.random.normal(k, (7, 48), jnp.float32).astype(jnp.bfloat16)
+        for k in jax.random.split(_key("res"), 2)
+    )
+
+    def residuals(impl):
+        _, vjp = jax.vjp(lambda g, u: S.glu(g, u, impl=impl), g, u)
+        return [(leaf.shape, jnp.dtype(leaf.dtype)) for leaf in jax.tree.leaves(vjp)]
+
+    assert residuals("xla_recompute") == [((7, 48), jnp.dtype(jnp.bfloat16))] * 2
+    assert ((7, 48), jnp.dtype(jnp.float32)) in residuals("xla")  # the check can fail
 
 
 @pytest.mark.parametrize("act", S.ACTIVATIONS)
