@@ -263,6 +263,11 @@ def _normal(key, shape, dtype=BF16, scale=1.0):
 # ------------------------------------------------------------------------------------------------------
 # Cases
 # ------------------------------------------------------------------------------------------------------
+def _rms_label(v) -> str:
+    bwd = f"-bw{v.bwd_num_warps}" if v.bwd_num_warps else ""
+    return f"rows{v.block_rows}-w{v.num_warps}-p{v.bwd_programs}{bwd}"
+
+
 def bench_rms_norm(b: Bench, model: str, n_tok: int, offset: float):
     d = get(model).hidden_size
     s = 2
@@ -278,13 +283,14 @@ def bench_rms_norm(b: Bench, model: str, n_tok: int, offset: float):
         if (r, w) != (pick.block_rows, pick.num_warps)
     ]
     variants += [dataclasses.replace(pick, bwd_programs=2 * pick.bwd_programs)]
+    variants += [dataclasses.replace(pick, bwd_num_warps=w) for w in (8, 16) if w != pick.num_warps]
     impls = [
         ("xla", "reference", lambda x, w: RN.rms_norm(x, w, eps=1e-5, offset=offset, impl="xla"))
     ]
     impls += [
         (
             "pallas",
-            f"rows{v.block_rows}-w{v.num_warps}-p{v.bwd_programs}",
+            _rms_label(v),
             lambda x, w, v=v: RN.rms_norm(x, w, eps=1e-5, offset=offset, block_sizes=v),
         )
         for v in variants
@@ -310,9 +316,21 @@ def bench_rms_norm_residual(b: Bench, model: str, n_tok: int):
         x, r, w = _normal(k[0], (n_tok, d)), _normal(k[1], (n_tok, d)), _normal(k[2], (d,))
         return x, r, w, (_normal(k[3], (n_tok, d)), _normal(k[4], (n_tok, d)))
 
+    pick = RN.pick_block_sizes(n_tok, d, BF16)
     impls = [
         ("xla", "reference", lambda x, r, w: RN.rms_norm_residual(x, r, w, eps=1e-5, impl="xla")),
         ("pallas", "picker", lambda x, r, w: RN.rms_norm_residual(x, r, w, eps=1e-5)),
+    ]
+    impls += [
+        (
+            "pallas",
+            _rms_label(v),
+            lambda x, r, w, v=v: RN.rms_norm_residual(x, r, w, eps=1e-5, block_sizes=v),
+        )
+        for v in (
+            dataclasses.replace(pick, bwd_num_warps=8),
+            dataclasses.replace(pick, bwd_num_warps=16),
+        )
     ]
     run_op(
         b,
@@ -341,14 +359,20 @@ def bench_rope(b: Bench, model: str, n_tok: int):
     pick = RP.pick_block_sizes(n_tok, h, kv, dh)
     variants = [pick] + [
         RP.BlockSizes(t, w)
-        for t, w in ((1, 4), (2, 4), (4, 8))
+        for t, w in ((1, 2), (1, 4), (1, 8), (2, 4))
         if (t, w) != (pick.block_t, pick.num_warps)
+    ]
+    variants += [  # the rows layout: whole head rows, cos/sin tables
+        RP.BlockSizes(1, w, layout="rows", block_rows=r)
+        for r, w in ((32, 4), (64, 4), (64, 8), (128, 8))
     ]
     impls = [("xla", "reference", lambda q, k, pos: RP.rope(q, k, pos, inv_freq, impl="xla"))]
     impls += [
         (
             "pallas",
-            f"t{v.block_t}-w{v.num_warps}",
+            f"rows{v.block_rows}-w{v.num_warps}"
+            if v.layout == "rows"
+            else f"t{v.block_t}-w{v.num_warps}",
             lambda q, k, pos, v=v: RP.rope(q, k, pos, inv_freq, block_sizes=v),
         )
         for v in variants
@@ -382,13 +406,20 @@ def bench_glu(b: Bench, model: str, n_tok: int, activation: str, sweep: bool = T
     variants = [pick] + (
         [
             SG.BlockSizes(bl, w)
-            for bl, w in ((1024, 4), (2048, 4), (8192, 8))
+            for bl, w in ((2048, 4), (8192, 8))  # run 3: within 1% of the picker's 1024 x 4
             if (bl, w) != (pick.block, pick.num_warps)
         ]
         if sweep
         else []
     )
     impls = [("xla", "reference", lambda g, u: SG.glu(g, u, activation=activation, impl="xla"))]
+    impls += [  # the reference's math with the kernel's residual policy, for XLA to fuse
+        (
+            "xla_recompute",
+            "custom-vjp",
+            lambda g, u: SG.glu(g, u, activation=activation, impl="xla_recompute"),
+        )
+    ]
     impls += [
         (
             "pallas",

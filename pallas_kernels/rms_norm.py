@@ -183,11 +183,14 @@ def _rms_norm_bwd_kernel(
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
     """block_rows: rows per program (fwd and bwd). num_warps: Triton warps. bwd_programs: programs of the
-    backward kernel (each loops over its share of row blocks and emits one fp32 dw partial)."""
+    backward kernel (each loops over its share of row blocks and emits one fp32 dw partial).
+    bwd_num_warps: the backward's warps (None: ``num_warps``); its loop body holds the row's x, dy, n, dn
+    and the fp32 dw accumulator at once, about twice the forward's live registers."""
 
     block_rows: int
     num_warps: int
     bwd_programs: int
+    bwd_num_warps: int | None = None
 
     def __post_init__(self):
         if self.block_rows < 1 or self.block_rows & (self.block_rows - 1):
@@ -282,7 +285,7 @@ def _bwd_call(x2, w, rstd, dy2, ds2, cfg: _Config):
         out_shape=out_shape,
         grid=(programs,),
         name="rms_norm_residual_bwd" if residual else "rms_norm_bwd",
-        **pallas_call_kwargs(cfg.interpret, num_warps=bs.num_warps),
+        **pallas_call_kwargs(cfg.interpret, num_warps=bs.bwd_num_warps or bs.num_warps),
     )(*args)
     return dx, jnp.sum(dw_part, axis=0).astype(w.dtype)
 

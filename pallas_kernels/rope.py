@@ -161,19 +161,76 @@ def _rope_kernel(
         plt.store(o_ref.at[t3, h3, j3 + half], (x2 * cos + x1 * sin).astype(o_ref.dtype), mask=mask)
 
 
+def _rope_rows_kernel(
+    cos_ref,
+    sin_ref,
+    q_ref,
+    k_ref,
+    qo_ref,
+    ko_ref,
+    *,
+    rows: tuple[int, int],
+    heads: tuple[int, int],
+    head_dim: int,
+    block_rows: int,
+    q_programs: int,
+    sign: float,
+):
+    """``layout="rows"``: q and k as ``[tokens * heads, Dh]`` rows, ``block_rows`` whole rows a program
+    (programs ``< q_programs`` take q, the rest k). Each row is loaded once as is and once with its
+    halves swapped (the same cache lines); cos/sin come from ``[tokens, Dh/2]`` fp32 tables, gathered per
+    row (a token's heads hit the same L1 lines), so no value changes layout inside the kernel."""
+    pid = pl.program_id(0)
+    half = head_dim // 2
+    block_d = pl.next_power_of_2(head_dim)
+    j = jnp.arange(block_d)
+    first = j < half
+    partner = jnp.where(first, j + half, j - half)
+    jh = jnp.where(first, j, j - half)
+    sgn = jnp.where(first, -sign, sign).astype(jnp.float32)
+    for which, (x_ref, o_ref) in enumerate(((q_ref, qo_ref), (k_ref, ko_ref))):
+        n_rows, n_heads = rows[which], heads[which]
+        start = (pid if which == 0 else pid - q_programs) * block_rows
+
+        @pl.when((pid < q_programs) if which == 0 else (pid >= q_programs))
+        def _(x_ref=x_ref, o_ref=o_ref, n_rows=n_rows, n_heads=n_heads, start=start):
+            r = start + jnp.arange(block_rows)
+            mask = None
+            if n_rows % block_rows:
+                mask = (r < n_rows)[:, None]
+            if block_d != head_dim:
+                dmask = (j < head_dim)[None, :]
+                mask = dmask if mask is None else mask & dmask
+            tok = (r // n_heads)[:, None]
+            x = _load(x_ref.at[r[:, None], j[None, :]], mask, 0.0).astype(jnp.float32)
+            xp = _load(x_ref.at[r[:, None], partner[None, :]], mask, 0.0).astype(jnp.float32)
+            c = _load(cos_ref.at[tok, jh[None, :]], mask, 0.0)
+            sn = _load(sin_ref.at[tok, jh[None, :]], mask, 0.0)
+            out = x * c + sgn[None, :] * xp * sn
+            plt.store(o_ref.at[r[:, None], j[None, :]], out.astype(o_ref.dtype), mask=mask)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Block sizes
 # ----------------------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-    """block_t: tokens per program (power of 2); num_warps: Triton warps."""
+    """block_t: tokens per program (power of 2); num_warps: Triton warps. ``layout="rows"`` runs
+    :func:`_rope_rows_kernel` instead: ``block_rows`` (power of 2) head rows a program, cos/sin from
+    tables that XLA computes per call (``[tokens, Dh/2]`` fp32 each; block_t unused)."""
 
     block_t: int
     num_warps: int
+    layout: str = "tokens"
+    block_rows: int = 64
 
     def __post_init__(self):
-        if self.block_t < 1 or self.block_t & (self.block_t - 1):
-            raise ValueError(f"block_t={self.block_t} must be a power of 2 (Triton)")
+        for name in ("block_t", "block_rows"):
+            v = getattr(self, name)
+            if v < 1 or v & (v - 1):
+                raise ValueError(f"{name}={v} must be a power of 2 (Triton)")
+        if self.layout not in ("tokens", "rows"):
+            raise ValueError(f"layout={self.layout!r}: expected 'tokens' or 'rows'")
 
 
 def pick_block_sizes(n_tok: int, n_heads: int, n_kv_heads: int, head_dim: int) -> BlockSizes:
@@ -199,11 +256,44 @@ class _Config:
     interpret: bool
 
 
+def _rope_rows_call(q3, k3, pos, inv_freq, cfg: _Config, sign: float):
+    n_tok, n_heads, head_dim = q3.shape
+    n_kv = k3.shape[1]
+    bs = cfg.block_sizes
+    theta = pos.astype(jnp.float32)[:, None] * inv_freq[None, :]
+    cos = jnp.cos(theta) * cfg.attention_scaling
+    sin = jnp.sin(theta) * cfg.attention_scaling
+    q2, k2 = q3.reshape(n_tok * n_heads, head_dim), k3.reshape(n_tok * n_kv, head_dim)
+    q_programs = cdiv(q2.shape[0], bs.block_rows)
+    kernel = functools.partial(
+        _rope_rows_kernel,
+        rows=(q2.shape[0], k2.shape[0]),
+        heads=(n_heads, n_kv),
+        head_dim=head_dim,
+        block_rows=bs.block_rows,
+        q_programs=q_programs,
+        sign=sign,
+    )
+    qo, ko = pl.pallas_call(
+        kernel,
+        out_shape=[
+            jax.ShapeDtypeStruct(q2.shape, q2.dtype),
+            jax.ShapeDtypeStruct(k2.shape, k2.dtype),
+        ],
+        grid=(q_programs + cdiv(k2.shape[0], bs.block_rows),),
+        name="rope_rows_fwd" if sign > 0 else "rope_rows_bwd",
+        **pallas_call_kwargs(cfg.interpret, num_warps=bs.num_warps),
+    )(cos, sin, q2, k2)
+    return qo.reshape(q3.shape), ko.reshape(k3.shape)
+
+
 def _rope_call(q3, k3, pos, inv_freq, cfg: _Config, sign: float):
     n_tok, n_heads, head_dim = q3.shape
     n_kv = k3.shape[1]
     half = head_dim // 2
     bs = cfg.block_sizes
+    if bs.layout == "rows":
+        return _rope_rows_call(q3, k3, pos, inv_freq, cfg, sign)
     kernel = functools.partial(
         _rope_kernel,
         n_tok=n_tok,

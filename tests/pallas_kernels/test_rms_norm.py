@@ -143,6 +143,13 @@ def test_pallas_path_really_runs(lower_for_cuda):
     assert lower_for_cuda(fwd_bwd(), x, w) == 2
     assert lower_for_cuda(fwd_bwd(), x, w, interpret="1") == 0
     assert lower_for_cuda(res_fwd_bwd, x, w) == 2
+    bs = R.BlockSizes(block_rows=1, num_warps=4, bwd_programs=4, bwd_num_warps=8)
+
+    def own_bwd_warps(x, w):
+        y, vjp = jax.vjp(lambda x, w: R.rms_norm(x, w, eps=EPS, block_sizes=bs), x, w)
+        return y, vjp(y)
+
+    assert lower_for_cuda(own_bwd_warps, x, w) == 2
 
 
 def test_interpret_switch_takes_effect(monkeypatch):

@@ -65,6 +65,28 @@ CASES = [
         1.25,
         R.BlockSizes(block_t=4, num_warps=4),
     ),
+    # layout="rows": odd head_dim (masked lanes), row counts not a multiple of the block (108 q rows,
+    # 54 k rows, blocks of 8), and a bf16 llama3 case
+    (
+        2,
+        9,
+        (6, 3),
+        72,
+        jnp.float32,
+        {"type": "linear", "factor": 2.0},
+        1.25,
+        R.BlockSizes(block_t=1, num_warps=4, layout="rows", block_rows=8),
+    ),
+    (
+        1,
+        TEST_SHAPES["tokens"][2],
+        TEST_SHAPES["heads"][2],
+        128,
+        jnp.bfloat16,
+        LLAMA3,
+        1.0,
+        R.BlockSizes(block_t=1, num_warps=4, layout="rows", block_rows=16),
+    ),
 ]
 
 
@@ -165,6 +187,13 @@ def test_pallas_path_really_runs(lower_for_cuda):
     assert "pallas_call" in str(jax.make_jaxpr(fwd_bwd())(q, k))
     assert lower_for_cuda(fwd_bwd(), q, k) == 2
     assert lower_for_cuda(fwd_bwd(), q, k, interpret="1") == 0
+    rows = R.BlockSizes(block_t=1, num_warps=4, layout="rows", block_rows=8)
+
+    def rows_fwd_bwd(q, k):
+        out, vjp = jax.vjp(lambda q, k: R.rope(q, k, pos, inv_freq, block_sizes=rows), q, k)
+        return out, vjp(out)
+
+    assert lower_for_cuda(rows_fwd_bwd, q, k) == 2  # the rows layout lowers too (pl.when branches)
 
 
 def test_interpret_switch_takes_effect(monkeypatch):
