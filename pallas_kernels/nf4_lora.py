@@ -46,8 +46,11 @@ import numpy as np
 from fastjax.pallas_kernels import _common
 from jax.experimental import pallas as pl
 
-from fastjax.pallas_kernels.nf4_lora_xla import frozen_cotangents, nf4_lora_linear_xla
-from fastjax.pallas_kernels.nf4_lora_xla import nf4_xla_backward
+from fastjax.pallas_kernels.nf4_lora_xla import (
+    frozen_cotangents,
+    nf4_lora_linear_xla,
+    nf4_xla_backward,
+)
 from fastjax.quant import NF4_CODE, NF4Tensor, dequantize_absmax, dequantize_nf4
 
 QBLOCK = 64  # NF4 block size the kernels support (bitsandbytes' default)

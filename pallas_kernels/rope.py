@@ -21,6 +21,9 @@ from positions and inv_freq (no ``[T, Dh]`` table ever lives in HBM).
 
 Kernel: one program handles ``block_t`` tokens, all heads of q and k (heads and half head-dim padded to
 powers of two and masked), computing each token's ``Dh/2`` cos/sin once and sharing them across heads.
+Variant ``BlockSizes(layout="rows")``: programs of whole ``[Dh]`` head rows (q's rows, then k's, in one
+launch) that read cos/sin from ``[tokens, Dh/2]`` fp32 tables XLA computes per call (2 x 4 bytes a token
+and frequency: 8 MiB at 16K tokens, against 320 MiB of q and k moved); a candidate for the GPU sweep.
 
 ``rope_inv_freq`` reproduces transformers' default / ``linear`` / ``llama3`` inverse frequencies in fp32.
 """
