@@ -115,9 +115,13 @@ def label(r: dict) -> str:
     system = r.get("system", "?")
     remat = r.get("remat")
     name = SYSTEM_NAMES.get(system, system)
-    if system.startswith("ablate-"):
-        ops = system[len("ablate-") :].replace("=xla", "").replace(",", " + ")
-        name = f"ablation: fastjax LoRA with {ops} on its XLA reference"
+    if system.startswith("ablate-"):  # ablate-OP=IMPL[,OP=IMPL...]
+        forced = [piece.split("=") for piece in system[len("ablate-") :].split(",")]
+        ops = " + ".join(
+            f"{op} on its XLA reference" if impl == "xla" else f"{op} on {impl}"
+            for op, impl in forced
+        )
+        name = f"ablation: fastjax LoRA with {ops}"
     if system == "fastjax-lean":
         micro = r.get("micro_batches")
         return f"fastjax LoRA, lean: remat {remat}" + (f", {micro} micro-batches" if micro else "")
@@ -219,10 +223,12 @@ def markdown(rows: list[dict], *, gpu: str, png: str | None) -> str:
     best_ctx = latest(
         searched, lambda r: (r.get("system"), r.get("shape"), r.get("cap_gib"), r.get("remat"))
     )
-    unsearched = {
-        (r.get("system"), r.get("shape"), r.get("cap_gib")): r
+    searched_keys = {(r.get("system"), r.get("shape"), r.get("cap_gib")) for r in best_ctx.values()}
+    unsearched = {  # the newest probe-less search of a cell that no search with probes covers
+        key: r
         for r in sorted(ctx, key=_when)
         if not r.get("trials")
+        and (key := (r.get("system"), r.get("shape"), r.get("cap_gib"))) not in searched_keys
     }
     shown = [r for c in cells for r in c[3]] + list(best_ctx.values()) + list(unsearched.values())
     runs = run_numbers(shown)
@@ -296,16 +302,12 @@ def markdown(rows: list[dict], *, gpu: str, png: str | None) -> str:
                 f"{_fmt(r.get('min_fail'), ',')} | {r.get('stopped', '')} | "
                 f"{runs.get(r['_run'], '?')} |"
             )
-        for (system, shape, cap), r in sorted(unsearched.items(), key=lambda kv: str(kv[0])):
-            if not any(
-                (b.get("system"), b.get("shape"), b.get("cap_gib")) == (system, shape, cap)
-                for b in best_ctx.values()
-            ):
-                lines.append(
-                    f"| {SHAPE_NAMES.get(shape, shape)} | {label(r)} | {cap:g} | not searched: "
-                    f"{r.get('why') or r.get('stopped', '?')} | — | — | "
-                    f"{runs.get(r['_run'], '?')} |"
-                )
+        for (_, shape, cap), r in sorted(unsearched.items(), key=lambda kv: str(kv[0])):
+            lines.append(
+                f"| {SHAPE_NAMES.get(shape, shape)} | {label(r)} | {cap:g} | not searched: "
+                f"{r.get('why') or r.get('stopped', '?')} | — | — | "
+                f"{runs.get(r['_run'], '?')} |"
+            )
     notes = not_measured(rows, gpu)
     if notes:
         lines += ["", "Not measured in the newest run:"] + [f"- {n}" for n in notes]

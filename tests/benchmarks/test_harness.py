@@ -625,3 +625,15 @@ def test_hf_peft_bf16_step_runs_on_cpu():
     row = torch_systems.bench(tiny, 2, 16, steps=2, warmup=1, device="cpu")
     assert row["ok"] and row["tokens_per_s"] > 0 and row["step_s"] > 0
     assert abs(row["loss"] - np.log(320)) < 1.0 and row["n_trainable"] > 0
+
+
+def test_report_labels_ablations_by_the_forced_impl():
+    assert report.label({"system": "ablate-glu=xla"}) == (
+        "ablation: fastjax LoRA with glu on its XLA reference"
+    )
+    assert report.label({"system": "ablate-glu=xla_recompute", "remat": "none"}) == (
+        "ablation: fastjax LoRA with glu on xla_recompute, remat none"
+    )
+    assert report.label({"system": "fastjax-lean", "remat": "full", "micro_batches": 2}) == (
+        "fastjax LoRA, lean: remat full, 2 micro-batches"
+    )
