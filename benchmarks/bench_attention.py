@@ -8,10 +8,12 @@ Usage (GPU machine, repo root)::
 Plan steps, run in order (a step that would start past ``--deadline`` seconds is skipped):
 - ``check``: compiled kernels vs ``attention_reference`` (fp32, HIGHEST) at small odd shapes, every feature.
 - ``check2``: fp32 inputs (IEEE dots) and cuDNN's packed layout (``max_segments``) vs the reference.
-- ``sweep:D``: tiles per kernel at B=4, T=4096, causal, bf16: forward, then dk/dv and dq each timed alone.
+- ``sweep:D``: tiles per kernel at B=4, T=4096, causal, bf16: forward, then dk/dv and dq each timed alone,
+  then the fused backward (one kernel, dq by atomics), kept when it beats the split pair's best sum.
 - ``bench:T:D``: fwd and fwd+bwd for pallas / cudnn (/ xla at T=2048, D=128), B*T = 32k tokens, causal,
   without and with 4-8 packed segments per row, the packed rows also run as a padded batch [n_seq, max_len]
-  through cuDNN and Pallas, and (T=8192) through cuDNN's packed layout.
+  through cuDNN and Pallas, and (T=8192) through cuDNN's packed layout; the Pallas rows also run the other
+  backward schedule (``pallas_fused`` or ``pallas_split``: ``BlockSizes.fused_bwd``) on the same tiles.
 - ``pbench:T:D``: only the Pallas rows of ``bench`` (plus cuDNN packed at T=8192), with the swept tiles.
 
 FLOPs count only allowed (query, key) pairs: forward ``4 * H * D * pairs``, fwd+bwd 3.5x that
@@ -279,6 +281,10 @@ SWEEP_DKDV = {  # (block_q, block_k, num_warps, num_stages); block_k is the resi
     128: [(64, 64, 8, 2), (64, 128, 8, 2), (32, 128, 8, 3), (64, 128, 8, 3), (32, 128, 4, 3)],
     256: [(32, 64, 8, 2), (64, 64, 8, 2), (16, 64, 4, 2), (32, 64, 8, 3)],
 }
+SWEEP_FUSED = {  # fused backward (dk/dv tiles + dq atomics); block_k is the resident kv tile
+    128: [(64, 64, 8, 2), (32, 128, 4, 3), (64, 128, 8, 2), (32, 128, 8, 3), (16, 128, 4, 4)],
+    256: [(32, 64, 8, 2), (64, 64, 8, 2), (16, 64, 4, 3)],
+}
 SWEEP_DQ = {  # (block_q, block_k, num_warps, num_stages); block_q is the resident q tile
     128: [(64, 64, 8, 2), (128, 64, 8, 2), (128, 32, 8, 3), (128, 64, 8, 3)],
     256: [(64, 32, 8, 2), (64, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 3)],
@@ -303,7 +309,8 @@ def _try_time(fn, *args):
 
 
 def step_sweep(d, b=4, t=4096):
-    """Forward tiles, then the dk/dv and dq kernels each timed alone on the forward's residuals."""
+    """Forward tiles, then the dk/dv and dq kernels each timed alone on the forward's residuals, then
+    the fused backward (dk/dv + dq atomics, ``BlockSizes.fused_bwd``) against their best sum."""
     from fastjax.pallas_kernels import _common
     from fastjax.pallas_kernels import attention_bwd as AB
 
@@ -334,6 +341,7 @@ def step_sweep(d, b=4, t=4096):
     )
     out, lse = jax.jit(lambda q, k, v: A._fwd_impl(q, k, v, None, st))(q, k, v)
     delta = jnp.einsum("bthd,bthd->bht", out.astype(jnp.float32), do.astype(jnp.float32))
+    split_s = {}
     for name, cfgs, call, mult in (
         ("dkdv", SWEEP_DKDV[d], AB.dkdv_call, 2.0),
         ("dq", SWEEP_DQ[d], AB.dq_call, 1.5),
@@ -359,10 +367,50 @@ def step_sweep(d, b=4, t=4096):
             )
             res[cfg] = s
         if res:
-            best = _replace(best, name, min(res, key=lambda c: np.nan_to_num(res[c], nan=1e9)))
+            pick = min(res, key=lambda c: np.nan_to_num(res[c], nan=1e9))
+            best = _replace(best, name, pick)
+            split_s[name] = res[pick]
+    best = _sweep_fused(d, best, st, (q, k, v, do, lse, delta), split_s, shape, fl)
     BEST[d] = best
     out_row(kind="sweep_best", block_sizes=dataclasses.asdict(best), **shape)
     del q, k, v, do, out, lse, delta
+
+
+def _sweep_fused(d, best, st, args, split_s, shape, fl):
+    """Time the fused backward per tile; keep it (``fused_bwd=True``) only when it beats the split
+    kernels' best dk/dv + dq time. The fused row's TFLOP/s counts the backward's 2.5x forward FLOPs."""
+    from fastjax.pallas_kernels import attention_bwd as AB
+
+    split = split_s.get("dkdv", float("nan")) + split_s.get("dq", float("nan"))
+    out_row(
+        kind="sweep_split_sum",
+        cfg="dkdv+dq",
+        ms=split * 1e3,
+        tflops=2.5 * fl / split / 1e12,
+        **shape,
+    )
+    res = {}
+    for cfg in SWEEP_FUSED.get(d, []):
+        if left() < 20:
+            break
+        blocks = dataclasses.replace(_replace(best, "dkdv", cfg), fused_bwd=True)
+        st2 = dataclasses.replace(st, blocks=blocks)
+        f = jax.jit(
+            lambda q, k, v, do, lse, delta, st2=st2: AB.dkdv_call(
+                q, k, v, None, do, lse, delta, st2, fused=True
+            )
+        )
+        s, err = _try_time(f, *args)
+        out_row(
+            kind="sweep_fused", cfg=cfg, ms=s * 1e3, tflops=2.5 * fl / s / 1e12, error=err, **shape
+        )
+        res[cfg] = s
+    if not res:
+        return best
+    pick = min(res, key=lambda c: np.nan_to_num(res[c], nan=1e9))
+    if not np.isfinite(res[pick]) or not res[pick] < np.nan_to_num(split, nan=1e9):
+        return best
+    return dataclasses.replace(_replace(best, "dkdv", pick), fused_bwd=True)
 
 
 def step_check2():
@@ -477,6 +525,18 @@ def step_bench(t, d, *, pallas_only=False, tokens=32768):
             **shape,
             **(tiles if impl == "pallas" else {}),
         )
+    # The other backward schedule on the same tiles (fused when the sweep kept split, and back).
+    other = dataclasses.replace(bs, fused_bwd=not bs.fused_bwd)
+    _time_pair(
+        "pallas_split" if bs.fused_bwd else "pallas_fused",
+        fns("pallas", bs=other)[:2],
+        (q, k, v),
+        (q, k, v, do),
+        fl,
+        segments=0,
+        **shape,
+        block_sizes=dataclasses.asdict(other),
+    )
     rows = packed_lengths(rng, b, t)
     seg = segment_ids_from(rows, t)
     flp = 4 * h * d * pairs(rows)

@@ -210,7 +210,10 @@ def _attention_fwd_kernel(
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-    """Tiles and Triton launch params of the three kernels (forward, dk/dv, dq). Powers of two >= 16."""
+    """Tiles and Triton launch params of the three kernels (forward, dk/dv, dq). Powers of two >= 16.
+
+    ``fused_bwd``: one backward kernel (dk/dv tiles) that also adds dq with fp32 atomics, instead of
+    the dk/dv and dq kernels (``attention_bwd`` module docstring)."""
 
     block_q: int
     block_k: int
@@ -224,6 +227,7 @@ class BlockSizes:
     block_k_dq: int
     num_warps_dq: int
     num_stages_dq: int
+    fused_bwd: bool = False
 
     def __post_init__(self):
         for f in ("block_q", "block_k", "block_q_dkv", "block_k_dkv", "block_q_dq", "block_k_dq"):
@@ -254,7 +258,9 @@ class BlockSizes:
 # FlashAttention-2 choices: bq=128 x bk=64 with 8 warps (two warpgroups of 64 rows) in the forward;
 # 64 x 64 backward tiles keep the dk/dv (or dq) fp32 accumulators plus k/v (or q/do) in registers.
 # Not yet swept: `bench_attention.py --plan sweep:128,sweep:256` times the alternatives (the dk/dv and
-# dq kernels each alone); the sweep did not fit this session's device time.
+# dq kernels each alone, then the fused backward, `fused_bwd`, against their sum); the sweep did not fit
+# a session's device time yet. The fused backward does 5 tile matmuls per block pair against the split
+# pair's 7, so it is the candidate for the backward gap; it stays off until a GPU run shows it faster.
 _BLOCKS_BY_HEAD_DIM: dict[int, BlockSizes] = {
     64: BlockSizes(128, 64, 4, 3, 64, 64, 4, 3, 64, 64, 4, 3),
     128: BlockSizes(128, 64, 8, 3, 64, 64, 8, 2, 64, 64, 8, 2),

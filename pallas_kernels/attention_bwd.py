@@ -7,12 +7,18 @@ With ``s`` the log2-domain scores, ``lse`` the forward's log2 logsumexp, ``delta
     ds = p * (dout v^T - delta)        (times 1 - tanh^2 under a softcap)
     dq = sm_scale * ds k               dk = sm_scale * ds^T q
 
-Two kernels, so neither needs atomics:
-- ``_attention_dkdv_kernel``: one program per (kv block, kv head, batch). It keeps k, v and the dk/dv
-  accumulators on chip and loops over the group's ``H // KV`` q heads and, per head, over the live q
-  blocks: GQA costs no K/V repeat and no per-q-head dk/dv buffer (dk/dv are ``[B, S, KV, D]``).
-- ``_attention_dq_kernel``: one program per (q block, q head, batch), looping over live kv blocks.
-Both skip dead block pairs and run mask-free bodies on full ones, from the same tables as the forward.
+Two ways to run it (``BlockSizes.fused_bwd``):
+- Split (default), two kernels, so neither needs atomics:
+  - ``_attention_dkdv_kernel``: one program per (kv block, kv head, batch). It keeps k, v and the dk/dv
+    accumulators on chip and loops over the group's ``H // KV`` q heads and, per head, over the live q
+    blocks: GQA costs no K/V repeat and no per-q-head dk/dv buffer (dk/dv are ``[B, S, KV, D]``).
+  - ``_attention_dq_kernel``: one program per (q block, q head, batch), looping over live kv blocks.
+  Seven tile matmuls per live block pair: ``q k^T`` and ``dout v^T`` are computed in both kernels.
+- Fused (FlashAttention-2's own schedule): the dk/dv kernel also forms each pair's ``ds k`` and adds it
+  into an fp32 dq buffer with atomic adds. Five tile matmuls per pair (2.5x the forward's two, the
+  count every TFLOP/s figure uses), one launch, at the price of ``[B, T, H, D]`` fp32 atomics and a dq
+  whose last bits depend on the order the adds land in (run to run, not only across GPUs).
+All skip dead block pairs and run mask-free bodies on full ones, from the same tables as the forward.
 The pieces shared with the forward come from ``attention_common.py``; ``attention.py`` imports this
 module, so this module does not import it.
 """
@@ -33,6 +39,7 @@ from fastjax.pallas_kernels.attention_common import (
     masked_loops,
 )
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 
 
 def _attention_dkdv_kernel(
@@ -47,24 +54,19 @@ def _attention_dkdv_kernel(
     groups: int,
     block_q: int,
     block_k: int,
+    fused: bool = False,
 ):
-    if has_seg:
-        (
-            tab_ref,
-            qseg_ref,
-            kseg_ref,
-            q_ref,
-            k_ref,
-            v_ref,
-            do_ref,
-            lse_ref,
-            delta_ref,
-            dk_ref,
-            dv_ref,
-        ) = refs
+    # refs: [tab, (qseg, kseg), q, k, v, do, lse, delta, (dq_in)] inputs, then dk, dv, (dq) outputs.
+    # With ``fused`` the aliased dq buffer comes in and out; only the output ref is written.
+    refs = list(refs)
+    tab_ref = refs.pop(0)
+    qseg_ref, kseg_ref = (refs.pop(0), refs.pop(0)) if has_seg else (None, None)
+    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = refs[:6]
+    if fused:
+        _, dk_ref, dv_ref, dq_ref = refs[6:]
     else:
-        tab_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref = refs
-        qseg_ref = kseg_ref = None
+        dk_ref, dv_ref = refs[6:]
+        dq_ref = None
     j = pl.program_id(0)
     kvh = pl.program_id(1)
     k = k_ref[...]  # [block_k, D]
@@ -96,7 +98,12 @@ def _attention_dkdv_kernel(
             ds = p * (dot_f32(v, do, trans_b=True) - delta[None, :])
             if t is not None:
                 ds = ds * (1.0 - t * t)
-            dk = dk + dot_f32(ds.astype(q.dtype), q)
+            ds = ds.astype(q.dtype)
+            dk = dk + dot_f32(ds, q)
+            if dq_ref is not None:  # ds^T k: this pair's share of dq rows `rows` of head h
+                plgpu.atomic_add(
+                    dq_ref, (rows, h, slice(None)), dot_f32(ds, k, trans_a=True) * sm_scale
+                )
             return dk, dv
 
         return masked_loops(body, ranges, carry, needs_mask)
@@ -184,8 +191,10 @@ def _bwd_statics(q, k, segment_ids, st):
     return statics, ranges, qseg, kseg
 
 
-def dkdv_call(q, k, v, segment_ids, do, lse, delta, st):
-    """dk, dv ``[B, Sp, KV, Dp]``: grid (kv block, kv head, batch), all q heads of the group inside."""
+def dkdv_call(q, k, v, segment_ids, do, lse, delta, st, *, fused: bool = False):
+    """dk, dv ``[B, Sp, KV, Dp]``: grid (kv block, kv head, batch), all q heads of the group inside.
+
+    ``fused``: also dq ``[B, Tp, H, Dp]`` in fp32, accumulated with atomic adds (returns dk, dv, dq)."""
     b, t_pad, h, d = q.shape
     s_pad, kv = k.shape[1], k.shape[2]
     bs = st.blocks
@@ -206,15 +215,25 @@ def dkdv_call(q, k, v, segment_ids, do, lse, delta, st):
     stat = pl.BlockSpec((None, h, t_pad), lambda j, g, bb: (bb, 0, 0))
     in_specs += [full_q, kv_blk, kv_blk, full_q, stat, stat]
     args += [q, k, v, do, lse, delta]
+    out_specs = [kv_blk, kv_blk]
+    out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
+    extra = {}
+    if fused:  # every program adds into the whole dq row block of its batch row
+        in_specs.append(full_q)
+        args.append(jnp.zeros(q.shape, jnp.float32))
+        out_specs.append(full_q)
+        out_shape.append(jax.ShapeDtypeStruct(q.shape, jnp.float32))
+        extra["input_output_aliases"] = {len(args) - 1: 2}
     return pl.pallas_call(
         functools.partial(
-            _attention_dkdv_kernel, groups=h // kv, block_q=bq, block_k=bk, **statics
+            _attention_dkdv_kernel, groups=h // kv, block_q=bq, block_k=bk, fused=fused, **statics
         ),
         grid=(s_pad // bk, kv, b),
         in_specs=in_specs,
-        out_specs=[kv_blk, kv_blk],
-        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-        name="fastjax_attention_dkdv",
+        out_specs=out_specs,
+        out_shape=out_shape,
+        name="fastjax_attention_bwd_fused" if fused else "fastjax_attention_dkdv",
+        **extra,
         **_common.pallas_call_kwargs(st.interpret, bs.num_warps_dkv, bs.num_stages_dkv),
     )(*args)
 
@@ -259,6 +278,9 @@ def flash_bwd(q, k, v, segment_ids, out, do, lse, st):
     """Padded q/k/v/out/dout (``[B, Tp, H, Dp]`` / ``[B, Sp, KV, Dp]``), lse ``[B, H, Tp]`` -> dq, dk, dv."""
     # delta = rowsum(out * dout) in fp32, [B, H, Tp]; padding rows have out == 0, hence delta == 0.
     delta = jnp.einsum("bthd,bthd->bht", out.astype(jnp.float32), do.astype(jnp.float32))
+    if st.blocks.fused_bwd:
+        dk, dv, dq = dkdv_call(q, k, v, segment_ids, do, lse, delta, st, fused=True)
+        return dq.astype(q.dtype), dk, dv
     dk, dv = dkdv_call(q, k, v, segment_ids, do, lse, delta, st)
     dq = dq_call(q, k, v, segment_ids, do, lse, delta, st)
     return dq, dk, dv

@@ -6,6 +6,8 @@ Every case draws fresh random inputs and a random cotangent. Errors are relative
 
 from __future__ import annotations
 
+import dataclasses
+import re
 import zlib
 
 import jax
@@ -205,6 +207,57 @@ def test_pallas_matches_reference(case):
             assert not np.any(np.asarray(x, np.float32)[pad]), name
 
 
+FUSED_CASES = [  # (B, T, H, KV, D, dtype, causal, segments, window, softcap, blocks)
+    (2, 128, 8, 2, 64, jnp.float32, True, 4, None, None, SMALL16),  # GQA 4, packed rows, padding
+    (1, 300, 4, 1, 72, jnp.float32, True, 0, 37, None, SMALL32),  # ragged T, window, D zero-padded
+    (1, 128, 4, 2, 256, jnp.bfloat16, True, 3, 50, 20.0, SMALL32),  # softcap, window, segments
+    (2, 33, 2, 2, 64, jnp.float16, False, 0, None, None, SMALL16),  # non-causal, T not a block
+    (1, 200, 8, 8, 128, jnp.bfloat16, True, 0, None, None, None),  # the head_dim-128 tiles
+]
+
+
+@pytest.mark.parametrize("case", FUSED_CASES, ids=_case_id)
+def test_fused_backward_matches_reference(case):
+    """``fused_bwd``: one backward kernel, dq through fp32 atomic adds; same vjp as the reference."""
+    b, t, h, kv, d, dtype, causal, nseg, window, softcap, bs = case
+    q, k, v, do = _inputs(("fused",) + case[:5] + (nseg, window), b, t, h, kv, d, dtype)
+    seg = _segments(("fused", b, t, nseg), b, t, nseg) if nseg else None
+    bs = dataclasses.replace(bs or A.pick_block_sizes(d), fused_bwd=True)
+    kw = {"segment_ids": seg, "causal": causal, "window": window, "softcap": softcap}
+    fn = lambda q, k, v: A.attention(q, k, v, impl="pallas", interpret=True, block_sizes=bs, **kw)
+    got = _fwd_vjp(fn, q, k, v, do)
+    want = _fwd_vjp(lambda q, k, v: A.attention_reference(q, k, v, **kw), q, k, v, do)
+    for name, g_, w_ in zip(("out", "dq", "dk", "dv"), got, want):
+        assert g_.dtype == dtype and g_.shape == w_.shape, name
+        assert _rel(g_, w_) < TOL[dtype], (name, _rel(g_, w_))
+    if seg is not None:
+        pad = np.asarray(seg) == 0
+        assert not np.any(np.asarray(got[1], np.float32)[pad])  # no dq into padding queries
+    # The vjp runs one backward pallas_call (the fused kernel), where the split path runs two.
+    names = lambda bs_: re.findall(
+        r"name=(fastjax_attention_\w+)",
+        str(
+            jax.make_jaxpr(
+                lambda q, k, v, do: jax.vjp(
+                    lambda q, k, v: A.attention(
+                        q, k, v, impl="pallas", interpret=True, block_sizes=bs_, **kw
+                    ),
+                    q,
+                    k,
+                    v,
+                )[1](do)
+            )(q, k, v, do)
+        ),
+    )
+    assert sorted(set(names(bs))) == ["fastjax_attention_bwd_fused", "fastjax_attention_fwd"]
+    split = dataclasses.replace(bs, fused_bwd=False)
+    assert sorted(set(names(split))) == [
+        "fastjax_attention_dkdv",
+        "fastjax_attention_dq",
+        "fastjax_attention_fwd",
+    ]
+
+
 def test_packed_row_equals_separate_sequences():
     """Two 13-token sequences packed in one row (+ padding) == the same two as a batch, no segments."""
     n, pad, h, kv, d = 13, 6, 4, 2, 64
@@ -347,14 +400,20 @@ def test_segment_offsets_for_cudnn_packed_layout():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _common.on_gpu(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("impl", ["pallas", "cudnn"])
+@pytest.mark.parametrize("impl", ["pallas", "pallas_fused", "cudnn"])
 def test_compiled_matches_reference_gpu(impl):
-    """Compiled kernels (and cuDNN, incl. its packed layout) against the reference, on a GPU."""
+    """Compiled kernels (split and fused backward; and cuDNN, incl. its packed layout) against the
+    reference, on a GPU."""
     b, t, h, kv, d = 2, 300, 8, 2, 128
+    bs = None
+    if impl == "pallas_fused":
+        impl, bs = "pallas", dataclasses.replace(A.pick_block_sizes(d), fused_bwd=True)
     q, k, v, do = _inputs(("gpu", impl), b, t, h, kv, d, jnp.bfloat16)
     seg = _segments(("gpu",), b, t, 4)
     for kw in ({}, {"window": 100}, {"segment_ids": seg}, {"segment_ids": seg, "window": 64}):
         extra = {"max_segments": 4} if impl == "cudnn" and "segment_ids" in kw else {}
+        if bs is not None:
+            extra["block_sizes"] = bs
         got = _fwd_vjp(
             lambda q, k, v, kw=kw, extra=extra: A.attention(q, k, v, impl=impl, **kw, **extra),
             q,
