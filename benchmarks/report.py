@@ -37,6 +37,7 @@ SYSTEM_ORDER = (
     "fastjax-lora",
     "fastjax-qlora",
     "fastjax-lean",
+    "fastjax-qlora-lean",
     "fastjax-packed",
     "plain-xla",
     "xla-cudnn",
@@ -49,6 +50,7 @@ SYSTEM_NAMES = {
     "fastjax-lora": "fastjax LoRA (bf16 base)",
     "fastjax-qlora": "fastjax QLoRA (NF4 base)",
     "fastjax-lean": "fastjax LoRA, lean (remat, micro-batches)",
+    "fastjax-qlora-lean": "fastjax QLoRA, lean (remat, micro-batches)",
     "fastjax-packed": "fastjax LoRA, packed rows",
     "plain-xla": "plain XLA (every op its reference)",
     "xla-cudnn": "plain XLA + cuDNN attention",
@@ -57,7 +59,10 @@ SYSTEM_NAMES = {
     "unsloth-lora": "Unsloth 16-bit LoRA",
     "unsloth-qlora": "Unsloth QLoRA",
 }
-DEFAULT_REMAT = {"fastjax-lean": "offload_layer_input"}  # others: "full"
+DEFAULT_REMAT = {
+    "fastjax-lean": "offload_layer_input",
+    "fastjax-qlora-lean": "offload_layer_input",
+}  # others: "full"
 SHAPE_NAMES = {
     "llama-3.2-1b": "Llama-3.2-1B",
     "llama-3-8b": "Llama-3-8B",
@@ -122,9 +127,12 @@ def label(r: dict) -> str:
             for op, impl in forced
         )
         name = f"ablation: fastjax LoRA with {ops}"
-    if system == "fastjax-lean":
+    if system in ("fastjax-lean", "fastjax-qlora-lean"):
         micro = r.get("micro_batches")
-        return f"fastjax LoRA, lean: remat {remat}" + (f", {micro} micro-batches" if micro else "")
+        base = "QLoRA" if system == "fastjax-qlora-lean" else "LoRA"
+        return f"fastjax {base}, lean: remat {remat}" + (
+            f", {micro} micro-batches" if micro else ""
+        )
     if (
         remat
         and system.startswith(("fastjax", "plain", "xla", "ablate"))

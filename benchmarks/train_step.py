@@ -16,6 +16,7 @@ Systems (``--systems``; default all but ``xla-cudnn``):
                   scan carry goes to pinned host memory) and micro-batches of ``--lean-rows`` rows
                   (gradient accumulation, the same tokens per step); aims at <= 17.8 GiB on
                   Llama-3-8B (Unsloth 16-bit LoRA's peak)
+  fastjax-qlora-lean  fastjax-qlora with the same lean preset; aims at <= 8.2 GiB (Unsloth QLoRA's)
   fastjax-packed  fastjax-lora on rows of 4-8 packed segments (less attention work: MFU counts it),
                   with the rows' segment bound, so attention takes cuDNN's packed layout
   plain-xla       the same model with every op on its XLA reference (``Ops.all("xla")``)
@@ -56,16 +57,19 @@ FASTJAX_SYSTEMS = (
     "fastjax-lora",
     "fastjax-qlora",
     "fastjax-lean",
+    "fastjax-qlora-lean",
     "fastjax-packed",
     "plain-xla",
     "xla-cudnn",
 )
+LEAN_SYSTEMS = ("fastjax-lean", "fastjax-qlora-lean")  # run with --lean-remat / --lean-rows
 TORCH_SYSTEMS = ("hf+peft", "hf+peft-qlora")
 UNSLOTH_SYSTEMS = ("unsloth-lora", "unsloth-qlora")
 DEFAULT_SYSTEMS = (
     "fastjax-lora",
     "fastjax-qlora",
     "fastjax-lean",
+    "fastjax-qlora-lean",
     "fastjax-packed",
     "plain-xla",
     "hf+peft",
@@ -134,6 +138,7 @@ def run_fastjax(
         remat=remat,
         micro_batches=batch // rows,
         mlp_chunk_size=mlp_chunk_size,
+        base_weights="nf4" if system.startswith("fastjax-qlora") else "bfloat16",
     )
     cfg = registry.config_from_hf(shape.hf_config())
     ops = _ops_for(system)
@@ -158,7 +163,9 @@ def run_fastjax(
     }  # [A, B, T]
     t_start = time.perf_counter()
     try:
-        params = common.random_params(cfg, jax.random.key(0), quantize=(system == "fastjax-qlora"))
+        params = common.random_params(
+            cfg, jax.random.key(0), quantize=base["base_weights"] == "nf4"
+        )
         lora, lcfg = lora_mod.get_peft_model(
             params, cfg, r=16, lora_alpha=16, target_modules="all-linear"
         )
@@ -342,7 +349,7 @@ def plan(args) -> list[Job]:
         get(shape)  # unknown names fail here, before any device time is spent
         for b, s in parse_grid(args.grid):
             for system in args.systems.split(","):
-                if system == "fastjax-lean":
+                if system in LEAN_SYSTEMS:
                     rows = min(args.lean_rows, b) if args.lean_rows else None
                     argv = fastjax_argv(
                         system, shape, b, s, remat=args.lean_remat, micro_rows=rows, **common_steps
@@ -460,13 +467,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="fastjax: tokens per MLP slice (default: the whole micro-batch at once)",
     )
     ap.add_argument(
-        "--lean-remat", default="offload_layer_input", help="remat preset of fastjax-lean"
+        "--lean-remat",
+        default="offload_layer_input",
+        help="remat preset of fastjax-lean and fastjax-qlora-lean",
     )
     ap.add_argument(
         "--lean-rows",
         type=int,
         default=1,
-        help="rows per micro-batch of fastjax-lean (0: one micro-batch)",
+        help="rows per micro-batch of the lean systems (0: one micro-batch)",
     )
     ap.add_argument("--steps", type=int, default=6, help="timed steps (after --warmup)")
     ap.add_argument("--warmup", type=int, default=2)

@@ -286,10 +286,12 @@ def test_train_step_plan_covers_the_issue_grid():
         "unsloth-lora",
         "unsloth-qlora",
     } <= systems
-    lean = next(j for j in jobs if j.system == "fastjax-lean" and j.batch == 4)
-    assert (
-        "offload_layer_input" in lean.argv and lean.argv[lean.argv.index("--micro-rows") + 1] == "1"
-    )
+    for name in ("fastjax-lean", "fastjax-qlora-lean"):
+        lean = next(j for j in jobs if j.system == name and j.batch == 4)
+        assert (
+            "offload_layer_input" in lean.argv
+            and lean.argv[lean.argv.index("--micro-rows") + 1] == "1"
+        )
     assert all(
         j.argv[j.argv.index("--steps") + 1] == "6" and j.argv[j.argv.index("--warmup") + 1] == "2"
         for j in jobs
@@ -382,14 +384,18 @@ def test_unsloth_site_install_and_skips(tmp_path, cpu_context):
     assert row["skipped"].startswith("unsloth not importable")
 
 
-def test_fastjax_lean_step_runs_on_cpu(cpu_context):
+@pytest.mark.parametrize(
+    "system, base", [("fastjax-lean", "bfloat16"), ("fastjax-qlora-lean", "nf4")]
+)
+def test_fastjax_lean_step_runs_on_cpu(cpu_context, system, base):
     """The child's whole step (micro-batches + offload preset, which degrades to full remat on
-    CPU)."""
+    CPU), bf16 and NF4 base."""
     tiny = ModelShape("tiny", "llama", 64, 128, 1, 4, 2, 16, 320)
     row = train_step.run_fastjax(
-        "fastjax-lean", tiny, 2, 16, steps=1, warmup=0, remat="offload_layer_input", micro_rows=1
+        system, tiny, 2, 16, steps=1, warmup=0, remat="offload_layer_input", micro_rows=1
     )
     assert row["ok"] and row["micro_batches"] == 2 and row["tokens_per_s"] > 0
+    assert row["base_weights"] == base
     assert np.isfinite(row["loss"]) and abs(row["loss"] - np.log(320)) < 1.0
     assert row["model_flops"] == harness.train_flops(tiny, 2, 16)
     assert row["timed_includes_compile"] is True and row["first_step_s"] is None
@@ -636,4 +642,7 @@ def test_report_labels_ablations_by_the_forced_impl():
     )
     assert report.label({"system": "fastjax-lean", "remat": "full", "micro_batches": 2}) == (
         "fastjax LoRA, lean: remat full, 2 micro-batches"
+    )
+    assert report.label({"system": "fastjax-qlora-lean", "remat": "full", "micro_batches": 2}) == (
+        "fastjax QLoRA, lean: remat full, 2 micro-batches"
     )
