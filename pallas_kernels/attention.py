@@ -36,7 +36,8 @@ Ragged lengths are padded to the block size in the wrapper (padding keys masked,
 off). head_dim 64/128/256 run as is; other head dims are zero-padded to the next power of two.
 
 The backward kernels live in ``attention_bwd.py``, the pieces both kernels share (fp32 dots, log2 scores,
-tile masks, masked loops, segment padding, block-skipping tables) in ``attention_common.py``.
+tile masks, masked loops, segment padding, block-skipping tables) in ``attention_common.py``, and the cuDNN
+calls (dense and packed rows) that ``impl="cudnn"`` and ``auto`` use in ``attention_cudnn.py``.
 """
 
 from __future__ import annotations
@@ -48,6 +49,11 @@ import math
 import jax
 import jax.numpy as jnp
 from fastjax.pallas_kernels import _common, attention_bwd
+from fastjax.pallas_kernels.attention_cudnn import (
+    _cudnn_attention,
+    _cudnn_unsupported,
+    segment_offsets,  # noqa: F401 - public here (the RL trainer and tests import it from attention)
+)
 from fastjax.pallas_kernels.attention_common import (
     LOG2E,  # noqa: F401 - re-exported (it lived here before attention_common)
     _block_ranges,
@@ -412,24 +418,6 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 # --- Dispatch --------------------------------------------------------------------------------------
 
 
-def _cudnn_unsupported(q, segment_ids, softcap, max_segments) -> str | None:
-    """Why cuDNN (through jax) cannot serve this case, or None."""
-    if not _common.on_gpu():
-        return "cuDNN needs a GPU"
-    if q.dtype not in (jnp.bfloat16, jnp.float16):
-        return f"cuDNN flash attention takes bf16/fp16, not {q.dtype}"
-    if softcap is not None:
-        return "cuDNN through jax has no logit softcap"
-    if segment_ids is not None and max_segments is None:
-        return (
-            "segment ids need cuDNN's packed layout, which needs a static bound: pass "
-            "max_segments (jax.nn.dot_product_attention itself has no segment ids)"
-        )
-    if q.shape[-1] % 8 or q.shape[-1] > 256:
-        return f"cuDNN needs head_dim % 8 == 0 and <= 256, got {q.shape[-1]}"
-    return None
-
-
 # The `auto` decision on a GPU, first matching row wins: (case, impl, evidence). Evidence is
 # benchmarks/results/attention_h200.md: bf16, causal, fwd+bwd TFLOP/s of allowed pairs, H200,
 # jax 0.11.2, cuDNN 9.19, 32k tokens per step.
@@ -484,54 +472,6 @@ def choose_impl(
     if _cudnn_unsupported(q, segment_ids, softcap, max_segments) is not None:
         return "pallas"
     return "cudnn"
-
-
-def segment_offsets(segment_ids: jax.Array, max_segments: int) -> tuple[jax.Array, jax.Array]:
-    """Contiguous runs of equal non-zero ids -> cuDNN's ``(seqlens [B, M], offsets [B, M + 1])``.
-
-    Missing entries are -1. Rows with more than ``max_segments`` runs lose the extra ones (their outputs
-    stay 0): the bound must hold. A segment id must form one contiguous run (what packing produces).
-    """
-    seg = segment_ids.astype(jnp.int32)
-    prev = jnp.pad(seg[:, :-1], ((0, 0), (1, 0)))
-    nxt = jnp.pad(seg[:, 1:], ((0, 0), (0, 1)))
-    first = jax.vmap(lambda m: jnp.nonzero(m, size=max_segments, fill_value=-1)[0])
-    starts = first((seg != 0) & (seg != prev))
-    ends = first((seg != 0) & (seg != nxt))
-    valid = starts >= 0
-    lens = jnp.where(valid, ends - starts + 1, -1).astype(jnp.int32)
-    offs = jnp.concatenate([jnp.where(valid, starts, -1), jnp.full((seg.shape[0], 1), -1)], axis=1)
-    return lens, offs.astype(jnp.int32)
-
-
-def _cudnn_attention(q, k, v, segment_ids, *, causal, window, sm_scale, max_segments):
-    # cuDNN's sliding_window_length W keeps (i - W, i]; jax maps local_window_size=(W - 1, 0) to it.
-    if segment_ids is None:
-        lws = None if window is None else (int(window) - 1, 0)
-        return jax.nn.dot_product_attention(
-            q, k, v, scale=sm_scale, is_causal=causal, local_window_size=lws, implementation="cudnn"
-        )
-    # Packed rows: jax exposes cuDNN's THD layout only in a private module (jax 0.10 and 0.11 alike).
-    from jax._src.cudnn import fused_attention_stablehlo as cudnn_fa
-
-    lens, offs = segment_offsets(segment_ids, max_segments)
-    mask = cudnn_fa.MaskType.PADDING_CAUSAL if causal else cudnn_fa.MaskType.PADDING
-    real = (segment_ids != 0)[:, :, None, None]
-    # cuDNN leaves rows outside every segment unspecified: select them away, values and gradients.
-    q, k, v = (jnp.where(real, x, lax.stop_gradient(x)) for x in (q, k, v))
-    out = cudnn_fa.dot_product_attention(
-        q,
-        k,
-        v,
-        q_seqlen=lens,
-        kv_seqlen=lens,
-        q_offsets=offs,
-        kv_offsets=offs,
-        scale=sm_scale,
-        mask_type=mask,
-        sliding_window_length=window,
-    )
-    return jnp.where(real, out, 0).astype(q.dtype)
 
 
 def attention(
