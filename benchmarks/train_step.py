@@ -50,6 +50,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import harness  # noqa: E402
+from benchmarks.fastjax_systems import build_fastjax, config_row  # noqa: E402
 from benchmarks.shapes import ModelShape, get  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -81,19 +82,6 @@ ENV_ALLOW_CPU = "FASTJAX_BENCH_ALLOW_CPU"  # tests: let a fastjax child run on t
 
 
 # ---------------------------------------------------------------------------- fastjax, in the child
-def _ops_for(system: str):
-    from fastjax.models.ops import Ops
-
-    if system == "plain-xla":
-        return Ops.all("xla")
-    if system == "xla-cudnn":
-        return dataclasses.replace(Ops.all("xla"), attention="cudnn")
-    if system.startswith("ablate-"):
-        op, impl = system[len("ablate-") :].split("=")
-        return dataclasses.replace(Ops(), **{op: impl})
-    return Ops()
-
-
 def run_fastjax(
     system: str,
     shape: str | ModelShape,
@@ -115,85 +103,26 @@ def run_fastjax(
     come back as an ``oom`` row.
     """
     import jax
-    import jax.numpy as jnp
-    import numpy as np
-    import optax
-    from fastjax.models import registry
 
     from benchmarks import common
-    from fastjax import lora as lora_mod
-    from fastjax.trainer import make_loss_fn, make_train_step
 
     if steps < 1:
         raise ValueError(f"{steps=}: at least one timed step")
     shape = shape if isinstance(shape, ModelShape) else get(shape)
-    rows = micro_rows or batch
-    if batch % rows:
-        raise ValueError(f"{batch=} is not a multiple of {micro_rows=}")
-    base = dict(
-        system=system,
-        shape=shape.name,
-        batch=batch,
-        seq=seq,
-        remat=remat,
-        micro_batches=batch // rows,
-        mlp_chunk_size=mlp_chunk_size,
-        base_weights="nf4" if system.startswith("fastjax-qlora") else "bfloat16",
-    )
-    cfg = registry.config_from_hf(shape.hf_config())
-    ops = _ops_for(system)
-    ids = harness.token_batch(cfg.vocab_size, batch, seq)
-    labels = np.concatenate([ids[:, 1:], np.full((batch, 1), -100, np.int32)], axis=1)
-    if system == "fastjax-packed":
-        seg, pos = harness.packed_segments(batch, seq)
-        labels = np.where(np.roll(seg, -1, axis=1) == seg, labels, -100)
-        lengths = [int(n) for row in seg for n in np.unique(row, return_counts=True)[1]]
-        # the bound the trainer takes from its loader: packed rows then use cuDNN's packed layout
-        ops = dataclasses.replace(
-            ops, max_segments=max(len(set(row) - {0}) for row in seg.tolist())
-        )
-    else:
-        seg, lengths = None, None
-        pos = np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq)).copy()
-    arrays = dict(input_ids=ids, labels=labels, positions=pos)
-    if seg is not None:  # one sequence per row passes no segment ids (the cuDNN attention path)
-        arrays["segment_ids"] = seg
-    micro = {
-        k: jnp.asarray(v.reshape(batch // rows, rows, seq)) for k, v in arrays.items()
-    }  # [A, B, T]
+    kw = dict(remat=remat, micro_rows=micro_rows, mlp_chunk_size=mlp_chunk_size)
+    base = config_row(system, shape, batch, seq, **kw)
     t_start = time.perf_counter()
     try:
-        params = common.random_params(
-            cfg, jax.random.key(0), quantize=base["base_weights"] == "nf4"
-        )
-        lora, lcfg = lora_mod.get_peft_model(
-            params, cfg, r=16, lora_alpha=16, target_modules="all-linear"
-        )
-        loss_sum = make_loss_fn(
-            cfg,
-            full_finetune=False,
-            lora_scale=lora_mod.lora_scale(lcfg),
-            lora_dropout=0.0,
-            remat_policy=remat,
-            ops=ops,
-            mlp_chunk_size=mlp_chunk_size,
-        )
-        schedule = optax.constant_schedule(2e-4)
-        opt = optax.adamw(schedule, weight_decay=0.0)
-        opt_state = opt.init(lora)
-        step = make_train_step(loss_sum, opt, schedule)
-        key = jax.random.key(0)
+        built = build_fastjax(system, shape, batch, seq, **kw)
         first_s = None  # compilation + one step (with warm-up); else the timed steps include it
         for i in range(warmup):
             t0 = time.perf_counter()
-            lora, opt_state, metrics = step(lora, opt_state, params, micro, jnp.int32(i), key)
+            metrics = built.run(i)
             jax.block_until_ready(metrics["loss"])
             first_s = first_s or round(time.perf_counter() - t0, 1)
         t0 = time.perf_counter()
         for i in range(steps):
-            lora, opt_state, metrics = step(
-                lora, opt_state, params, micro, jnp.int32(warmup + i), key
-            )
+            metrics = built.run(warmup + i)
         jax.block_until_ready(metrics["loss"])
         dt = (time.perf_counter() - t0) / steps
     except Exception as e:  # XLA reports device OOM as an exception naming RESOURCE_EXHAUSTED
@@ -219,8 +148,8 @@ def run_fastjax(
         setup_s=round(time.perf_counter() - t_start, 1),
         warmup=warmup,
         steps=steps,
-        model_flops=harness.train_flops(shape, batch, seq, lengths),
-        ops=repr(ops),
+        model_flops=harness.train_flops(shape, batch, seq, built.lengths),
+        ops=repr(built.ops),
     )
 
 

@@ -206,7 +206,8 @@ def make_train_step(
             grads, total = carry
             mb, i = xs
             value, g = grad_fn(trainable, frozen, mb, jax.random.fold_in(step_key, i))
-            grads = jax.tree.map(lambda acc, x: acc + x.astype(jnp.float32), grads, g)
+            with jax.named_scope("grad_accum"):
+                grads = jax.tree.map(lambda acc, x: acc + x.astype(jnp.float32), grads, g)
             return (grads, total + value), None
 
         zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), trainable)
@@ -216,8 +217,9 @@ def make_train_step(
         (grads, total), _ = jax.lax.scan(micro, (zeros, jnp.float32(0)), xs)
         grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, trainable)
         loss = total / denom
-        updates, opt_state = optimizer.update(grads, opt_state, trainable)
-        trainable = optax.apply_updates(trainable, updates)
+        with jax.named_scope("optimizer"):  # the profile's name (benchmarks/profile_step.py)
+            updates, opt_state = optimizer.update(grads, opt_state, trainable)
+            trainable = optax.apply_updates(trainable, updates)
         metrics = {
             "loss": loss,
             "grad_norm": global_norm(grads),

@@ -84,16 +84,17 @@ def _proj(h, p, lp, module: str, name: str, ctx) -> jax.Array:
         rng = jax.random.fold_in(
             ctx["dropout_rng"], zlib.crc32(f"{module}.{name}".encode()) % (2**31)
         )
-    return O.linear(
-        h,
-        mod["weight"],
-        bias=mod.get("bias"),
-        lora=lora,
-        lora_scale=ctx["lora_scale"],
-        dropout_rng=rng,
-        lora_dropout=ctx["lora_dropout"],
-        ops=ctx["ops"],
-    )
+    with jax.named_scope(name):  # e.g. "q_proj": the profile's name for this projection's kernels
+        return O.linear(
+            h,
+            mod["weight"],
+            bias=mod.get("bias"),
+            lora=lora,
+            lora_scale=ctx["lora_scale"],
+            dropout_rng=rng,
+            lora_dropout=ctx["lora_dropout"],
+            ops=ctx["ops"],
+        )
 
 
 def _norm(x, w, cfg, ctx):
@@ -289,9 +290,10 @@ def _embed(params, input_ids, arch):
     embed = params["model"]["embed_tokens"]["weight"]
     if input_ids.ndim != 2:
         raise ValueError(f"input_ids must be [batch, tokens], got {input_ids.shape=}")
-    x = jnp.take(embed, input_ids, axis=0)
-    if arch.embed_scale is not None:  # HF: embed * tensor(sqrt(D)).to(weight dtype)
-        x = x * jnp.asarray(arch.embed_scale, x.dtype)
+    with jax.named_scope("embed"):
+        x = jnp.take(embed, input_ids, axis=0)
+        if arch.embed_scale is not None:  # HF: embed * tensor(sqrt(D)).to(weight dtype)
+            x = x * jnp.asarray(arch.embed_scale, x.dtype)
     return x
 
 

@@ -160,11 +160,12 @@ def _per_shard(
     axis 0 over every mesh axis, ``whole`` replicated, every output (a pytree) split on axis 0
     likewise (``_placement`` says when not)."""
     mesh, impl = _placement(op, ops, impl, rows)
-    if mesh is None:
-        return run(impl)(*rows, *whole)
-    split = P(tuple(mesh.axis_names))
-    in_specs = (split,) * len(rows) + (P(),) * len(whole)
-    return _shard_map(run(impl), mesh, in_specs, split)(*rows, *whole)
+    with jax.named_scope(op):  # profiles (benchmarks/profile_step.py) attribute kernels by scope
+        if mesh is None:
+            return run(impl)(*rows, *whole)
+        split = P(tuple(mesh.axis_names))
+        in_specs = (split,) * len(rows) + (P(),) * len(whole)
+        return _shard_map(run(impl), mesh, in_specs, split)(*rows, *whole)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -270,6 +271,22 @@ def attention(
     return _per_shard("attention", ops, impl, run, rows)
 
 
+def _scoped(name: str) -> Callable:
+    """Run the decorated op under ``jax.named_scope(name)``: its HLO ops carry the name in their
+    metadata, which is how ``benchmarks/profile_step.py`` attributes GPU kernels to model ops."""
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def scoped(*args, **kwargs):
+            with jax.named_scope(name):
+                return fn(*args, **kwargs)
+
+        return scoped
+
+    return wrap
+
+
+@_scoped("cross_entropy")
 def cross_entropy(
     hidden,
     head,
@@ -409,6 +426,7 @@ def linear(
     return y
 
 
+@_scoped("lora")
 def _lora_term(x: jax.Array, lora: dict, scale: float) -> jax.Array:
     a = lora["lora_A"].astype(x.dtype)
     b = lora["lora_B"].astype(x.dtype)

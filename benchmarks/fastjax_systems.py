@@ -1,0 +1,156 @@
+"""One fastjax benchmark configuration, built on the device: random weights, adapters, AdamW, the jitted
+step and its batch.
+
+``build_fastjax`` is what ``train_step.py`` times and ``profile_step.py`` traces, so both measure the
+same program. Systems (``train_step.py``'s docstring): ``fastjax-lora``, ``fastjax-qlora``, the lean
+variants, ``fastjax-packed`` (rows of 4-8 packed segments with their bound), ``plain-xla``,
+``xla-cudnn`` and ``ablate-OP=IMPL``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from benchmarks import harness
+from benchmarks.shapes import ModelShape, get
+
+
+def _ops_for(system: str):
+    from fastjax.models.ops import Ops
+
+    if system == "plain-xla":
+        return Ops.all("xla")
+    if system == "xla-cudnn":
+        return dataclasses.replace(Ops.all("xla"), attention="cudnn")
+    if system.startswith("ablate-"):
+        op, impl = system[len("ablate-") :].split("=")
+        return dataclasses.replace(Ops(), **{op: impl})
+    return Ops()
+
+
+@dataclasses.dataclass
+class FastjaxStep:
+    """A built fastjax configuration: ``step(lora, opt_state, params, micro, i, key)`` and its state.
+
+    ``base``: the row fields that name the configuration; ``lengths``: packed sequence lengths (or
+    None) for the FLOP count."""
+
+    step: object
+    lora: object
+    opt_state: object
+    params: object
+    micro: dict
+    key: object
+    base: dict
+    lengths: list | None
+    ops: object
+
+    def run(self, i: int):
+        """One step (index ``i``); updates the state in place and returns its metrics."""
+        import jax.numpy as jnp
+
+        self.lora, self.opt_state, metrics = self.step(
+            self.lora, self.opt_state, self.params, self.micro, jnp.int32(i), self.key
+        )
+        return metrics
+
+
+def config_row(
+    system: str,
+    shape: ModelShape,
+    batch: int,
+    seq: int,
+    *,
+    remat: str,
+    micro_rows: int | None,
+    mlp_chunk_size: int | None,
+) -> dict:
+    """The fields that name one fastjax configuration (every row of it carries them)."""
+    rows = micro_rows or batch
+    if batch % rows:
+        raise ValueError(f"{batch=} is not a multiple of {micro_rows=}")
+    return dict(
+        system=system,
+        shape=shape.name,
+        batch=batch,
+        seq=seq,
+        remat=remat,
+        micro_batches=batch // rows,
+        mlp_chunk_size=mlp_chunk_size,
+        base_weights="nf4" if system.startswith("fastjax-qlora") else "bfloat16",
+    )
+
+
+def build_fastjax(
+    system: str,
+    shape: str | ModelShape,
+    batch: int,
+    seq: int,
+    *,
+    remat: str = "full",
+    micro_rows: int | None = None,
+    mlp_chunk_size: int | None = None,
+) -> FastjaxStep:
+    """Random weights on the device, LoRA r=16 alpha=16 on all linears, AdamW, the jitted step and
+    its batch (``harness.token_batch``, seed 0) for one configuration (``run_fastjax``'s
+    docstring). Shared by ``run_fastjax`` and ``profile_step.py``."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+    from fastjax.models import registry
+
+    from benchmarks import common
+    from fastjax import lora as lora_mod
+    from fastjax.trainer import make_loss_fn, make_train_step
+
+    shape = shape if isinstance(shape, ModelShape) else get(shape)
+    base = config_row(
+        system,
+        shape,
+        batch,
+        seq,
+        remat=remat,
+        micro_rows=micro_rows,
+        mlp_chunk_size=mlp_chunk_size,
+    )
+    rows = batch // base["micro_batches"]
+    cfg = registry.config_from_hf(shape.hf_config())
+    ops = _ops_for(system)
+    ids = harness.token_batch(cfg.vocab_size, batch, seq)
+    labels = np.concatenate([ids[:, 1:], np.full((batch, 1), -100, np.int32)], axis=1)
+    if system == "fastjax-packed":
+        seg, pos = harness.packed_segments(batch, seq)
+        labels = np.where(np.roll(seg, -1, axis=1) == seg, labels, -100)
+        lengths = [int(n) for row in seg for n in np.unique(row, return_counts=True)[1]]
+        # the bound the trainer takes from its loader: packed rows then use cuDNN's packed layout
+        ops = dataclasses.replace(
+            ops, max_segments=max(len(set(row) - {0}) for row in seg.tolist())
+        )
+    else:
+        seg, lengths = None, None
+        pos = np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq)).copy()
+    arrays = dict(input_ids=ids, labels=labels, positions=pos)
+    if seg is not None:  # one sequence per row passes no segment ids (the cuDNN attention path)
+        arrays["segment_ids"] = seg
+    micro = {
+        k: jnp.asarray(v.reshape(batch // rows, rows, seq)) for k, v in arrays.items()
+    }  # [A, B, T]
+    params = common.random_params(cfg, jax.random.key(0), quantize=base["base_weights"] == "nf4")
+    lora, lcfg = lora_mod.get_peft_model(
+        params, cfg, r=16, lora_alpha=16, target_modules="all-linear"
+    )
+    loss_sum = make_loss_fn(
+        cfg,
+        full_finetune=False,
+        lora_scale=lora_mod.lora_scale(lcfg),
+        lora_dropout=0.0,
+        remat_policy=remat,
+        ops=ops,
+        mlp_chunk_size=mlp_chunk_size,
+    )
+    schedule = optax.constant_schedule(2e-4)
+    opt = optax.adamw(schedule, weight_decay=0.0)
+    opt_state = opt.init(lora)
+    step = make_train_step(loss_sum, opt, schedule)
+    return FastjaxStep(step, lora, opt_state, params, micro, jax.random.key(0), base, lengths, ops)
