@@ -127,8 +127,9 @@ def kind_of(kernel: str) -> str:
 
 
 def device_events(trace: dict) -> tuple[list[dict], str]:
-    """Complete events of the accelerator processes (``/device:GPU:*``), else (CPU backend) every
-    event that names an HLO op. Returns ``(events, where)``."""
+    """Complete events of the accelerator processes (``/device:GPU:*``; only their stream lines when
+    the trace names them), else (CPU backend) every leaf event that names an HLO op. Returns
+    ``(events, where)``."""
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
     names = {
         e["pid"]: e.get("args", {}).get("name", "")
@@ -138,7 +139,16 @@ def device_events(trace: dict) -> tuple[list[dict], str]:
     gpu = {pid for pid, n in names.items() if "GPU" in n or "gpu" in n}
     xs = [e for e in events if e.get("ph") == "X" and e.get("dur") is not None]
     if gpu:
-        return [e for e in xs if e["pid"] in gpu], "gpu"
+        # Kernels live on the stream lines; lines derived from them ("XLA Ops", "XLA Modules",
+        # "Steps") would count the same time again.
+        threads = {
+            (e["pid"], e.get("tid")): e.get("args", {}).get("name", "")
+            for e in events
+            if e.get("ph") == "M" and e.get("name") == "thread_name" and e["pid"] in gpu
+        }
+        streams = {k for k, n in threads.items() if "stream" in n.lower()}
+        keep = (lambda e: (e["pid"], e.get("tid")) in streams) if streams else None
+        return [e for e in xs if e["pid"] in gpu and (keep is None or keep(e))], "gpu"
     return _leaves([e for e in xs if (e.get("args") or {}).get("hlo_op")]), "host"
 
 

@@ -34,8 +34,19 @@ def _gpu_trace(events):
         {"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/host:CPU"}},
         {"ph": "M", "pid": 7, "name": "process_name", "args": {"name": "/device:GPU:0 (pid 7)"}},
     ]
+    meta += [
+        {
+            "ph": "M",
+            "pid": 7,
+            "tid": 3,
+            "name": "thread_name",
+            "args": {"name": "Stream #13(Compute)"},
+        },
+        {"ph": "M", "pid": 7, "tid": 9, "name": "thread_name", "args": {"name": "XLA Modules"}},
+    ]
     host = [{"ph": "X", "pid": 1, "tid": 1, "ts": 0.0, "dur": 999.0, "name": "PjitFunction(step)"}]
-    return {"traceEvents": meta + host + events}
+    derived = [{"ph": "X", "pid": 7, "tid": 9, "ts": 0.0, "dur": 2000.0, "name": "jit_step"}]
+    return {"traceEvents": meta + host + derived + events}
 
 
 def _kernel(name, hlo, ts, dur):
@@ -115,7 +126,7 @@ def test_attribute_on_a_gpu_shaped_trace():
         _kernel("mystery_kernel", "no-such-op.1", 1500.0, 50.0),
     ]
     events, where = P.device_events(_gpu_trace(kernels))
-    assert where == "gpu" and len(events) == 5  # the host event is not a kernel
+    assert where == "gpu" and len(events) == 5  # neither the host event nor the module line
     res = P.attribute(events, P.hlo_op_names(HLO), steps=2)
     assert res["by_op"] == {"q_proj": 0.4, "glu": 0.05, "lora": 0.025, "other": 0.025}
     assert res["by_op_pass"]["q_proj bwd"] == 0.4 and res["by_op_pass"]["glu fwd"] == 0.05
