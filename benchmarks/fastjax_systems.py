@@ -90,10 +90,15 @@ def build_fastjax(
     remat: str = "full",
     micro_rows: int | None = None,
     mlp_chunk_size: int | None = None,
+    abstract: bool = False,
+    ops=None,
 ) -> FastjaxStep:
     """Random weights on the device, LoRA r=16 alpha=16 on all linears, AdamW, the jitted step and
     its batch (``harness.token_batch``, seed 0) for one configuration (``run_fastjax``'s
-    docstring). Shared by ``run_fastjax`` and ``profile_step.py``."""
+    docstring). Shared by ``run_fastjax``, ``profile_step.py`` and ``memory_proxy.py``.
+
+    ``abstract``: weights, adapters, optimizer state and batch as ``jax.ShapeDtypeStruct`` (nothing
+    allocated: enough to lower and compile). ``ops`` overrides the system's ``models.ops.Ops``."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -116,7 +121,7 @@ def build_fastjax(
     )
     rows = batch // base["micro_batches"]
     cfg = registry.config_from_hf(shape.hf_config())
-    ops = _ops_for(system)
+    ops = _ops_for(system) if ops is None else ops
     ids = harness.token_batch(cfg.vocab_size, batch, seq)
     labels = np.concatenate([ids[:, 1:], np.full((batch, 1), -100, np.int32)], axis=1)
     if system == "fastjax-packed":
@@ -136,10 +141,20 @@ def build_fastjax(
     micro = {
         k: jnp.asarray(v.reshape(batch // rows, rows, seq)) for k, v in arrays.items()
     }  # [A, B, T]
-    params = common.random_params(cfg, jax.random.key(0), quantize=base["base_weights"] == "nf4")
-    lora, lcfg = lora_mod.get_peft_model(
-        params, cfg, r=16, lora_alpha=16, target_modules="all-linear"
+    quantize = base["base_weights"] == "nf4"
+    make_params = lambda: common.random_params(cfg, jax.random.key(0), quantize=quantize)
+    peft = lambda p: lora_mod.get_peft_model(
+        p, cfg, r=16, lora_alpha=16, target_modules="all-linear"
     )
+    if abstract:
+        params = jax.eval_shape(make_params)
+        lcfg_box = []
+        lora = jax.eval_shape(lambda p: lcfg_box.append(peft(p)[1]) or peft(p)[0], params)
+        lcfg = lcfg_box[0]
+        micro = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in micro.items()}
+    else:
+        params = make_params()
+        lora, lcfg = peft(params)
     loss_sum = make_loss_fn(
         cfg,
         full_finetune=False,
@@ -151,6 +166,6 @@ def build_fastjax(
     )
     schedule = optax.constant_schedule(2e-4)
     opt = optax.adamw(schedule, weight_decay=0.0)
-    opt_state = opt.init(lora)
+    opt_state = jax.eval_shape(opt.init, lora) if abstract else opt.init(lora)
     step = make_train_step(loss_sum, opt, schedule)
     return FastjaxStep(step, lora, opt_state, params, micro, jax.random.key(0), base, lengths, ops)
