@@ -207,6 +207,26 @@ def test_pallas_matches_reference(case):
             assert not np.any(np.asarray(x, np.float32)[pad]), name
 
 
+@pytest.mark.parametrize("sm_scale", [0.3, -0.2])
+def test_pallas_custom_sm_scale(sm_scale):
+    """A given sm_scale (the forward takes the row max on raw scores when it is positive, and on
+    scaled ones otherwise): forward and vjp against the reference."""
+    q, k, v, do = _inputs(("scale", sm_scale), 1, 70, 4, 2, 64, jnp.float32)
+    kw = {"sm_scale": sm_scale, "causal": True}
+    got = _fwd_vjp(
+        lambda q, k, v: A.attention(
+            q, k, v, impl="pallas", interpret=True, block_sizes=SMALL16, **kw
+        ),
+        q,
+        k,
+        v,
+        do,
+    )
+    want = _fwd_vjp(lambda q, k, v: A.attention_reference(q, k, v, **kw), q, k, v, do)
+    for name, g_, w_ in zip(("out", "dq", "dk", "dv"), got, want):
+        assert _rel(g_, w_) < TOL[jnp.float32], (name, _rel(g_, w_))
+
+
 FUSED_CASES = [  # (B, T, H, KV, D, dtype, causal, segments, window, softcap, blocks)
     (2, 128, 8, 2, 64, jnp.float32, True, 4, None, None, SMALL16),  # GQA 4, packed rows, padding
     (1, 300, 4, 1, 72, jnp.float32, True, 0, 37, None, SMALL32),  # ragged T, window, D zero-padded
