@@ -13,7 +13,8 @@ several times back to back, and the median wall time over repeats / K is reporte
 
 Variants are what training runs: "xla_dequant" is ``impl="xla"`` (``nf4_lora_xla``: bf16 results, backward
 re-dequantizes), "bf16" the model's dense projection (bf16 results). Rows before 2026-12-01 timed the fp32-
-result reference and an fp32-result dense einsum instead. ``--ts 16,1`` times only those T (decode).
+result reference and an fp32-result dense einsum instead. ``--ts 16,1`` times only those T (decode);
+``--decode-sweep`` times forward tile variants at T=1 and 16 on every shape, with the GB/s of NF4 bytes.
 """
 
 from __future__ import annotations
@@ -247,6 +248,58 @@ def sweep(fh, budget, base_ms):
     return best_b
 
 
+def decode_variants(t, n_in, out):
+    """Forward tiles to try at a decode T: the picker's, then one change each (lookup, column tile,
+    split-k, warps, stages). Only configurations the kernel accepts."""
+    base = k.pick_block_sizes(t, out, n_in)
+    nh, k_steps = out // 2, n_in // k.QBLOCK
+    cfgs = [{}, {"lookup": "gather"}, {"num_warps": 2}, {"num_warps": 8}, {"num_stages": 2}]
+    cfgs += [{"num_stages": 4}]
+    cfgs += [{"bn": bn} for bn in (16, 64) if bn != base.bn and nh % bn == 0]
+    for f in (2, 4):
+        for split in (base.split_k * f, base.split_k // f):
+            if split >= 1 and k_steps % split == 0 and k_steps // split >= 1:
+                cfgs.append({"split_k": split})
+    seen, out_cfgs = set(), []
+    for cfg in cfgs:
+        bs = dataclasses.replace(base, **cfg)
+        if bs not in seen:
+            seen.add(bs)
+            out_cfgs.append((cfg, bs))
+    return out_cfgs
+
+
+def decode_sweep(fh, budget, ts=(1, 16)):
+    """Fused forward at decode T over ``decode_variants``, on every projection shape; each row also
+    gets the NF4 bytes streamed per ms (GB/s: packed codes + 8-bit absmax, what the kernel must read)."""
+    rows = []
+    for t in ts:
+        for name, n_in, out in SHAPES:
+            for cfg, bs in decode_variants(t, n_in, out):
+                if time.time() - T0 > budget - 20:
+                    print(f"budget: decode sweep stops before {name} T={t} {cfg}", flush=True)
+                    return rows
+                which = ("fused", "xla_dequant") if not cfg else ("fused",)
+                r = run_case(name, n_in, out, t, bs, fh, modes=("fwd",), which=which, tag="decode")
+                r = r[0]
+                nf4_bytes = out * n_in // 2 + out * n_in // k.QBLOCK
+                if r.get("ms_fused"):
+                    r["gbps_fused"] = nf4_bytes / r["ms_fused"] / 1e6
+                r["variant"] = json.dumps(cfg) if cfg else "picker"
+                log(
+                    {
+                        "tag": "decode_gbps",
+                        **{
+                            kk: r.get(kk)
+                            for kk in ("shape", "T", "variant", "gbps_fused", "ms_fused")
+                        },
+                    },
+                    fh,
+                )
+                rows.append(r)
+    return rows
+
+
 def adam_case(name, tree, fh):
     import optax
 
@@ -341,6 +394,11 @@ def main(argv=None):
         default=None,
         help="comma-separated T values: time only these (picked tiles; no sweep, no 8-bit AdamW)",
     )
+    ap.add_argument(
+        "--decode-sweep",
+        action="store_true",
+        help="only the decode tile sweep (T=1 and 16, fused forward, every projection shape)",
+    )
     args = ap.parse_args(argv)
     global SHAPES, TS, SWEEP_T
     if args.tiny:
@@ -371,6 +429,17 @@ def main(argv=None):
                     continue
                 rows.extend(run_case(name, n_in, out, t, bs_for(t, n_in, out), fh))
 
+        if args.decode_sweep:
+            drows = decode_sweep(fh, args.budget)
+            print("\n| shape | T | variant | fused ms | GB/s | xla-dequant ms | err y |")
+            print("|---|---|---|---|---|---|---|")
+            for r in drows:
+                print(
+                    f"| {r['shape']} | {r['T']} | {r['variant']} | {r.get('ms_fused') or float('nan'):.4f} | "
+                    f"{r.get('gbps_fused') or float('nan'):.0f} | {r.get('ms_xla_dequant') or float('nan'):.4f} | "
+                    f"{r.get('err_y', float('nan')):.1e} |"
+                )
+            return
         best = None
         only_ts = [int(t) for t in args.ts.split(",")] if args.ts else None
         for t in only_ts or ():
