@@ -377,8 +377,9 @@ def step_sweep(d, b=4, t=4096):
 
 
 def _sweep_fused(d, best, st, args, split_s, shape, fl):
-    """Time the fused backward per tile; keep it (``fused_bwd=True``) only when it beats the split
-    kernels' best dk/dv + dq time. The fused row's TFLOP/s counts the backward's 2.5x forward FLOPs."""
+    """Time the fused backward per tile; keep it (``fused_bwd=True``) only when its dq, dk, dv match
+    the split kernels' (rel. error < 2e-2, bf16) and it beats their best dk/dv + dq time. The fused
+    row's TFLOP/s counts the backward's 2.5x forward FLOPs."""
     from fastjax.pallas_kernels import attention_bwd as AB
 
     split = split_s.get("dkdv", float("nan")) + split_s.get("dq", float("nan"))
@@ -389,6 +390,10 @@ def _sweep_fused(d, best, st, args, split_s, shape, fl):
         tflops=2.5 * fl / split / 1e12,
         **shape,
     )
+    q, k, v, do, lse, delta = args
+    st_split = dataclasses.replace(st, blocks=best)
+    want_dk, want_dv = AB.dkdv_call(q, k, v, None, do, lse, delta, st_split)
+    want = (AB.dq_call(q, k, v, None, do, lse, delta, st_split), want_dk, want_dv)
     res = {}
     for cfg in SWEEP_FUSED.get(d, []):
         if left() < 20:
@@ -401,14 +406,27 @@ def _sweep_fused(d, best, st, args, split_s, shape, fl):
             )
         )
         s, err = _try_time(f, *args)
+        errs = [float("nan")] * 3
+        if err is None:
+            dk, dv, dq = f(*args)
+            errs = [rel(dq, want[0]), rel(dk, want[1]), rel(dv, want[2])]
+        ok = err is None and max(errs) < 2e-2
         out_row(
-            kind="sweep_fused", cfg=cfg, ms=s * 1e3, tflops=2.5 * fl / s / 1e12, error=err, **shape
+            kind="sweep_fused",
+            cfg=cfg,
+            ms=s * 1e3,
+            tflops=2.5 * fl / s / 1e12,
+            rel_err_dq_dk_dv=errs,
+            ok=ok,
+            error=err,
+            **shape,
         )
-        res[cfg] = s
+        if ok:
+            res[cfg] = s
     if not res:
         return best
-    pick = min(res, key=lambda c: np.nan_to_num(res[c], nan=1e9))
-    if not np.isfinite(res[pick]) or not res[pick] < np.nan_to_num(split, nan=1e9):
+    pick = min(res, key=lambda c: res[c])
+    if not res[pick] < np.nan_to_num(split, nan=1e9):
         return best
     return dataclasses.replace(_replace(best, "dkdv", pick), fused_bwd=True)
 
