@@ -282,7 +282,14 @@ SWEEP_DKDV = {  # (block_q, block_k, num_warps, num_stages); block_k is the resi
     256: [(32, 64, 8, 2), (64, 64, 8, 2), (16, 64, 4, 2), (32, 64, 8, 3)],
 }
 SWEEP_FUSED = {  # fused backward (dk/dv tiles + dq atomics); block_k is the resident kv tile
-    128: [(64, 64, 8, 2), (32, 128, 4, 3), (64, 128, 8, 2), (32, 128, 8, 3), (16, 128, 4, 4)],
+    128: [
+        (64, 64, 8, 2),
+        (32, 128, 4, 3),
+        (32, 128, 4, 5),
+        (64, 128, 8, 2),
+        (64, 128, 8, 3),
+        (16, 128, 4, 4),
+    ],
     256: [(32, 64, 8, 2), (64, 64, 8, 2), (16, 64, 4, 3)],
 }
 SWEEP_DQ = {  # (block_q, block_k, num_warps, num_stages); block_q is the resident q tile
