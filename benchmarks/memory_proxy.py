@@ -16,7 +16,10 @@ Calibration (Llama-3-8B, 4 x 2048, bf16 LoRA, full remat; H200 peaks from train_
 CPU's temporaries were 1.50-1.56x the H200's (peak minus arguments) at 1, 2 and 4 micro-batches, as
 the CPU computes in fp32. So it ranks candidates (and estimates a GPU peak as arguments + temporaries /
 ``--gpu-ratio``); the GPU row decides. NF4 (QLoRA) steps ran 1.69x (4 micro-batches): each layer's
-dequantized weight is an fp32 temporary on the CPU, a bf16 one on the GPU.
+dequantized weight is an fp32 temporary on the CPU, a bf16 one on the GPU. Batch 1 x 8192 (same
+tokens) predicts 19.94 / 10.07 GiB against 19.95 / 10.06 measured. The ratio does not carry over to
+other remat policies: with ``remat="none"`` it predicts 41.8 GiB (bf16) and 33.3 (NF4) against 53.87
+and 44.12 measured, so compare candidates within one policy only.
 
 Usage::
 
