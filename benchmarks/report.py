@@ -117,6 +117,12 @@ def _when(r: dict) -> tuple:
 
 
 def label(r: dict) -> str:
+    """A row's system as the table names it: configuration included, so variants never merge."""
+    chunk = r.get("mlp_chunk_size")
+    return _label(r) + (f", MLP in {chunk}-token slices" if chunk else "")
+
+
+def _label(r: dict) -> str:
     system = r.get("system", "?")
     remat = r.get("remat")
     name = SYSTEM_NAMES.get(system, system)
