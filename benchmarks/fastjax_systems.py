@@ -92,13 +92,17 @@ def build_fastjax(
     mlp_chunk_size: int | None = None,
     abstract: bool = False,
     ops=None,
+    num_devices: int = 1,
 ) -> FastjaxStep:
     """Random weights on the device, LoRA r=16 alpha=16 on all linears, AdamW, the jitted step and
     its batch (``harness.token_batch``, seed 0) for one configuration (``run_fastjax``'s
     docstring). Shared by ``run_fastjax``, ``profile_step.py`` and ``memory_proxy.py``.
 
     ``abstract``: weights, adapters, optimizer state and batch as ``jax.ShapeDtypeStruct`` (nothing
-    allocated: enough to lower and compile). ``ops`` overrides the system's ``models.ops.Ops``."""
+    allocated: enough to lower and compile). ``ops`` overrides the system's ``models.ops.Ops``.
+    ``num_devices > 1``: the trainer's multi-device layout (``fastjax.sharding``: a ``(data, fsdp)``
+    mesh with every device on fsdp, frozen weights FSDP-sharded, adapters and optimizer state
+    replicated, rows split over the mesh, kernels per shard); ``batch`` is the global batch."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -107,6 +111,7 @@ def build_fastjax(
 
     from benchmarks import common
     from fastjax import lora as lora_mod
+    from fastjax import sharding
     from fastjax.trainer import make_loss_fn, make_train_step
 
     shape = shape if isinstance(shape, ModelShape) else get(shape)
@@ -141,6 +146,14 @@ def build_fastjax(
     micro = {
         k: jnp.asarray(v.reshape(batch // rows, rows, seq)) for k, v in arrays.items()
     }  # [A, B, T]
+    mesh = None
+    if num_devices > 1:  # kernels per shard under the mesh, as the trainer runs them
+        if abstract:
+            raise ValueError("num_devices > 1 needs real arrays (abstract=False)")
+        if rows % num_devices:
+            raise ValueError(f"{rows} rows per micro-batch do not split over {num_devices} devices")
+        mesh = sharding.make_mesh(num_devices)
+        ops = sharding.partitionable_ops(ops, mesh)
     quantize = base["base_weights"] == "nf4"
     make_params = lambda: common.random_params(cfg, jax.random.key(0), quantize=quantize)
     peft = lambda p: lora_mod.get_peft_model(
@@ -166,6 +179,18 @@ def build_fastjax(
     )
     schedule = optax.constant_schedule(2e-4)
     opt = optax.adamw(schedule, weight_decay=0.0)
-    opt_state = jax.eval_shape(opt.init, lora) if abstract else opt.init(lora)
-    step = make_train_step(loss_sum, opt, schedule)
+    shardings = None
+    if mesh is not None:
+        shardings = sharding.step_shardings(
+            mesh, lora, params, jax.eval_shape(opt.init, lora), full_finetune=False
+        )
+        params = jax.device_put(params, shardings.frozen)
+        lora = jax.device_put(jax.tree.map(jnp.copy, lora), shardings.trainable)
+        micro = jax.device_put(micro, shardings.batch)
+        opt_state = jax.jit(opt.init, out_shardings=shardings.opt_state)(lora)
+    elif abstract:
+        opt_state = jax.eval_shape(opt.init, lora)
+    else:
+        opt_state = opt.init(lora)
+    step = make_train_step(loss_sum, opt, schedule, shardings=shardings)
     return FastjaxStep(step, lora, opt_state, params, micro, jax.random.key(0), base, lengths, ops)
