@@ -314,9 +314,25 @@ def profile(args) -> dict:
         steps=args.steps,
         step_ms=round(step_ms, 2),
         events_from=where,
+        command_buffers="off"
+        if NO_COMMAND_BUFFERS in os.environ.get("XLA_FLAGS", "")
+        else "default",
         tokens_per_s_traced=round(args.batch * args.seq / step_ms * 1e3),
         **res,
     )
+
+
+NO_COMMAND_BUFFERS = "--xla_gpu_enable_command_buffer="
+
+
+def no_command_buffers() -> None:
+    """Turn XLA:GPU's command buffers (CUDA graphs) off for this process, before jax starts: kernels
+    a graph launches may come without the ``hlo_op`` annotation this attribution reads. The traced
+    steps then launch kernel by kernel (a little slower; ``step_ms`` says by how much against
+    ``train_step.py``)."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_gpu_enable_command_buffer" not in flags:
+        os.environ["XLA_FLAGS"] = (flags + " " + NO_COMMAND_BUFFERS).strip()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -331,6 +347,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--out", required=True, help="folder for profile.json and trace/")
+    p.add_argument(
+        "--keep-command-buffers",
+        action="store_true",
+        help="leave XLA:GPU's CUDA graphs on (kernels inside them may lose their hlo_op)",
+    )
     return p
 
 
@@ -339,6 +360,8 @@ def main(argv=None) -> dict:
     if args.steps < 1:
         raise SystemExit(f"--steps {args.steps}: at least one traced step")
     os.makedirs(args.out, exist_ok=True)
+    if not args.keep_command_buffers:
+        no_command_buffers()
     res = profile(args)
     atomic_write_json(os.path.join(args.out, "profile.json"), res)
     print(tables(res), flush=True)

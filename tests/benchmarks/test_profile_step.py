@@ -8,6 +8,7 @@ backend, where XLA:CPU's thunk events play the kernels.
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 from benchmarks import profile_step as P
@@ -195,5 +196,11 @@ def test_profile_a_tiny_step_on_cpu(tmp_path, monkeypatch):
     assert "| attention |" in text and "kernel kind" in text
     # main(): the same result lands in profile.json (written atomically) and the tables print
     monkeypatch.setattr(P, "profile", lambda a: res)
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
     P.main(["--out", str(tmp_path / "m")])
+    # command buffers (CUDA graphs) off, the other flags kept
+    assert os.environ["XLA_FLAGS"].split() == [
+        "--xla_force_host_platform_device_count=1",
+        P.NO_COMMAND_BUFFERS,
+    ]
     assert json.loads((tmp_path / "m" / "profile.json").read_text())["by_op"] == res["by_op"]
