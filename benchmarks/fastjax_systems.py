@@ -93,6 +93,7 @@ def build_fastjax(
     abstract: bool = False,
     ops=None,
     num_devices: int = 1,
+    mesh_data: int = 1,
 ) -> FastjaxStep:
     """Random weights on the device, LoRA r=16 alpha=16 on all linears, AdamW, the jitted step and
     its batch (``harness.token_batch``, seed 0) for one configuration (``run_fastjax``'s
@@ -102,7 +103,9 @@ def build_fastjax(
     allocated: enough to lower and compile). ``ops`` overrides the system's ``models.ops.Ops``.
     ``num_devices > 1``: the trainer's multi-device layout (``fastjax.sharding``: a ``(data, fsdp)``
     mesh with every device on fsdp, frozen weights FSDP-sharded, adapters and optimizer state
-    replicated, rows split over the mesh, kernels per shard); ``batch`` is the global batch."""
+    replicated, rows split over the mesh, kernels per shard); ``batch`` is the global batch.
+    ``mesh_data``: devices on the mesh's data axis (1: all on fsdp, the trainer's default;
+    ``num_devices``: plain data parallel, every device holding the whole frozen model)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -152,7 +155,7 @@ def build_fastjax(
             raise ValueError("num_devices > 1 needs real arrays (abstract=False)")
         if rows % num_devices:
             raise ValueError(f"{rows} rows per micro-batch do not split over {num_devices} devices")
-        mesh = sharding.make_mesh(num_devices)
+        mesh = sharding.make_mesh(num_devices, data=mesh_data)
         ops = sharding.partitionable_ops(ops, mesh)
     quantize = base["base_weights"] == "nf4"
     make_params = lambda: common.random_params(cfg, jax.random.key(0), quantize=quantize)

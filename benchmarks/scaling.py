@@ -5,7 +5,8 @@ layout from ``fastjax.sharding``: frozen weights FSDP-sharded, adapters and opti
 replicated, rows split over the mesh, kernels per shard), one after the other, with the same random
 weights, token ids and step counts. Weak scaling by default: ``--rows-per-device`` rows each, so N
 devices train N times the tokens per step; ``--global-rows`` fixes the global batch instead (strong
-scaling: every device count then computes the same loss). Every row gets
+scaling: every device count then computes the same loss). ``--layout dp`` replicates the frozen
+weights instead (plain data parallel: no per-layer all-gathers, a whole model per device). Every row gets
 ``scaling_efficiency = tokens/s(N) / (N * tokens/s(1))`` from the 1-device row of the same invocation.
 
 NVLink multicast stays off in every child (``NCCL_NVLS_ENABLE=0`` and the rest of the device README's
@@ -63,6 +64,7 @@ def _child(args) -> None:
             warmup=args.warmup,
             remat=args.remat,
             num_devices=n,
+            mesh_data=n if args.layout == "dp" else 1,
         )
         row = dict(
             row,
@@ -97,6 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rows-per-device", type=int, default=4, help="weak scaling (the default)")
     p.add_argument("--global-rows", type=int, default=0, help="strong scaling: fixed global rows")
     p.add_argument("--remat", default="full")
+    p.add_argument(
+        "--layout",
+        default="fsdp",
+        choices=("fsdp", "dp"),
+        help="fsdp: frozen weights sharded over every device (the trainer's default); dp: replicated",
+    )
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--proc-timeout", type=float, default=600)
@@ -119,6 +127,7 @@ def main(argv=None) -> list[dict]:
         "--system", args.system, "--shape", args.shape, "--seq", str(args.seq),
         "--rows-per-device", str(args.rows_per_device), "--global-rows", str(args.global_rows),
         "--remat", args.remat, "--steps", str(args.steps), "--warmup", str(args.warmup),
+        "--layout", args.layout,
     ]  # fmt: skip
     if args.allow_cpu:
         forwarded.append("--allow-cpu")

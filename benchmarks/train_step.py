@@ -94,11 +94,13 @@ def run_fastjax(
     micro_rows: int | None = None,
     mlp_chunk_size: int | None = None,
     num_devices: int = 1,
+    mesh_data: int = 1,
 ) -> dict:
     """One fastjax (or plain-XLA) configuration in this process; returns its row.
 
     ``num_devices``: run the step on that many devices with the trainer's layout
-    (``fastjax_systems.build_fastjax``); ``batch`` is then the global batch.
+    (``fastjax_systems.build_fastjax``; ``mesh_data`` devices on the data axis, the rest on fsdp);
+    ``batch`` is then the global batch.
 
     ``mlp_chunk_size``: tokens per MLP slice (``models.decoder.forward``; long-context memory).
 
@@ -116,10 +118,14 @@ def run_fastjax(
     kw = dict(remat=remat, micro_rows=micro_rows, mlp_chunk_size=mlp_chunk_size)
     base = config_row(system, shape, batch, seq, **kw)
     if num_devices > 1:
-        base["num_devices"] = num_devices
+        base.update(
+            num_devices=num_devices, mesh={"data": mesh_data, "fsdp": num_devices // mesh_data}
+        )
     t_start = time.perf_counter()
     try:
-        built = build_fastjax(system, shape, batch, seq, num_devices=num_devices, **kw)
+        built = build_fastjax(
+            system, shape, batch, seq, num_devices=num_devices, mesh_data=mesh_data, **kw
+        )
         first_s = None  # compilation + one step (with warm-up); else the timed steps include it
         for i in range(warmup):
             t0 = time.perf_counter()

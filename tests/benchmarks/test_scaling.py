@@ -33,6 +33,14 @@ def test_strong_scaling_rows_on_cpu_devices(tmp_path):
         # same global batch, same weights: the sharded steps train the same model (bf16 weights,
         # reductions in another order over 3 updates)
         assert abs(r["loss"] - rows[0]["loss"]) < 1e-3 * rows[0]["loss"]
+    assert [r["mesh"] for r in rows[1:]] == [{"data": 1, "fsdp": 2}, {"data": 1, "fsdp": 4}]
+    # plain data parallel (weights replicated): the same model again
+    dp = tmp_path / "dp.jsonl"
+    cmd_dp = [c if c != "2,4" else "2" for c in cmd[:-1]] + [str(dp), "--layout", "dp"]
+    subprocess.run(cmd_dp, check=True, env=env, timeout=600, capture_output=True, text=True)
+    two = [json.loads(line) for line in dp.read_text().splitlines()][-1]
+    assert two["mesh"] == {"data": 2, "fsdp": 1}
+    assert abs(two["loss"] - rows[0]["loss"]) < 1e-3 * rows[0]["loss"]
 
 
 def test_efficiency_without_a_baseline_is_none():
