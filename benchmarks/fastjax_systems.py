@@ -164,9 +164,14 @@ def build_fastjax(
     )
     if abstract:
         params = jax.eval_shape(make_params)
-        lcfg_box = []
-        lora = jax.eval_shape(lambda p: lcfg_box.append(peft(p)[1]) or peft(p)[0], params)
-        lcfg = lcfg_box[0]
+        config_out = {}  # the LoRA config is static: keep it from the one traced call
+
+        def adapters(p):
+            tree, config_out["lcfg"] = peft(p)
+            return tree
+
+        lora = jax.eval_shape(adapters, params)
+        lcfg = config_out["lcfg"]
         micro = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in micro.items()}
     else:
         params = make_params()
