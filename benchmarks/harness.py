@@ -167,6 +167,21 @@ def read_rows(paths: Iterable[str | os.PathLike]) -> list[dict]:
     return rows
 
 
+def add_xla_flag(flag: str, *, present: str | None = None) -> bool:
+    """Append ``flag`` to ``XLA_FLAGS`` unless ``present`` (default: the flag's name, the part before
+    ``=``) is in it already. Returns whether XLA will read it: XLA reads the variable when jax creates
+    its first backend, so a flag added after that has no effect (one already there was read then)."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if (present or flag.split("=")[0]) in flags:
+        return True
+    os.environ["XLA_FLAGS"] = (flags + " " + flag).strip()
+    if "jax" not in sys.modules:
+        return True
+    from jax._src import xla_bridge  # private, jax 0.10 and 0.11: the backends created so far
+
+    return not getattr(xla_bridge, "_backends", None)
+
+
 # ---------------------------------------------------------------------------------- child processes
 def is_oom(text: str | None) -> bool:
     return bool(text) and any(m in text for m in OOM_MARKERS)

@@ -32,28 +32,23 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks import harness  # noqa: E402
+
 NO_HOIST = "--xla_disable_hlo_passes=while-loop-invariant-code-motion"
 GPU_RATIO = 1.53  # CPU temporaries / H200 temporaries, measured (module docstring)
 
 
 def _ensure_flags() -> None:
-    """Add ``NO_HOIST`` to XLA_FLAGS; XLA reads it when jax creates its CPU client, so it must come
+    """Put ``NO_HOIST`` in XLA_FLAGS; XLA reads it when jax creates its CPU client, so it must come
     first."""
-    flags = os.environ.get("XLA_FLAGS", "")
-    if NO_HOIST in flags:
-        return
-    from jax._src import xla_bridge  # private, jax 0.10 and 0.11: which backends exist already
-
-    if getattr(xla_bridge, "_backends", None):
+    if not harness.add_xla_flag(NO_HOIST, present=NO_HOIST):
         raise RuntimeError(f"jax already started: run with XLA_FLAGS={NO_HOIST!r}")
-    os.environ["XLA_FLAGS"] = (flags + " " + NO_HOIST).strip()
 
 
 def proxy(

@@ -286,13 +286,13 @@ def profile(args) -> dict:
         micro_rows=args.micro_rows or None,
         mlp_chunk_size=args.mlp_chunk_size,
     )
-    for i in range(args.warmup):  # two: the second call compiles again (committed outputs)
-        jax.block_until_ready(built.run(i)["loss"])
-    # The HLO of the program the traced steps run (same arguments as they get: post-warm-up state).
-    compiled = built.step.lower(
+    # Compile once and run that executable: the HLO read here is the program the trace records.
+    built.step = built.step.lower(
         built.lora, built.opt_state, built.params, built.micro, jax.numpy.int32(0), built.key
     ).compile()
-    op_names = hlo_op_names(compiled.as_text())
+    op_names = hlo_op_names(built.step.as_text())
+    for i in range(args.warmup):
+        jax.block_until_ready(built.run(i)["loss"])
     trace_dir = os.path.join(args.out, "trace")
     opts = None
     if hasattr(jax.profiler, "ProfileOptions"):  # no Python-call tracing: it slows the steps down
@@ -325,14 +325,12 @@ def profile(args) -> dict:
 NO_COMMAND_BUFFERS = "--xla_gpu_enable_command_buffer="
 
 
-def no_command_buffers() -> None:
+def no_command_buffers() -> bool:
     """Turn XLA:GPU's command buffers (CUDA graphs) off for this process, before jax starts: kernels
     a graph launches may come without the ``hlo_op`` annotation this attribution reads. The traced
     steps then launch kernel by kernel (a little slower; ``step_ms`` says by how much against
-    ``train_step.py``)."""
-    flags = os.environ.get("XLA_FLAGS", "")
-    if "xla_gpu_enable_command_buffer" not in flags:
-        os.environ["XLA_FLAGS"] = (flags + " " + NO_COMMAND_BUFFERS).strip()
+    ``train_step.py``). A command-buffer flag already in XLA_FLAGS is left as it is."""
+    return harness.add_xla_flag(NO_COMMAND_BUFFERS, present="xla_gpu_enable_command_buffer")
 
 
 def build_parser() -> argparse.ArgumentParser:
