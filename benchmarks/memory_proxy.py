@@ -71,8 +71,10 @@ def proxy(
 
     if (
         ops == "pallas"
-    ):  # every kernel interpreted; NF4 linears as on a GPU (models.ops.Ops.resolve)
-        ops_obj = dataclasses.replace(Ops.all("pallas", interpret=True), linear="auto")
+    ):  # every kernel interpreted; NF4 linears and the GLU as on a GPU (Ops.resolve)
+        ops_obj = dataclasses.replace(
+            Ops.all("pallas", interpret=True), linear="auto", glu="xla_recompute"
+        )
     elif ops == "system":
         ops_obj = None
     else:

@@ -3,7 +3,9 @@
 Each op lives in ``pallas_kernels/<op>.py`` next to its reference (``<op>_reference``). ``Ops`` records which
 implementation each op uses: ``"xla"`` (the reference, runs everywhere), ``"pallas"`` (the kernel; compiled on a
 GPU, interpret mode elsewhere) or ``"auto"`` (the kernel on a GPU, the reference elsewhere; attention's ``auto``
-picks among cuDNN, Pallas and XLA per case, see ``pallas_kernels/attention.py``).
+picks among cuDNN, Pallas and XLA per case, see ``pallas_kernels/attention.py``). Two ``auto`` choices on a GPU
+follow end-to-end measurements instead (``Ops.resolve``): NF4 linears take XLA's dequantize-then-matmul and the
+GLU takes ``xla_recompute`` (the kernel's math in jnp), both faster in the full training step on the H200.
 
 One setting forces every op at once: env ``FASTJAX_KERNELS=xla|pallas|auto`` gives the default of every field;
 an explicit ``Ops(...)`` argument wins. ``Ops`` is frozen and hashable, so it is a static argument of ``jax.jit``.
@@ -90,6 +92,13 @@ class Ops:
             # Llama-3-8B shape with T >= 2048 (fused 0.41-0.81x of it, benchmarks/results/nf4_h200.md);
             # "xla" is nf4_lora_xla (x.dtype results, backward re-dequantizes), not the fp32 reference.
             return "xla"
+        if impl == "auto" and op == "glu" and _common.on_gpu():
+            # The same recompute-in-backward math in jnp: XLA fuses it with the neighbouring matmul
+            # epilogues, which a pallas_call boundary prevents. H200, Llama-3-8B 4x2048 LoRA, full remat,
+            # one invocation: 11,950 tokens/s vs 11,676 with the Pallas kernel at the same 19.95 GiB peak
+            # (benchmarks/results/train_step_h200.md, session 16); alone as fwd and bwd programs they tie
+            # (0.784 + 0.554 vs 0.777 + 0.554 ms, kernels_h200.md run 4).
+            return "xla_recompute"
         if impl == "auto" and op != "attention":
             return "pallas" if _common.on_gpu() else "xla"
         return impl

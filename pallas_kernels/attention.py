@@ -189,8 +189,9 @@ def _attention_fwd_kernel(
         raw = dot_f32(q, k, trans_b=True)
         # Without a softcap the scores stay raw: the row max is taken on them and scaled once per row
         # (c > 0, so max(c * s) == c * max(s) exactly), and exp2's argument is one FMA per score,
-        # c * s - m, instead of a multiply pass over the tile followed by a subtract. Not measured
-        # alone yet: the next bench_attention run's forward rows compare with the committed ones.
+        # c * s - m, instead of a multiply pass over the tile followed by a subtract. With it and the
+        # 128x128 tile the forward ran 423 TFLOP/s at T=8192 and 463 at T=32768 (run 4), against 380
+        # and 442 before (128x64, without it); the two changes landed together and are not separated.
         s = raw if raw_max else log2_scores(raw, sm_scale=sm_scale, softcap=softcap)[0]
         if masked:
             kpos = (j * block_k + jnp.arange(block_k))[None, :]
@@ -267,21 +268,23 @@ class BlockSizes:
 
 
 # One entry per head_dim: (fwd bq, bk, warps, stages, dk/dv bq, bk, warps, stages, dq bq, bk, warps,
-# stages). Measured with exactly these tiles (H200, bf16, causal, benchmarks/results/attention_h200.md):
-#   D=128: fwd 380 TFLOP/s at T=8192 and 442 at T=32768 (cuDNN 523 / 581); fwd+bwd 193 / 201: the
-#          backward (34 ms of 40 at T=8192) is the gap to cuDNN's 495.
-#   D=256: bq=64 keeps q + two 64x256 K/V stages in shared memory; fwd 212, fwd+bwd 154 (T=8192).
+# stages). Picked by `bench_attention.py --plan sweep:128,sweep:256` (H200, bf16, causal, B4 T4096,
+# 2026-12-01, benchmarks/results/attention_h200.md run 4); each kernel timed alone:
+#   D=128: fwd 128x128 at 8 warps, 3 stages 329 TFLOP/s (128x64: 322; 4 stages: over shared memory).
+#          dk/dv 64x128 (kv tile resident) 414 TFLOP/s against 209 for the 64x64 tile used before; a 128-row
+#          q tile spills (116). dq 128x64 (q tile resident) 435 against 184 for 64x64. The backward pair went
+#          from 161 to 302 TFLOP/s; fwd+bwd at T=8192 377 (cuDNN 494), at T=32768 415 (cuDNN 549).
+#   D=256: fwd 128x64, 2 stages 341 (64x64: 198). dk/dv 64x64 240, dq 64x32 at 4 warps, 3 stages 350; any
+#          128-wide tile next to a 256-wide head is over the 227 KiB of shared memory.
 #   D=64:  compiled and correct on the H200 (compiled check), not timed.
-# FlashAttention-2 choices: bq=128 x bk=64 with 8 warps (two warpgroups of 64 rows) in the forward;
-# 64 x 64 backward tiles keep the dk/dv (or dq) fp32 accumulators plus k/v (or q/do) in registers.
-# Not yet swept: `bench_attention.py --plan sweep:128,sweep:256` times the alternatives (the dk/dv and
-# dq kernels each alone, then the fused backward, `fused_bwd`, against their sum); the sweep did not fit
-# a session's device time yet. The fused backward does 5 tile matmuls per block pair against the split
-# pair's 7, so it is the candidate for the backward gap; it stays off until a GPU run shows it faster.
+# The fused backward (`fused_bwd`: dq by fp32 atomics from the dk/dv kernel, 5 tile matmuls per block pair
+# instead of 7) measured 118 TFLOP/s at its best D=128 tile (70 at D=256) against the split pair's 302:
+# every kv block of a row adds into the same dq rows, and the atomics cost more than the two matmuls they
+# save. It stays off.
 _BLOCKS_BY_HEAD_DIM: dict[int, BlockSizes] = {
     64: BlockSizes(128, 64, 4, 3, 64, 64, 4, 3, 64, 64, 4, 3),
-    128: BlockSizes(128, 64, 8, 3, 64, 64, 8, 2, 64, 64, 8, 2),
-    256: BlockSizes(64, 64, 8, 2, 32, 64, 8, 2, 64, 32, 8, 2),
+    128: BlockSizes(128, 128, 8, 3, 64, 128, 8, 3, 128, 64, 8, 3),
+    256: BlockSizes(128, 64, 8, 2, 64, 64, 8, 2, 64, 32, 4, 3),
 }
 
 
@@ -443,8 +446,8 @@ AUTO_TABLE: tuple[tuple[str, str, str], ...] = (
         "segment_ids with max_segments (a static bound; the trainer sets it from its packed rows)",
         "cudnn",
         (
-            "cuDNN's packed (THD) layout: 4.95 ms fwd+bwd vs Pallas 10.96 ms on packed rows (T=8192 "
-            "D=128, 23 segments); matches the reference on the H200, fwd and vjp, with and without a "
+            "cuDNN's packed (THD) layout: 5.36 ms fwd+bwd vs Pallas 6.44 ms on packed rows (T=8192 "
+            "D=128, 23 segments; run 4, 2026-12-01), 6.28 vs 8.33 at D=256; matches the reference on the H200, fwd and vjp, with and without a "
             "window (tests/pallas_kernels/test_attention.py::test_compiled_matches_reference_gpu, "
             "2026-12-01)"
         ),
@@ -454,16 +457,16 @@ AUTO_TABLE: tuple[tuple[str, str, str], ...] = (
         "pallas",
         (
             "jax.nn.dot_product_attention has no segment ids; Pallas on packed rows beats the same "
-            "sequences as a padded cuDNN batch: 10.96 vs 16.75 ms (T=8192 D=128), 4.58 vs 8.01 (T=2048), "
-            "27.7 vs 38.2 (T=32768), 14.4 vs 27.8 (T=8192 D=256)"
+            "sequences as a padded cuDNN batch (run 4): 6.44 vs 16.84 ms (T=8192 D=128), 3.28 vs 10.90 "
+            "(T=2048), 15.51 vs 18.90 (T=32768), 8.33 vs 20.08 (T=8192 D=256)"
         ),
     ),
     (
         "otherwise (bf16/fp16, causal, window, GQA)",
         "cudnn",
         (
-            "cuDNN 495 vs Pallas 193 (T=8192 D=128), 548 vs 201 (T=32768), 369 vs 168 (T=2048), "
-            "401 vs 154 (T=8192 D=256)"
+            "cuDNN 494 vs Pallas 377 (T=8192 D=128), 549 vs 415 (T=32768), 371 vs 310 (T=2048), "
+            "405 vs 268 (T=8192 D=256); run 4, 2026-12-01"
         ),
     ),
 )

@@ -238,14 +238,17 @@ class BlockSizes:
 
 def pick_block_sizes(n_tok: int, n_heads: int, n_kv_heads: int, head_dim: int) -> BlockSizes:
     """Up to 8K q+k elements a program, rounded down to whole tokens: Llama-3-8B (40 heads x 128) gets
-    1 token and 4 warps. H200 T=16384 (bench_kernels): 1 token 0.212 ms fwd+bwd, 2 tokens 0.311 ms,
-    4 tokens x 8 warps 0.595 ms (larger blocks spill)."""
+    1 token. H200 T=16384 (bench_kernels): 1 token 0.212 ms fwd+bwd, 2 tokens 0.311 ms, 4 tokens x 8
+    warps 0.595 ms (larger blocks spill). Warps (run 4, kernels_h200.md): at 1 token of 5120 (Llama-3-8B)
+    or 4608 (Qwen2.5-7B) elements, 2 warps ran 0.095 / 0.183 ms fwd / fwd+bwd against 0.113 / 0.214 with 4
+    (Qwen 0.080 / 0.154 vs 0.090 / 0.172; T=4096 0.048 / 0.054 vs 0.057 / 0.077), 8 warps slower still."""
     per_tok = (pl.next_power_of_2(n_heads) + pl.next_power_of_2(n_kv_heads)) * pl.next_power_of_2(
         head_dim
     )
     block_t = max(1, min(pl.next_power_of_2(n_tok), 8192 // per_tok))
     block_t = 1 << (block_t.bit_length() - 1)  # round down to a power of 2
-    num_warps = 8 if block_t * per_tok >= 8192 else 4
+    elems = block_t * per_tok
+    num_warps = 8 if elems >= 8192 else (2 if elems <= 5120 else 4)
     return BlockSizes(block_t=block_t, num_warps=num_warps)
 
 

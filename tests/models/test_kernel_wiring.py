@@ -337,3 +337,19 @@ def test_env_reaches_forward_in_a_fresh_process(value):
             "glu_silu_fwd",
             "fastjax_attention_fwd",
         } <= set(report["names"]), report
+
+
+def test_auto_on_a_gpu_follows_the_measurements(monkeypatch):
+    """On a GPU, ``auto`` takes the kernel except where a measured XLA form won end to end (NF4 linears,
+    the GLU); attention stays ``auto`` for its own per-call table."""
+    monkeypatch.delenv(O.ENV_KERNELS, raising=False)
+    monkeypatch.setattr(O._common, "on_gpu", lambda: True)
+    assert {op: O.Ops().resolve(op) for op in OPS} == {
+        "rms_norm": "pallas",
+        "rope": "pallas",
+        "glu": "xla_recompute",
+        "attention": "auto",
+        "linear": "xla",
+        "cross_entropy": "pallas",
+    }
+    assert O.Ops(glu="pallas").resolve("glu") == "pallas"  # an explicit field wins
