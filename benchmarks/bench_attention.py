@@ -278,18 +278,18 @@ SWEEP_FWD = {  # (block_q, block_k, num_warps, num_stages)
     256: [(64, 64, 8, 2), (128, 64, 8, 2), (64, 64, 4, 2), (64, 128, 8, 2)],
 }
 SWEEP_DKDV = {  # (block_q, block_k, num_warps, num_stages); block_k is the resident kv tile
-    # 2026-12-01 (run 4): 64x128 at 8 warps 383 TFLOP/s, 64x64 209, 32x128 at 4 warps 115.
+    # 2026-12-01 (run 2): 64x128 at 8 warps 383 TFLOP/s, 64x64 209, 32x128 at 4 warps 115.
     128: [(64, 128, 8, 3), (64, 128, 8, 4), (128, 128, 8, 2), (128, 128, 8, 3), (64, 128, 4, 3)],
     256: [(32, 64, 8, 2), (64, 64, 8, 2), (32, 128, 8, 2), (64, 128, 8, 2), (32, 64, 8, 3)],
 }
 SWEEP_FUSED = {  # fused backward (dk/dv tiles + dq atomics); block_k is the resident kv tile
-    # 2026-12-01 (run 4), D=128: the best of six tiles ran 119 TFLOP/s against the split pair's 283
+    # 2026-12-01 (run 2), D=128: the best of six tiles ran 119 TFLOP/s against the split pair's 283
     # (dq atomics: every kv block adds into each q row's fp32 dq), so one tile stays as the check.
     128: [(64, 128, 8, 3)],
     256: [(32, 64, 8, 2)],
 }
 SWEEP_DQ = {  # (block_q, block_k, num_warps, num_stages); block_q is the resident q tile
-    # 2026-12-01 (run 4): 128x64 at 3 stages 415 TFLOP/s, 128x32 411, 64x64 184.
+    # 2026-12-01 (run 2): 128x64 at 3 stages 415 TFLOP/s, 128x32 411, 64x64 184.
     128: [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (128, 128, 8, 3), (128, 32, 8, 4)],
     256: [(64, 32, 8, 2), (64, 64, 8, 2), (128, 32, 8, 2), (128, 64, 8, 2), (64, 32, 4, 3)],
 }

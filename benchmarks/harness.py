@@ -134,6 +134,8 @@ def record(*, packages: Iterable[str] = JAX_PACKAGES, **fields) -> dict:
         time=now.strftime("%Y-%m-%dT%H:%M:%SZ"),
         **versions(packages),
     )
+    if os.environ.get("XLA_FLAGS"):  # a flag set around the command changes what was measured
+        ctx["xla_flags"] = os.environ["XLA_FLAGS"]
     return dict(ctx, **fields)
 
 

@@ -119,7 +119,11 @@ def pass_of(op_name: str) -> str:
     return "bwd" if "transpose(" in op_name else "fwd"
 
 
-def kind_of(kernel: str) -> str:
+def kind_of(kernel: str, hlo_op: str = "") -> str:
+    """Kernel kind from its name; a kernel launched by a ``pallas_call`` HLO instruction is ``pallas``
+    whatever the kernel is called (only attention's kernels carry the ``fastjax_`` prefix)."""
+    if hlo_op.startswith("pallas_call"):
+        return "pallas"
     for kind, pat in _KIND_PATTERNS:
         if pat.search(kernel):
             return kind
@@ -203,7 +207,7 @@ def attribute(events: list[dict], op_names: dict[str, str], steps: int) -> dict:
             unmatched += ms
         op = scope_of(op_name or "")
         ps = pass_of(op_name or "")
-        kind = kind_of(e["name"])
+        kind = kind_of(e["name"], hlo)
         by_op[op] += ms
         by_op_pass[f"{op} {ps}"] += ms
         by_kind[kind] += ms

@@ -119,7 +119,10 @@ def _when(r: dict) -> tuple:
 def label(r: dict) -> str:
     """A row's system as the table names it: configuration included, so variants never merge."""
     chunk = r.get("mlp_chunk_size")
-    return _label(r) + (f", MLP in {chunk}-token slices" if chunk else "")
+    out = _label(r) + (f", MLP in {chunk}-token slices" if chunk else "")
+    if r.get("xla_flags"):
+        out += f" [XLA_FLAGS {r['xla_flags']}]"
+    return out
 
 
 def _label(r: dict) -> str:

@@ -190,7 +190,7 @@ def _attention_fwd_kernel(
         # Without a softcap the scores stay raw: the row max is taken on them and scaled once per row
         # (c > 0, so max(c * s) == c * max(s) exactly), and exp2's argument is one FMA per score,
         # c * s - m, instead of a multiply pass over the tile followed by a subtract. With it and the
-        # 128x128 tile the forward ran 423 TFLOP/s at T=8192 and 463 at T=32768 (run 4), against 380
+        # 128x128 tile the forward ran 423 TFLOP/s at T=8192 and 463 at T=32768 (run 2), against 380
         # and 442 before (128x64, without it); the two changes landed together and are not separated.
         s = raw if raw_max else log2_scores(raw, sm_scale=sm_scale, softcap=softcap)[0]
         if masked:
@@ -269,7 +269,7 @@ class BlockSizes:
 
 # One entry per head_dim: (fwd bq, bk, warps, stages, dk/dv bq, bk, warps, stages, dq bq, bk, warps,
 # stages). Picked by `bench_attention.py --plan sweep:128,sweep:256` (H200, bf16, causal, B4 T4096,
-# 2026-12-01, benchmarks/results/attention_h200.md run 4); each kernel timed alone:
+# 2026-12-01, benchmarks/results/attention_h200.md run 2); each kernel timed alone:
 #   D=128: fwd 128x128 at 8 warps, 3 stages 329 TFLOP/s (128x64: 322; 4 stages: over shared memory).
 #          dk/dv 64x128 (kv tile resident) 414 TFLOP/s against 209 for the 64x64 tile used before; a 128-row
 #          q tile spills (116). dq 128x64 (q tile resident) 435 against 184 for 64x64. The backward pair went
@@ -447,7 +447,7 @@ AUTO_TABLE: tuple[tuple[str, str, str], ...] = (
         "cudnn",
         (
             "cuDNN's packed (THD) layout: 5.36 ms fwd+bwd vs Pallas 6.44 ms on packed rows (T=8192 "
-            "D=128, 23 segments; run 4, 2026-12-01), 6.28 vs 8.33 at D=256; matches the reference on the H200, fwd and vjp, with and without a "
+            "D=128, 23 segments; run 2, 2026-12-01), 6.28 vs 8.33 at D=256; matches the reference on the H200, fwd and vjp, with and without a "
             "window (tests/pallas_kernels/test_attention.py::test_compiled_matches_reference_gpu, "
             "2026-12-01)"
         ),
@@ -457,7 +457,7 @@ AUTO_TABLE: tuple[tuple[str, str, str], ...] = (
         "pallas",
         (
             "jax.nn.dot_product_attention has no segment ids; Pallas on packed rows beats the same "
-            "sequences as a padded cuDNN batch (run 4): 6.44 vs 16.84 ms (T=8192 D=128), 3.28 vs 10.90 "
+            "sequences as a padded cuDNN batch (run 2): 6.44 vs 16.84 ms (T=8192 D=128), 3.28 vs 10.90 "
             "(T=2048), 15.51 vs 18.90 (T=32768), 8.33 vs 20.08 (T=8192 D=256)"
         ),
     ),
@@ -466,7 +466,7 @@ AUTO_TABLE: tuple[tuple[str, str, str], ...] = (
         "cudnn",
         (
             "cuDNN 494 vs Pallas 377 (T=8192 D=128), 549 vs 415 (T=32768), 371 vs 310 (T=2048), "
-            "405 vs 268 (T=8192 D=256); run 4, 2026-12-01"
+            "405 vs 268 (T=8192 D=256); run 2, 2026-12-01"
         ),
     ),
 )

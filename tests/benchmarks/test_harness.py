@@ -650,3 +650,15 @@ def test_report_labels_ablations_by_the_forced_impl():
     assert report.label(sliced) == (
         "fastjax LoRA, lean: remat full, 2 micro-batches, MLP in 512-token slices"
     )
+    flagged = {"system": "fastjax-qlora", "xla_flags": "--xla_gpu_enable_command_buffer="}
+    assert report.label(flagged) == (
+        "fastjax QLoRA (NF4 base) [XLA_FLAGS --xla_gpu_enable_command_buffer=]"
+    )
+
+
+def test_record_keeps_xla_flags_set_around_the_command(monkeypatch):
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    assert "xla_flags" not in harness.record(system="x", packages=())
+    monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_enable_command_buffer=")
+    row = harness.record(system="x", packages=())
+    assert row["xla_flags"] == "--xla_gpu_enable_command_buffer=" and row["system"] == "x"

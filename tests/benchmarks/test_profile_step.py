@@ -113,6 +113,12 @@ def test_kind_of(kernel, kind):
     assert P.kind_of(kernel) == kind
 
 
+def test_kind_of_pallas_by_hlo_op():
+    """The H200 trace of 2026-12-01 filed ``cross_entropy_lse`` (a pallas_call) under xla_fusion."""
+    assert P.kind_of("cross_entropy_lse", "pallas_call.39") == "pallas"
+    assert P.kind_of("loop_multiply_fusion_3", "loop_multiply_fusion.3") == "xla_fusion"
+
+
 def test_busy_is_the_union_of_intervals():
     evs = [{"ts": 0, "dur": 10}, {"ts": 5, "dur": 10}, {"ts": 30, "dur": 5}, {"ts": 31, "dur": 1}]
     assert P.busy_us(evs) == 20.0
