@@ -64,6 +64,7 @@ def config_row(
     remat: str,
     micro_rows: int | None,
     mlp_chunk_size: int | None,
+    scan_layers: bool = True,
 ) -> dict:
     """The fields that name one fastjax configuration (every row of it carries them)."""
     rows = micro_rows or batch
@@ -77,6 +78,7 @@ def config_row(
         remat=remat,
         micro_batches=batch // rows,
         mlp_chunk_size=mlp_chunk_size,
+        scan_layers=scan_layers,
         base_weights="nf4" if system.startswith("fastjax-qlora") else "bfloat16",
     )
 
@@ -90,6 +92,7 @@ def build_fastjax(
     remat: str = "full",
     micro_rows: int | None = None,
     mlp_chunk_size: int | None = None,
+    scan_layers: bool = True,
     abstract: bool = False,
     ops=None,
     num_devices: int = 1,
@@ -126,6 +129,7 @@ def build_fastjax(
         remat=remat,
         micro_rows=micro_rows,
         mlp_chunk_size=mlp_chunk_size,
+        scan_layers=scan_layers,
     )
     rows = batch // base["micro_batches"]
     cfg = registry.config_from_hf(shape.hf_config())
@@ -184,6 +188,7 @@ def build_fastjax(
         remat_policy=remat,
         ops=ops,
         mlp_chunk_size=mlp_chunk_size,
+        scan_layers=scan_layers,
     )
     schedule = optax.constant_schedule(2e-4)
     opt = optax.adamw(schedule, weight_decay=0.0)

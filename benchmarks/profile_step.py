@@ -289,6 +289,7 @@ def profile(args) -> dict:
         remat=args.remat,
         micro_rows=args.micro_rows or None,
         mlp_chunk_size=args.mlp_chunk_size,
+        scan_layers=not args.unroll_layers,
     )
     # Compile once and run that executable: the HLO read here is the program the trace records.
     built.step = built.step.lower(
@@ -346,6 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--remat", default="full")
     p.add_argument("--micro-rows", type=int, default=0, help="rows per micro-batch (0: one)")
     p.add_argument("--mlp-chunk-size", type=int, default=None)
+    p.add_argument("--unroll-layers", action="store_true", help="layers as a Python loop")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--out", required=True, help="folder for profile.json and trace/")

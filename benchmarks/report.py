@@ -120,6 +120,8 @@ def label(r: dict) -> str:
     """A row's system as the table names it: configuration included, so variants never merge."""
     chunk = r.get("mlp_chunk_size")
     out = _label(r) + (f", MLP in {chunk}-token slices" if chunk else "")
+    if r.get("scan_layers") is False:
+        out += ", layers unrolled"
     if r.get("xla_flags"):
         out += f" [XLA_FLAGS {r['xla_flags']}]"
     return out

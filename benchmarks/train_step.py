@@ -93,6 +93,7 @@ def run_fastjax(
     remat: str = "full",
     micro_rows: int | None = None,
     mlp_chunk_size: int | None = None,
+    scan_layers: bool = True,
     num_devices: int = 1,
     mesh_data: int = 1,
 ) -> dict:
@@ -103,6 +104,7 @@ def run_fastjax(
     ``batch`` is then the global batch.
 
     ``mlp_chunk_size``: tokens per MLP slice (``models.decoder.forward``; long-context memory).
+    ``scan_layers=False``: the layers as a Python loop (``models.decoder.forward``).
 
     ``micro_rows``: rows per micro-batch (the step scans over ``batch // micro_rows`` micro-batches
     and accumulates gradients); ``None`` is one micro-batch of all rows. Device out-of-memory errors
@@ -115,7 +117,9 @@ def run_fastjax(
     if steps < 1:
         raise ValueError(f"{steps=}: at least one timed step")
     shape = shape if isinstance(shape, ModelShape) else get(shape)
-    kw = dict(remat=remat, micro_rows=micro_rows, mlp_chunk_size=mlp_chunk_size)
+    kw = dict(
+        remat=remat, micro_rows=micro_rows, mlp_chunk_size=mlp_chunk_size, scan_layers=scan_layers
+    )
     base = config_row(system, shape, batch, seq, **kw)
     if num_devices > 1:
         base.update(
@@ -193,6 +197,7 @@ def _child(args) -> None:
             remat=args.remat,
             micro_rows=args.micro_rows,
             mlp_chunk_size=args.mlp_chunk_size,
+            scan_layers=not args.unroll_layers,
         )
     print(json.dumps(row), flush=True)
 
@@ -232,6 +237,7 @@ def fastjax_argv(
     remat: str,
     micro_rows: int | None = None,
     mlp_chunk_size: int | None = None,
+    scan_layers: bool = True,
 ) -> tuple[str, ...]:
     argv = [
         str(HERE / "train_step.py"),
@@ -254,6 +260,8 @@ def fastjax_argv(
         argv += ["--micro-rows", str(micro_rows)]
     if mlp_chunk_size:
         argv += ["--mlp-chunk-size", str(mlp_chunk_size)]
+    if not scan_layers:
+        argv.append("--unroll-layers")
     return tuple(argv)
 
 
@@ -285,7 +293,12 @@ def torch_argv(
 def plan(args) -> list[Job]:
     """Every child process of this invocation, in run order (shape, then cell, then system)."""
     jobs = []
-    common_steps = dict(steps=args.steps, warmup=args.warmup, mlp_chunk_size=args.mlp_chunk_size)
+    common_steps = dict(
+        steps=args.steps,
+        warmup=args.warmup,
+        mlp_chunk_size=args.mlp_chunk_size,
+        scan_layers=not args.unroll_layers,
+    )
     for shape in args.shapes.split(","):
         get(shape)  # unknown names fail here, before any device time is spent
         for b, s in parse_grid(args.grid):
@@ -406,6 +419,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="fastjax: tokens per MLP slice (default: the whole micro-batch at once)",
+    )
+    ap.add_argument(
+        "--unroll-layers",
+        action="store_true",
+        help="fastjax: the layers as a Python loop instead of one lax.scan",
     )
     ap.add_argument(
         "--lean-remat",

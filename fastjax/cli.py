@@ -216,6 +216,11 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
         help="run each MLP over slices of this many tokens per row (long-context memory)",
     )
     t.add_argument(
+        "--unroll-layers",
+        action="store_true",
+        help="layers as a Python loop, not one lax.scan (no stacked activations; slower compile)",
+    )
+    t.add_argument(
         "--kernels",
         choices=("auto", "xla", "pallas"),
         default=None,
@@ -291,6 +296,7 @@ def train_command(args: argparse.Namespace) -> int:
         base_model_name_or_path=path,
         num_devices=args.num_devices,
         mlp_chunk_size=args.mlp_chunk_size,
+        scan_layers=not args.unroll_layers,
     )
     lora = lora_config = None
     if not args.full_finetune:

@@ -34,6 +34,8 @@ class SFTConfig:
     truncation warning. ``mlp_chunk_size`` (tokens per row) runs each MLP over slices of that many
     tokens, so its ``[tokens, intermediate]`` activations exist for one slice at a time (long
     context; with ``remat_policy="offload_layer_input"`` the layer inputs leave the device too).
+    ``scan_layers=False`` runs the layers as a Python loop instead of one ``lax.scan``: no stacked
+    activation buffers (what a scan costs without remat), a compile about L times longer.
 
     Multi-device (``fastjax.sharding`` states the placement rules): ``num_devices`` builds a
     ``(data, fsdp)`` mesh over that many devices, by default all on fsdp; ``mesh_data`` /
@@ -60,6 +62,7 @@ class SFTConfig:
     seed: int = 0
     remat_policy: str = "full"
     mlp_chunk_size: int | None = None
+    scan_layers: bool = True
     packing: bool = True
     truncation: bool = True
     logging_steps: int = 1
@@ -112,3 +115,5 @@ class SFTConfig:
             bad("remat_policy", f"one of {remat.PRESETS}")
         if self.mlp_chunk_size is not None and self.mlp_chunk_size < 1:
             bad("mlp_chunk_size", "None or a positive number of tokens")
+        if not isinstance(self.scan_layers, bool):
+            bad("scan_layers", "True or False")

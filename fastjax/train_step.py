@@ -136,9 +136,11 @@ def make_loss_fn(
     remat_policy: str,
     ops: O.Ops,
     mlp_chunk_size: int | None = None,
+    scan_layers: bool = True,
 ) -> Callable:
     """``loss_sum(trainable, frozen, micro_batch, rng) -> (sum of token CE, number of label
-    tokens)``. ``mlp_chunk_size``: see ``models.decoder.forward`` (long-context memory)."""
+    tokens)``. ``mlp_chunk_size`` (long-context memory), ``scan_layers``: see
+    ``models.decoder.forward``."""
     fam = registry.family_of(cfg)
     softcap = getattr(cfg, "final_logit_softcapping", None)
 
@@ -158,6 +160,7 @@ def make_loss_fn(
             ops=ops,
             return_hidden=True,
             mlp_chunk_size=mlp_chunk_size,
+            scan_layers=scan_layers,
         )
         B, T, D = hidden.shape
         labels = mb["labels"].reshape(B * T)

@@ -220,6 +220,7 @@ class SFTTrainer:
             remat_policy=config.remat_policy,
             ops=self.ops,
             mlp_chunk_size=config.mlp_chunk_size,
+            scan_layers=config.scan_layers,
         )
         self.step_fn = make_train_step(
             loss_sum, self.optimizer, self.schedule, shardings=self.shardings

@@ -245,9 +245,24 @@ def _chunked_mlp(h, p, lp, ctx, chunk: int):
     return out.swapaxes(0, 1).reshape(B, -1, out.shape[-1])[:, :T]
 
 
-def _scan_layers(layer, x, xs, params, cfg, ctx, *, remat_policy: str = "none"):
+def _unrolled_scan(body, carry, xs):
+    """``lax.scan(body, carry, xs)`` as a Python loop: the backward's activations stay one buffer per
+    layer instead of zero-filled ``[L, ...]`` stacks written and read slice by slice (87 ms of a 577 ms
+    remat-none Llama-3-8B step on the H200, train_step_h200.md session 16); compiles L times longer."""
+    n = jax.tree.leaves(xs)[0].shape[0]
+    ys = []
+    for i in range(n):
+        carry, y = body(carry, jax.tree.map(lambda a: a[i], xs))
+        ys.append(y)
+    if all(y is None for y in ys):
+        return carry, None
+    return carry, jax.tree.map(lambda *a: jnp.stack(a), *ys)
+
+
+def _scan_layers(layer, x, xs, params, cfg, ctx, *, remat_policy: str = "none", scan: bool = True):
     """``lax.scan`` of ``layer(x, h, xs_i) -> (x, m, ys_i)`` (see ``_layer``) over the stacked
-    layers; returns (the final normed hidden states ``[B, T, D]``, the stacked ``ys``).
+    layers; returns (the final normed hidden states ``[B, T, D]``, the stacked ``ys``). ``scan=False``
+    runs the same body as a Python loop (``_unrolled_scan``).
 
     Without remat, each layer's closing ``x + m`` runs fused with the norm that follows it (the
     next layer's input_layernorm; the final norm after the last layer), so the scan carries the
@@ -260,13 +275,14 @@ def _scan_layers(layer, x, xs, params, cfg, ctx, *, remat_policy: str = "none"):
     """
     w_in = params["model"]["layers"]["input_layernorm"]["weight"]
     w_final = params["model"]["norm"]["weight"]
+    run = jax.lax.scan if scan else _unrolled_scan
     if remat_policy != "none":
 
         def body(x, xs):
             x, m, ys = layer(checkpoint_name(x, "layer_input"), None, xs)
             return x + m, ys
 
-        x, ys = jax.lax.scan(remat.wrap(body, remat_policy), x, xs)
+        x, ys = run(remat.wrap(body, remat_policy), x, xs)
         return _norm(x, w_final, cfg, ctx), ys
 
     def fused_body(carry, xs):
@@ -276,7 +292,7 @@ def _scan_layers(layer, x, xs, params, cfg, ctx, *, remat_policy: str = "none"):
 
     # Layer i's closing add feeds layer i+1's input norm: scan the weights shifted by one.
     w_next = jnp.concatenate([w_in[1:], w_final[None].astype(w_in.dtype)])
-    (_, h), ys = jax.lax.scan(fused_body, (x, _norm(x, w_in[0], cfg, ctx)), (w_next, xs))
+    (_, h), ys = run(fused_body, (x, _norm(x, w_in[0], cfg, ctx)), (w_next, xs))
     return h, ys
 
 
@@ -340,6 +356,7 @@ def forward(
     ops: O.Ops | None = None,
     return_hidden: bool = False,
     mlp_chunk_size: int | None = None,
+    scan_layers: bool = True,
 ) -> jax.Array:
     """Logits ``[B, T, V]`` (fp32, final softcap applied), or the final normed hidden states ``[B, T, D]``
     with ``return_hidden``.
@@ -348,7 +365,7 @@ def forward(
     attends only to earlier tokens of its own segment (id 0 = padding). ``lora`` is an adapter tree
     (``fastjax.lora``) added to every linear it names, scaled by ``lora_scale``. ``mlp_chunk_size``
     (tokens per row): run each MLP over slices of that many tokens of every row (long-context
-    training: see ``_chunked_mlp``).
+    training: see ``_chunked_mlp``). ``scan_layers=False``: layers as a Python loop (``_unrolled_scan``).
     """
     ops = ops or O.Ops()
     arch = cfg.arch()
@@ -385,7 +402,7 @@ def forward(
     rngs = None if dropout_rng is None else jax.random.split(dropout_rng, cfg.num_hidden_layers)
     kind_ids = jnp.asarray(arch.layer_kind, jnp.int32)
     xs = (params["model"]["layers"], _layer_lora(lora), rngs, kind_ids)
-    x, _ = _scan_layers(layer, x, xs, params, cfg, ctx, remat_policy=remat_policy)
+    x, _ = _scan_layers(layer, x, xs, params, cfg, ctx, remat_policy=remat_policy, scan=scan_layers)
     if return_hidden:
         return x
     return _logits(x, params, cfg, arch)

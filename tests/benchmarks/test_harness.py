@@ -622,6 +622,22 @@ def test_fastjax_qlora_long_context_settings_run_on_cpu(cpu_context):
     assert float(env["XLA_PYTHON_CLIENT_MEM_FRACTION"]) == pytest.approx(24 / 141, abs=1e-4)
 
 
+def test_unrolled_layers_reach_the_child_and_the_row(cpu_context):
+    tiny = ModelShape("tiny", "llama", 64, 128, 2, 4, 2, 16, 320)
+    row = train_step.run_fastjax("fastjax-lora", tiny, 1, 24, steps=1, warmup=0, scan_layers=False)
+    assert row["ok"] and row["scan_layers"] is False and np.isfinite(row["loss"])
+    kw = dict(steps=1, warmup=0, remat="full")
+    assert "--unroll-layers" in train_step.fastjax_argv(
+        "fastjax-lora", "tiny", 1, 24, scan_layers=False, **kw
+    )
+    assert "--unroll-layers" not in train_step.fastjax_argv(
+        "fastjax-lora", "tiny", 1, 24, scan_layers=True, **kw
+    )
+    assert report.label({"system": "fastjax-lora", "scan_layers": False}).endswith(
+        ", layers unrolled"
+    )
+
+
 def test_hf_peft_bf16_step_runs_on_cpu():
     """The HF+PEFT child's whole step (model build, PEFT wrap, the shared timing loop) on a tiny
     shape, on the CPU: the row is complete and its loss is the untrained model's ~log(V)."""

@@ -53,6 +53,7 @@ TRAIN_OPTIONS = (
     "--optimizer",
     "--remat",
     "--mlp-chunk-size",
+    "--unroll-layers",
     "--kernels",
     "--seed",
     "--output-dir",

@@ -268,6 +268,8 @@ def test_data_errors(tmp_path):
         SFTConfig(lr_scheduler="step")
     with pytest.raises(ValueError, match="remat_policy"):
         SFTConfig(remat_policy="sometimes")
+    with pytest.raises(ValueError, match="scan_layers"):
+        SFTConfig(scan_layers="no")
     with pytest.raises(ValueError, match="available"):
         L.get_peft_model(params, CFG, target_modules=["qkv"])
 
