@@ -1,6 +1,11 @@
-"""``forward(..., mlp_chunk_size=c)``: the MLP run over c-token slices equals the unchunked model, logits
-and gradients (fp32; LoRA on every linear; chunk sizes that do and do not divide B*T; under every remat
-preset), and the slices really bound the MLP activations (compiled temp memory of a long row)."""
+"""Forward variants that must not change the math, against the plain model (fp32, LoRA on every linear).
+
+``mlp_chunk_size=c``: the MLP run over c-token slices equals the unchunked model, logits and gradients
+(chunk sizes that do and do not divide B*T; under every remat preset), and the slices really bound the MLP
+activations (compiled temp memory of a long row). ``scan_layers=False``: the layers as a Python loop equal
+the scanned model (remat presets, Gemma 2's alternating local/global layers), and the program really has no
+layer loop (the scan's stacked activation buffers are gone).
+"""
 
 from __future__ import annotations
 
@@ -117,3 +122,77 @@ def test_chunks_bound_the_mlp_activation_memory():
     print(f"temp MiB: unchunked {full / 2**20:.0f}, 256-token slices {sliced / 2**20:.0f}")
     one_activation = 1024 * 16384 * 4  # [T, F] fp32: 64 MiB
     assert full - sliced > 2 * one_activation, (full / 2**20, sliced / 2**20)
+
+
+# --- scan_layers=False ------------------------------------------------------------------------------
+
+GEMMA2 = gemma2.Gemma2Config(
+    vocab_size=97,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    sliding_window=8,
+    max_position_embeddings=512,
+)
+
+
+def _vjp(fam, cfg, params, lora, ids, cot, **kw):
+    out, vjp = jax.vjp(lambda lo: fam.forward(params, ids, cfg=cfg, lora=lo, **kw), lora)
+    return out, vjp(cot)[0]
+
+
+@pytest.mark.parametrize(
+    "fam,cfg,remat_policy",
+    [
+        (llama, LLAMA, "none"),
+        (llama, LLAMA, "full"),
+        (llama, LLAMA, "save_qkv_attn"),
+        (gemma2, GEMMA2, "none"),  # local / global layers: lax.switch on the per-layer kind
+    ],
+    ids=["llama-none", "llama-full", "llama-save_qkv_attn", "gemma2-none"],
+)
+def test_unrolled_equals_scanned(fam, cfg, remat_policy):
+    params, lora, ids, cot = _setup(cfg, 3, 2, 21)
+    segs = jnp.asarray([[1] * 9 + [2] * 12, [1] * 17 + [0] * 4], jnp.int32)  # packed + padding
+    pos = jnp.asarray([list(range(9)) + list(range(12)), list(range(17)) + [0] * 4], jnp.int32)
+    kw = dict(remat_policy=remat_policy, segment_ids=segs, positions=pos)
+    want, gw = _vjp(fam, cfg, params, lora, ids, cot, **kw)
+    got, gg = _vjp(fam, cfg, params, lora, ids, cot, scan_layers=False, **kw)
+    assert _rel(got, want) < TOL["logits"]
+    for a, b in zip(jax.tree.leaves(gg), jax.tree.leaves(gw), strict=True):
+        assert _rel(a, b) < TOL["grads"]
+    # The last layer runs too: with its output projections zeroed (an identity layer; LoRA off) the
+    # logits change, so a loop that skipped layers would fail the comparison above.
+    layers = params["model"]["layers"]
+    cut = {
+        name: {
+            k: ({"weight": v["weight"].at[-1].set(0.0)} if k in ("o_proj", "down_proj") else v)
+            for k, v in sub.items()
+        }
+        if name in ("self_attn", "mlp")
+        else sub
+        for name, sub in layers.items()
+    }
+    cut_params = dict(params, model=dict(params["model"], layers=cut))
+    out_cut = fam.forward(cut_params, ids, cfg=cfg, scan_layers=False, **kw)
+    out_full = fam.forward(params, ids, cfg=cfg, scan_layers=False, **kw)
+    assert _rel(out_cut, out_full) > 1e-3
+
+
+def test_unrolled_program_has_no_layer_loop():
+    params, lora, ids, cot = _setup(LLAMA, 4, 1, 16)
+
+    def hlo(scan_layers):
+        def loss(lo):
+            out = llama.forward(params, ids, cfg=LLAMA, lora=lo, scan_layers=scan_layers)
+            return jnp.sum(out * cot)
+
+        return jax.jit(jax.grad(loss)).lower(lora).compile().as_text()
+
+    scanned, unrolled = hlo(True), hlo(False)
+    assert " while(" in scanned
+    assert " while(" not in unrolled
+    assert unrolled.count("dynamic-update-slice(") < scanned.count("dynamic-update-slice(")
