@@ -93,8 +93,8 @@ class Ops:
             # "xla" is nf4_lora_xla (x.dtype results, backward re-dequantizes), not the fp32 reference.
             return "xla"
         if impl == "auto" and op == "glu" and _common.on_gpu():
-            # The same recompute-in-backward math in jnp: XLA fuses it with the neighbouring matmul
-            # epilogues, which a pallas_call boundary prevents. H200, Llama-3-8B 4x2048 LoRA, full remat,
+            # The same recompute-in-backward math in jnp, which XLA may fuse with its neighbours (a
+            # pallas_call is a fusion boundary); why it wins is not profiled. H200, Llama-3-8B 4x2048 LoRA, full remat,
             # one invocation: 11,950 tokens/s vs 11,676 with the Pallas kernel at the same 19.95 GiB peak
             # (benchmarks/results/train_step_h200.md, session 16); alone as fwd and bwd programs they tie
             # (0.784 + 0.554 vs 0.777 + 0.554 ms, kernels_h200.md run 4).
