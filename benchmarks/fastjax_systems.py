@@ -15,9 +15,22 @@ from benchmarks import harness
 from benchmarks.shapes import ModelShape, get
 
 
+def split_system(system: str) -> tuple[str, dict]:
+    """``"fastjax-qlora@glu=pallas,rope=xla"`` -> ``("fastjax-qlora", {"glu": "pallas", "rope": "xla"})``:
+    any fastjax system with some ops forced (``ablate-OP=IMPL`` is ``fastjax-lora@OP=IMPL``)."""
+    name, _, forced = system.partition("@")
+    pairs = [piece.split("=") for piece in forced.split(",") if piece]
+    if any(len(p) != 2 for p in pairs):
+        raise ValueError(f"system {system!r}: write forced ops as NAME@OP=IMPL[,OP=IMPL]")
+    return name, dict(pairs)
+
+
 def _ops_for(system: str):
     from fastjax.models.ops import Ops
 
+    system, forced = split_system(system)
+    if forced:
+        return dataclasses.replace(_ops_for(system), **forced)
     if system == "plain-xla":
         return Ops.all("xla")
     if system == "xla-cudnn":
@@ -44,13 +57,24 @@ class FastjaxStep:
     base: dict
     lengths: list | None
     ops: object
+    host_table: object = None  # the embedding in host memory (embed_on_host), else None
+    host_ids: object = None
 
     def run(self, i: int):
-        """One step (index ``i``); updates the state in place and returns its metrics."""
+        """One step (index ``i``); updates the state in place and returns its metrics. With the
+        embedding on the host, the step's rows are gathered and sent here, as the trainer does."""
+        import jax
         import jax.numpy as jnp
 
+        from fastjax import host_embed
+
+        micro = self.micro
+        if self.host_table is not None:
+            rows = host_embed.gather(self.host_table, self.host_ids)
+            sharding = micro["inputs_embeds"].sharding
+            micro = dict(micro, inputs_embeds=jax.device_put(rows, sharding))
         self.lora, self.opt_state, metrics = self.step(
-            self.lora, self.opt_state, self.params, self.micro, jnp.int32(i), self.key
+            self.lora, self.opt_state, self.params, micro, jnp.int32(i), self.key
         )
         return metrics
 
@@ -65,6 +89,7 @@ def config_row(
     micro_rows: int | None,
     mlp_chunk_size: int | None,
     scan_layers: bool = True,
+    embed_on_host: bool = False,
 ) -> dict:
     """The fields that name one fastjax configuration (every row of it carries them)."""
     rows = micro_rows or batch
@@ -80,6 +105,7 @@ def config_row(
         mlp_chunk_size=mlp_chunk_size,
         scan_layers=scan_layers,
         base_weights="nf4" if system.startswith("fastjax-qlora") else "bfloat16",
+        **({"embed_on_host": True} if embed_on_host else {}),
     )
 
 
@@ -93,6 +119,7 @@ def build_fastjax(
     micro_rows: int | None = None,
     mlp_chunk_size: int | None = None,
     scan_layers: bool = True,
+    embed_on_host: bool = False,
     abstract: bool = False,
     ops=None,
     num_devices: int = 1,
@@ -116,6 +143,7 @@ def build_fastjax(
     from fastjax.models import registry
 
     from benchmarks import common
+    from fastjax import host_embed
     from fastjax import lora as lora_mod
     from fastjax import sharding
     from fastjax.trainer import make_loss_fn, make_train_step
@@ -130,13 +158,14 @@ def build_fastjax(
         micro_rows=micro_rows,
         mlp_chunk_size=mlp_chunk_size,
         scan_layers=scan_layers,
+        embed_on_host=embed_on_host,
     )
     rows = batch // base["micro_batches"]
     cfg = registry.config_from_hf(shape.hf_config())
     ops = _ops_for(system) if ops is None else ops
     ids = harness.token_batch(cfg.vocab_size, batch, seq)
     labels = np.concatenate([ids[:, 1:], np.full((batch, 1), -100, np.int32)], axis=1)
-    if system == "fastjax-packed":
+    if split_system(system)[0] == "fastjax-packed":
         seg, pos = harness.packed_segments(batch, seq)
         labels = np.where(np.roll(seg, -1, axis=1) == seg, labels, -100)
         lengths = [int(n) for row in seg for n in np.unique(row, return_counts=True)[1]]
@@ -180,6 +209,19 @@ def build_fastjax(
     else:
         params = make_params()
         lora, lcfg = peft(params)
+    table = None
+    if embed_on_host:  # the step takes the batch's rows; run() gathers them on the host each step
+        if abstract:
+            embed = params["model"]["embed_tokens"]["weight"]
+            shape_e = (*micro["input_ids"].shape, cfg.hidden_size)
+            micro["inputs_embeds"] = jax.ShapeDtypeStruct(shape_e, embed.dtype)
+        else:
+            params = host_embed.embed_to_host(params, cfg)
+            table = host_embed.host_table(params)
+            micro["inputs_embeds"] = jnp.asarray(
+                host_embed.gather(table, np.asarray(micro["input_ids"]))
+            )
+        params = host_embed.without_table(params)
     loss_sum = make_loss_fn(
         cfg,
         full_finetune=False,
@@ -206,4 +248,7 @@ def build_fastjax(
     else:
         opt_state = opt.init(lora)
     step = make_train_step(loss_sum, opt, schedule, shardings=shardings)
-    return FastjaxStep(step, lora, opt_state, params, micro, jax.random.key(0), base, lengths, ops)
+    host_ids = None if table is None else np.asarray(micro["input_ids"])
+    return FastjaxStep(
+        step, lora, opt_state, params, micro, jax.random.key(0), base, lengths, ops, table, host_ids
+    )

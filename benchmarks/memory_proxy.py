@@ -68,6 +68,7 @@ def proxy(
     mlp_chunk_size: int | None = None,
     ops: str = "pallas",
     gpu_ratio: float = GPU_RATIO,
+    embed_on_host: bool = False,
 ) -> dict:
     """Compile one configuration abstractly; return its buffer sizes in GiB."""
     import jax
@@ -93,6 +94,7 @@ def proxy(
         remat=remat,
         micro_rows=micro_rows,
         mlp_chunk_size=mlp_chunk_size,
+        embed_on_host=embed_on_host,
         abstract=True,
         ops=ops_obj,
     )
@@ -137,6 +139,9 @@ def main(argv=None) -> list[dict]:
     )
     p.add_argument("--ops", default="pallas", choices=("pallas", "system"))
     p.add_argument("--gpu-ratio", type=float, default=GPU_RATIO)
+    p.add_argument(
+        "--embed-on-host", action="store_true", help="the input embedding in host memory"
+    )
     a = p.parse_args(argv)
     _ensure_flags()
     rows = []
@@ -152,6 +157,7 @@ def main(argv=None) -> list[dict]:
                 mlp_chunk_size=chunk,
                 ops=a.ops,
                 gpu_ratio=a.gpu_ratio,
+                embed_on_host=a.embed_on_host,
             )
             print(json.dumps(row), flush=True)
             rows.append(row)

@@ -10,7 +10,7 @@ the same run number were measured in one process sequence, and "vs HF+PEFT" divi
 row of the same run when there is one (``*`` marks a ratio against another run's). Rows written
 before ``run_id`` existed are grouped into runs by their ``ceilings`` rows (each invocation starts
 with one). Systems that only ever skipped or failed in the newest run are listed under the table
-with the reason.
+with the reason. A row with a ``void`` field (why it did not measure what it names) is left out.
 
 The README table goes between ``<!-- perf-table -->`` and ``<!-- /perf-table -->``; nothing outside
 the markers changes. The chart needs matplotlib (the ``plot`` extra); without it only the table is
@@ -122,15 +122,19 @@ def label(r: dict) -> str:
     out = _label(r) + (f", MLP in {chunk}-token slices" if chunk else "")
     if r.get("scan_layers") is False:
         out += ", layers unrolled"
+    if r.get("embed_on_host"):
+        out += ", embedding on host"
     if r.get("xla_flags"):
         out += f" [XLA_FLAGS {r['xla_flags']}]"
     return out
 
 
 def _label(r: dict) -> str:
-    system = r.get("system", "?")
+    system, _, forced_ops = r.get("system", "?").partition("@")  # NAME@OP=IMPL[,OP=IMPL]
     remat = r.get("remat")
     name = SYSTEM_NAMES.get(system, system)
+    if forced_ops:
+        name += " (" + ", ".join(forced_ops.split(",")) + ")"
     if system.startswith("ablate-"):  # ablate-OP=IMPL[,OP=IMPL...]
         forced = [piece.split("=") for piece in system[len("ablate-") :].split(",")]
         ops = " + ".join(
@@ -167,7 +171,10 @@ def train_rows(rows: list[dict]) -> list[dict]:
     return [
         r
         for r in rows
-        if "tokens_per_s" in r and not r.get("kind") and r.get("system") != "ceilings"
+        if "tokens_per_s" in r
+        and not r.get("kind")
+        and r.get("system") != "ceilings"
+        and not r.get("void")  # a row that did not measure what it names (its ``void`` says why)
     ]
 
 

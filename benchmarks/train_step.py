@@ -22,6 +22,7 @@ Systems (``--systems``; default all but ``xla-cudnn``):
   plain-xla       the same model with every op on its XLA reference (``Ops.all("xla")``)
   xla-cudnn       plain XLA except cuDNN attention (the "plain JAX" row of ../shared/ANCHORS.md)
   ablate-OP=IMPL  fastjax-lora with one op forced, e.g. ``ablate-cross_entropy=xla_chunked``
+  NAME@OP=IMPL    any fastjax system above with ops forced, e.g. ``fastjax-qlora@glu=pallas``
   hf+peft         ``torch_systems.py``: sdpa, gradient checkpointing, bf16
   hf+peft-qlora   ``torch_systems.py --qlora``: bitsandbytes NF4 (bitsandbytes from the Unsloth
                   site dir when it is not installed)
@@ -50,7 +51,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import harness  # noqa: E402
-from benchmarks.fastjax_systems import build_fastjax, config_row  # noqa: E402
+from benchmarks.fastjax_systems import build_fastjax, config_row, split_system  # noqa: E402
 from benchmarks.shapes import ModelShape, get  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -94,6 +95,7 @@ def run_fastjax(
     micro_rows: int | None = None,
     mlp_chunk_size: int | None = None,
     scan_layers: bool = True,
+    embed_on_host: bool = False,
     num_devices: int = 1,
     mesh_data: int = 1,
 ) -> dict:
@@ -105,6 +107,8 @@ def run_fastjax(
 
     ``mlp_chunk_size``: tokens per MLP slice (``models.decoder.forward``; long-context memory).
     ``scan_layers=False``: the layers as a Python loop (``models.decoder.forward``).
+    ``embed_on_host``: the input embedding in host memory, its rows gathered every step
+    (``fastjax.host_embed``).
 
     ``micro_rows``: rows per micro-batch (the step scans over ``batch // micro_rows`` micro-batches
     and accumulates gradients); ``None`` is one micro-batch of all rows. Device out-of-memory errors
@@ -118,7 +122,11 @@ def run_fastjax(
         raise ValueError(f"{steps=}: at least one timed step")
     shape = shape if isinstance(shape, ModelShape) else get(shape)
     kw = dict(
-        remat=remat, micro_rows=micro_rows, mlp_chunk_size=mlp_chunk_size, scan_layers=scan_layers
+        remat=remat,
+        micro_rows=micro_rows,
+        mlp_chunk_size=mlp_chunk_size,
+        scan_layers=scan_layers,
+        embed_on_host=embed_on_host,
     )
     base = config_row(system, shape, batch, seq, **kw)
     if num_devices > 1:
@@ -198,6 +206,7 @@ def _child(args) -> None:
             micro_rows=args.micro_rows,
             mlp_chunk_size=args.mlp_chunk_size,
             scan_layers=not args.unroll_layers,
+            embed_on_host=args.embed_on_host,
         )
     print(json.dumps(row), flush=True)
 
@@ -238,6 +247,7 @@ def fastjax_argv(
     micro_rows: int | None = None,
     mlp_chunk_size: int | None = None,
     scan_layers: bool = True,
+    embed_on_host: bool = False,
 ) -> tuple[str, ...]:
     argv = [
         str(HERE / "train_step.py"),
@@ -262,6 +272,8 @@ def fastjax_argv(
         argv += ["--mlp-chunk-size", str(mlp_chunk_size)]
     if not scan_layers:
         argv.append("--unroll-layers")
+    if embed_on_host:
+        argv.append("--embed-on-host")
     return tuple(argv)
 
 
@@ -298,18 +310,20 @@ def plan(args) -> list[Job]:
         warmup=args.warmup,
         mlp_chunk_size=args.mlp_chunk_size,
         scan_layers=not args.unroll_layers,
+        embed_on_host=args.embed_on_host,
     )
     for shape in args.shapes.split(","):
         get(shape)  # unknown names fail here, before any device time is spent
         for b, s in parse_grid(args.grid):
             for system in args.systems.split(","):
-                if system in LEAN_SYSTEMS:
+                name = split_system(system)[0]
+                if name in LEAN_SYSTEMS:
                     rows = min(args.lean_rows, b) if args.lean_rows else None
                     argv = fastjax_argv(
                         system, shape, b, s, remat=args.lean_remat, micro_rows=rows, **common_steps
                     )
                     jobs.append(Job(system, shape, b, s, argv))
-                elif system in FASTJAX_SYSTEMS or system.startswith("ablate-"):
+                elif name in FASTJAX_SYSTEMS or system.startswith("ablate-"):
                     for remat in args.remat.split(","):
                         argv = fastjax_argv(system, shape, b, s, remat=remat, **common_steps)
                         jobs.append(Job(system, shape, b, s, argv))
@@ -424,6 +438,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--unroll-layers",
         action="store_true",
         help="fastjax: the layers as a Python loop instead of one lax.scan",
+    )
+    ap.add_argument(
+        "--embed-on-host",
+        action="store_true",
+        help="fastjax: the input embedding in host memory, rows gathered each step (fastjax.host_embed)",
     )
     ap.add_argument(
         "--lean-remat",

@@ -18,6 +18,7 @@ _EXPORTS = {
     "from_pretrained": "fastjax.loading",
     "save_pretrained": "fastjax.loading",
     "CheckpointError": "fastjax.loading",
+    "embed_to_host": "fastjax.host_embed",
     "from_gguf": "fastjax.gguf_io",
     "smollm2_gguf_path": "fastjax.gguf_io",
     "save_gguf": "fastjax.gguf_io",

@@ -47,12 +47,17 @@ def load_model(
     dtype: str = "bf16",
     load_in_4bit: bool = False,
     max_seq_length: int | None = None,
+    embed_on_host: bool = False,
 ):
     from fastjax.loading import from_pretrained
 
     path = resolve_model_path(model)
     params, cfg, tokenizer = from_pretrained(
-        path, dtype=_jnp_dtype(dtype), load_in_4bit=load_in_4bit, max_seq_length=max_seq_length
+        path,
+        dtype=_jnp_dtype(dtype),
+        load_in_4bit=load_in_4bit,
+        max_seq_length=max_seq_length,
+        embed_on_host=embed_on_host,
     )
     if tokenizer is None:
         raise SystemExit(
@@ -138,6 +143,12 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     m.add_argument(
         "--load-in-4bit", action="store_true", help="QLoRA: store decoder linears as NF4"
     )
+    m.add_argument(
+        "--embed-on-host",
+        action="store_true",
+        help="keep the (untied) input embedding in host memory: ~1 GiB of device memory back on "
+        "7-24B models (LoRA/QLoRA)",
+    )
     d = p.add_argument_group("data")
     d.add_argument(
         "--data",
@@ -218,7 +229,7 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     t.add_argument(
         "--unroll-layers",
         action="store_true",
-        help="layers as a Python loop, not one lax.scan (no stacked activations; slower compile)",
+        help="layers as a Python loop, not one lax.scan (no stacked activations; slower compile); only with --remat none",
     )
     t.add_argument(
         "--kernels",
@@ -262,6 +273,7 @@ def train_command(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         load_in_4bit=args.load_in_4bit,
         max_seq_length=args.max_seq_length,
+        embed_on_host=args.embed_on_host,
     )
     rows = load_training_rows(
         args.data,

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fastjax import host_embed
 from fastjax._io import atomic_dir, write_json
 from fastjax.models import registry
 
@@ -211,13 +212,15 @@ def from_pretrained(
     load_in_4bit: bool = False,
     quant_config=None,
     load_tokenizer: bool = True,
+    embed_on_host: bool = False,
 ):
     """Load an HF checkpoint (directory, hub repo id, or a ``.gguf`` file) -> ``(params, cfg, tokenizer)``.
 
     ``max_seq_length`` (optional) is checked against the config's ``max_position_embeddings`` (a warning
     when it is longer: RoPE scaling may make that legitimate) and recorded as the tokenizer's
     ``model_max_length``. ``load_in_4bit`` stores every decoder linear as NF4 (QLoRA), quantizing each
-    one as it is read, so the 16-bit model is never resident on the device.
+    one as it is read, so the 16-bit model is never resident on the device. ``embed_on_host`` keeps the
+    (untied) input embedding table in host memory for LoRA / QLoRA training (``fastjax.host_embed``).
     """
     if str(path_or_repo_id).endswith(".gguf"):
         from fastjax.gguf_io import from_gguf
@@ -226,9 +229,13 @@ def from_pretrained(
         params, cfg, tok = from_gguf(
             path_or_repo_id, dtype=dtype, max_seq_length=max_seq_length, quantize=quantize
         )
+        if embed_on_host:
+            params = host_embed.embed_to_host(params, cfg)
         return params, cfg, _record_max_seq_length(tok, max_seq_length)
     ckpt = _resolve_dir(path_or_repo_id)
     cfg = load_config(ckpt)
+    if embed_on_host:
+        host_embed.check_untied(cfg)  # before any tensor is read
     if max_seq_length is not None and max_seq_length > cfg.max_position_embeddings:
         log.warning(
             "max_seq_length=%d exceeds the model's max_position_embeddings=%d",
@@ -267,6 +274,8 @@ def from_pretrained(
         source=lambda name: str(ckpt / weight_map[name]),
         quantize=quantize,
     )
+    if embed_on_host:
+        params = host_embed.embed_to_host(params, cfg)
     tokenizer = None
     if load_tokenizer and (ckpt / "tokenizer.json").exists():
         from fastjax.tokenizer import Tokenizer

@@ -57,9 +57,14 @@ def policy(name: str):
     raise ValueError(f"unknown remat_policy {name!r}; choose one of {PRESETS}")
 
 
-def wrap(body: Callable, name: str) -> Callable:
-    """Wrap a scan body ``(carry, xs) -> (carry, ys)`` with the preset's checkpoint policy."""
+def wrap(body: Callable, name: str, *, in_scan: bool = True) -> Callable:
+    """Wrap a layer body ``(carry, xs) -> (carry, ys)`` with the preset's checkpoint policy.
+
+    ``in_scan=False`` for a body called in a Python loop: there XLA's common-subexpression pass would
+    merge the backward's recomputation with the forward and keep every activation (an unrolled
+    Llama-3-8B step under ``full`` peaked at 59.05 GiB on the H200, the same as ``none``), so the
+    checkpoint keeps its CSE barrier. Inside ``lax.scan`` the barrier is not needed and costs speed."""
     pol = policy(name)
     if name == "none":
         return body
-    return jax.checkpoint(body, policy=pol, prevent_cse=False)
+    return jax.checkpoint(body, policy=pol, prevent_cse=not in_scan)

@@ -253,8 +253,13 @@ class GRPOTrainer:
         callbacks: Sequence[Callable[[int, dict], None]] = (),
     ):
         from fastjax.data import load_rows
+        from fastjax.host_embed import host_table
 
         self.config = c = config or GRPOConfig()
+        if host_table(params) is not None:
+            raise ValueError(
+                "GRPO generates with the embedding on the device: load without embed_on_host"
+            )
         self.params, self.cfg, self.tokenizer = params, cfg, tokenizer
         self.rows = load_rows(dataset)
         self.reward_funcs = [reward_funcs] if callable(reward_funcs) else list(reward_funcs)

@@ -139,17 +139,20 @@ def make_loss_fn(
     scan_layers: bool = True,
 ) -> Callable:
     """``loss_sum(trainable, frozen, micro_batch, rng) -> (sum of token CE, number of label
-    tokens)``. ``mlp_chunk_size`` (long-context memory), ``scan_layers``: see
+    tokens)``. A micro-batch with ``inputs_embeds`` (the embedding table on the host) skips the
+    lookup of ``input_ids``. ``mlp_chunk_size`` (long-context memory), ``scan_layers``: see
     ``models.decoder.forward``."""
     fam = registry.family_of(cfg)
     softcap = getattr(cfg, "final_logit_softcapping", None)
 
     def loss_sum(trainable, frozen, mb, rng):
         params, adapters = (trainable, None) if full_finetune else (frozen, trainable)
+        embeds = mb.get("inputs_embeds")  # rows gathered on the host (fastjax.host_embed)
         hidden = fam.forward(
             params,
-            mb["input_ids"],
+            None if embeds is not None else mb["input_ids"],
             cfg=cfg,
+            inputs_embeds=embeds,
             positions=mb["positions"],
             segment_ids=mb.get("segment_ids"),
             lora=adapters,

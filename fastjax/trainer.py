@@ -70,6 +70,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from fastjax import host_embed
 from fastjax import lora as lora_lib
 from fastjax import sharding as sharding_lib
 from fastjax.checkpoint import Checkpointer
@@ -178,6 +179,13 @@ class SFTTrainer:
             self.trainable, self.frozen = lora, params
             self.lora_scale = lora_lib.lora_scale(lora_config)
             self.layer_masks = lora_lib.layer_masks(lora, lora_config)
+        # the input embedding in host memory (fastjax.host_embed): the step takes the batch's rows
+        self.host_table = host_embed.check_trainable(
+            params, cfg, full_finetune=config.full_finetune
+        )
+        if self.host_table is not None:
+            self.frozen = host_embed.without_table(self.frozen)
+            log.info("input embedding on the host: %s", host_embed.describe(self.host_table))
         A = config.grad_accum_steps
         steps_per_epoch = -(-self.loader.steps_per_epoch // A)
         self.max_steps = config.max_steps or config.num_epochs * steps_per_epoch
@@ -234,7 +242,10 @@ class SFTTrainer:
         ``step * A`` to ``step * A + A - 1``."""
         A = self.config.grad_accum_steps
         micro = [self.loader.batch_at(step * A + i) for i in range(A)]
-        return {k: np.stack([m[k] for m in micro]) for k in micro[0]}
+        out = {k: np.stack([m[k] for m in micro]) for k in micro[0]}
+        if self.host_table is not None:
+            out["inputs_embeds"] = host_embed.gather(self.host_table, out["input_ids"])
+        return out
 
     def _initial_state(self) -> tuple[Any, Any]:
         """Trainable tree and fresh optimizer state, placed on the mesh when there is one. The step

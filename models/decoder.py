@@ -282,7 +282,7 @@ def _scan_layers(layer, x, xs, params, cfg, ctx, *, remat_policy: str = "none", 
             x, m, ys = layer(checkpoint_name(x, "layer_input"), None, xs)
             return x + m, ys
 
-        x, ys = run(remat.wrap(body, remat_policy), x, xs)
+        x, ys = run(remat.wrap(body, remat_policy, in_scan=scan), x, xs)
         return _norm(x, w_final, cfg, ctx), ys
 
     def fused_body(carry, xs):
@@ -302,12 +302,21 @@ def _layer_lora(lora: Mapping | None) -> Mapping | None:
     return lora.get("model", {}).get("layers")
 
 
-def _embed(params, input_ids, arch):
-    embed = params["model"]["embed_tokens"]["weight"]
-    if input_ids.ndim != 2:
-        raise ValueError(f"input_ids must be [batch, tokens], got {input_ids.shape=}")
+def _embed(params, input_ids, arch, inputs_embeds=None):
+    """The embedded rows ``[B, T, D]``: a lookup of ``input_ids``, or ``inputs_embeds`` (rows of the
+    embedding table gathered elsewhere, e.g. on the host) with the same scaling."""
     with jax.named_scope("embed"):
-        x = jnp.take(embed, input_ids, axis=0)
+        if inputs_embeds is not None:
+            if inputs_embeds.ndim != 3:
+                raise ValueError(
+                    f"inputs_embeds must be [batch, tokens, hidden], got {inputs_embeds.shape=}"
+                )
+            x = inputs_embeds
+        else:
+            if input_ids is None or input_ids.ndim != 2:
+                shape = None if input_ids is None else input_ids.shape
+                raise ValueError(f"input_ids must be [batch, tokens], got {shape}")
+            x = jnp.take(params["model"]["embed_tokens"]["weight"], input_ids, axis=0)
         if arch.embed_scale is not None:  # HF: embed * tensor(sqrt(D)).to(weight dtype)
             x = x * jnp.asarray(arch.embed_scale, x.dtype)
     return x
@@ -343,9 +352,10 @@ def _context(cfg, arch, positions, segment_ids, ops, lora_scale, lora_dropout, m
 
 def forward(
     params: Mapping,
-    input_ids: jax.Array,
+    input_ids: jax.Array | None,
     *,
     cfg,
+    inputs_embeds: jax.Array | None = None,
     positions: jax.Array | None = None,
     segment_ids: jax.Array | None = None,
     lora: Mapping | None = None,
@@ -366,10 +376,13 @@ def forward(
     (``fastjax.lora``) added to every linear it names, scaled by ``lora_scale``. ``mlp_chunk_size``
     (tokens per row): run each MLP over slices of that many tokens of every row (long-context
     training: see ``_chunked_mlp``). ``scan_layers=False``: layers as a Python loop (``_unrolled_scan``).
+    ``inputs_embeds`` ``[B, T, D]`` replaces ``input_ids`` (pass None): rows of the embedding table
+    gathered elsewhere (the trainer gathers on the host when the table lives there), scaled as a lookup is.
     """
     ops = ops or O.Ops()
     arch = cfg.arch()
-    B, T = input_ids.shape
+    x = _embed(params, input_ids, arch, inputs_embeds)
+    B, T = x.shape[:2]
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     # No segment ids = one sequence per row (right padding needs none under causal masking): attention then
@@ -377,7 +390,6 @@ def forward(
     attn_segment_ids = segment_ids
     if segment_ids is None:
         segment_ids = jnp.ones((B, T), jnp.int32)
-    x = _embed(params, input_ids, arch)
     ctx = _context(cfg, arch, positions, segment_ids, ops, lora_scale, lora_dropout, mlp_chunk_size)
 
     def core(kind, q, k, v):

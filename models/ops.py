@@ -97,7 +97,9 @@ class Ops:
             # pallas_call is a fusion boundary); why it wins is not profiled. H200, Llama-3-8B 4x2048 LoRA, full remat,
             # one invocation: 11,950 tokens/s vs 11,676 with the Pallas kernel at the same 19.95 GiB peak
             # (benchmarks/results/train_step_h200.md, session 16); alone as fwd and bwd programs they tie
-            # (0.784 + 0.554 vs 0.777 + 0.554 ms, kernels_h200.md run 4).
+            # (0.784 + 0.554 vs 0.777 + 0.554 ms, kernels_h200.md run 4). Session 17, offload_layer_input,
+            # one invocation: LoRA 11,280 vs 11,043 at the same 17.92 GiB; QLoRA 11,230 vs 10,991, but
+            # at 8.27 GiB vs 8.06, so a memory-first QLoRA run forces glu="pallas".
             return "xla_recompute"
         if impl == "auto" and op != "attention":
             return "pallas" if _common.on_gpu() else "xla"

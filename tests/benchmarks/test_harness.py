@@ -678,3 +678,47 @@ def test_record_keeps_xla_flags_set_around_the_command(monkeypatch):
     monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_enable_command_buffer=")
     row = harness.record(system="x", packages=())
     assert row["xla_flags"] == "--xla_gpu_enable_command_buffer=" and row["system"] == "x"
+
+
+def test_forced_ops_systems_and_void_rows(cpu_context, tmp_path):
+    """``NAME@OP=IMPL``: any fastjax system with ops forced, in the child's Ops, the row and the
+    report's label; a row marked ``void`` never reaches the table."""
+    from benchmarks import fastjax_systems
+
+    assert fastjax_systems.split_system("fastjax-qlora@glu=pallas,rope=xla") == (
+        "fastjax-qlora",
+        {"glu": "pallas", "rope": "xla"},
+    )
+    with pytest.raises(ValueError, match="NAME@OP=IMPL"):
+        fastjax_systems.split_system("fastjax-qlora@glu")
+    tiny = ModelShape("tiny", "llama", 64, 128, 2, 4, 2, 16, 320)
+    row = train_step.run_fastjax("fastjax-qlora@glu=xla", tiny, 1, 24, steps=1, warmup=0)
+    assert row["ok"] and row["base_weights"] == "nf4" and "glu='xla'" in row["ops"], row
+    assert report.label({"system": "fastjax-qlora@glu=pallas", "remat": "full"}).startswith(
+        "fastjax QLoRA (NF4 base) (glu=pallas)"
+    )
+    cell = dict(shape="llama-3-8b", batch=4, seq=2048, step_s=0.7, peak_gib=20.0, gpu="NVIDIA H200")
+    rows = [
+        dict(system="ceilings", matmul_tflops=640.0, gpu="NVIDIA H200", run_id="r1"),
+        dict(cell, system="fastjax-lora", tokens_per_s=11111, run_id="r1", time="t1"),
+        dict(cell, system="fastjax-lora", tokens_per_s=99999, run_id="r2", time="t2", void="a bug"),
+    ]
+    path = tmp_path / "train_step_v.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    block = report.markdown(report.load([path]), gpu="NVIDIA H200", png=None)
+    assert "11,111" in block and "99,999" not in block
+
+
+def test_embedding_on_host_reaches_the_child_and_the_row(cpu_context):
+    """``--embed-on-host``: the child gathers the rows on the host each step; same weights, same loss."""
+    tiny = ModelShape("tiny", "llama", 64, 128, 2, 4, 2, 16, 320)
+    kw = dict(steps=2, warmup=0)
+    host = train_step.run_fastjax("fastjax-lora", tiny, 2, 24, embed_on_host=True, **kw)
+    device = train_step.run_fastjax("fastjax-lora", tiny, 2, 24, **kw)
+    assert host["ok"] and host["embed_on_host"] is True and "embed_on_host" not in device
+    assert host["loss"] == pytest.approx(device["loss"], rel=1e-5)
+    argv = train_step.fastjax_argv(
+        "fastjax-lora", "tiny", 1, 24, embed_on_host=True, **kw, remat="full"
+    )
+    assert "--embed-on-host" in argv
+    assert report.label(host).endswith(", embedding on host")

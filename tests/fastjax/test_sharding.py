@@ -1,7 +1,7 @@
 """Multi-device training through ``SFTTrainer`` on 8 forced CPU devices.
 
-The same config on 1 device and on 8 (data=2 x fsdp=4, and fsdp=8) gives the same per-step losses
-and the same final adapter; an NF4 base shards and trains like it does on one device; a full
+The same config on 1 device and on 8 (data=2 x fsdp=4, fsdp=8, and fsdp=8 with the input embedding
+in host memory) gives the same per-step losses and the same final adapter; an NF4 base shards and trains like it does on one device; a full
 fine-tune (params and Adam moments FSDP-sharded) checkpointed on 8 devices resumes on 1 device
 through ``resume=True`` and continues with the losses of an uninterrupted 1-device run. The device
 count is fixed at JAX start-up: the 8-device runs share one subprocess, the 1-device runs another.
@@ -27,7 +27,7 @@ SCRIPT = textwrap.dedent("""
     import json, shutil, sys
     import jax, jax.numpy as jnp, numpy as np
     jax.config.update("jax_default_matmul_precision", "highest")
-    from fastjax import lora as L, quant
+    from fastjax import host_embed, lora as L, quant
     from fastjax.models import llama
     from fastjax.trainer import SFTConfig, SFTTrainer
 
@@ -87,6 +87,8 @@ SCRIPT = textwrap.dedent("""
     if mode == "multi":
         res["d2f4"] = run("d2f4", params, mesh_data=2, mesh_fsdp=4)
         res["f8"] = run("f8", params, num_devices=8)
+        hosted = host_embed.embed_to_host(jax.tree.map(jnp.copy, params), cfg)
+        res["host"] = run("host", hosted, num_devices=8)  # the embedding rows sent with the batch
         res["nf4"] = run("nf4", qparams, num_devices=8, max_steps=3)
         res["full"] = run("full", params, num_devices=8, mesh_data=2, full_finetune=True,
                           learning_rate=1e-3, save_steps=2)
@@ -141,7 +143,7 @@ def _same_tree(got: dict, want: dict, what: str):
         _close(got[name], want[name], f"{what}: {name}")
 
 
-@pytest.mark.parametrize("mesh", ["d2f4", "f8"])
+@pytest.mark.parametrize("mesh", ["d2f4", "f8", "host"])
 def test_eight_devices_train_like_one(runs, mesh):
     multi, single = runs
     got, want = multi[mesh], single["ref"]

@@ -270,6 +270,9 @@ def test_data_errors(tmp_path):
         SFTConfig(remat_policy="sometimes")
     with pytest.raises(ValueError, match="scan_layers"):
         SFTConfig(scan_layers="no")
+    with pytest.raises(ValueError, match="unrolled layers only with 'none'"):
+        SFTConfig(scan_layers=False, remat_policy="full")
+    assert SFTConfig(scan_layers=False, remat_policy="none").scan_layers is False
     with pytest.raises(ValueError, match="available"):
         L.get_peft_model(params, CFG, target_modules=["qkv"])
 
