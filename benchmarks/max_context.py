@@ -130,6 +130,7 @@ def probe_job(
     site_env: dict | None = None,
     checkpoint_root: str | None = None,
     mlp_chunk_size: int | None = None,
+    embed_on_host: bool = False,
 ) -> tuple[list[str], dict]:
     """``(argv, env)`` of the child that runs one capped step of ``system`` at ``[1, seq]``."""
     if system.startswith(("hf+peft", "unsloth")):
@@ -146,7 +147,15 @@ def probe_job(
         return list(argv), dict(site_env or {}) if system != "hf+peft" else {}
     argv = list(
         train_step.fastjax_argv(
-            system, shape, 1, seq, steps=1, warmup=0, remat=remat, mlp_chunk_size=mlp_chunk_size
+            system,
+            shape,
+            1,
+            seq,
+            steps=1,
+            warmup=0,
+            remat=remat,
+            mlp_chunk_size=mlp_chunk_size,
+            embed_on_host=embed_on_host,
         )
     )
     frac = cap_gib * 2**30 / total_bytes
@@ -193,6 +202,7 @@ def run_search(
         cap_gib=cap_gib,
         remat=args.remat,
         mlp_chunk_size=chunk or None,
+        **({"embed_on_host": True} if args.embed_on_host and system.startswith("fastjax") else {}),
     )
     known = {} if args.fresh else _known_probes(args.out, key)
     last_error = {}
@@ -212,6 +222,7 @@ def run_search(
             site_env=site_env,
             checkpoint_root=args.checkpoint_root,
             mlp_chunk_size=chunk or None,
+            embed_on_host=bool(key.get("embed_on_host")),
         )
         rows = harness.run_subprocess(argv, env=env, timeout=timeout, system=system)
         # a step that finished counts even if the child died afterwards (teardown)
@@ -263,6 +274,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-trials", type=int, default=12, help="new probes per search")
     ap.add_argument("--max-seq", type=int, default=524288, help="longest sequence probed")
     ap.add_argument("--remat", default="offload_layer_input", help="fastjax remat preset")
+    ap.add_argument(
+        "--embed-on-host",
+        action="store_true",
+        help="fastjax: the input embedding in host memory (fastjax.host_embed)",
+    )
     ap.add_argument(
         "--mlp-chunk-size",
         type=int,

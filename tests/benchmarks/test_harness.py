@@ -620,6 +620,17 @@ def test_fastjax_qlora_long_context_settings_run_on_cpu(cpu_context):
     )
     assert argv[argv.index("--mlp-chunk-size") + 1] == "8192"
     assert float(env["XLA_PYTHON_CLIENT_MEM_FRACTION"]) == pytest.approx(24 / 141, abs=1e-4)
+    assert "--embed-on-host" not in argv
+    argv, _ = max_context.probe_job(
+        "fastjax-qlora",
+        "llama-3-8b",
+        131072,
+        cap_gib=24,
+        total_bytes=141 * 2**30,
+        remat="offload_layer_input",
+        embed_on_host=True,
+    )
+    assert "--embed-on-host" in argv
 
 
 def test_unrolled_layers_reach_the_child_and_the_row(cpu_context):
