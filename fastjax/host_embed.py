@@ -1,4 +1,5 @@
-"""The input embedding table in host memory: 0.5-1.3 GiB of device memory back for LoRA and QLoRA.
+"""The input embedding table in host memory: about 1 GiB of device memory back for LoRA and QLoRA
+on 7-24B models.
 
 A frozen, untied input embedding is only ever read by one lookup of the batch's token ids, so it
 does not need to sit on the device: the trainer gathers the batch's rows on the host (NumPy, while
@@ -88,4 +89,5 @@ def check_trainable(params: Mapping, cfg, *, full_finetune: bool) -> np.ndarray 
 
 
 def describe(table: Any) -> str:
+    """``"V x D dtype (GiB)"``: the table, for the trainer's log line."""
     return f"{table.shape[0]} x {table.shape[1]} {table.dtype} ({table.nbytes / 2**30:.2f} GiB)"
