@@ -24,8 +24,6 @@ from fastjax.models.decoder import (  # noqa: F401  (the family function set)
     final_logit_softcap,
     flops_per_token,
     forward,
-    forward_cached,
-    init_cache,
     init_params,
     layer_param_shapes,
     linear_modules,
@@ -34,6 +32,7 @@ from fastjax.models.decoder import (  # noqa: F401  (the family function set)
     stack_layers,
     unstack_layers,
 )
+from fastjax.models.decoding import forward_cached, init_cache  # noqa: F401
 from fastjax.models.gemma2 import GELU_TANH, gemma_arch, validate_gemma
 
 log = logging.getLogger("fastjax")

@@ -17,12 +17,9 @@ from fastjax.models.config import thaw as _thaw  # noqa: F401
 from fastjax.models.decoder import (  # noqa: F401  (the family function set)
     LAYER_PREFIX,
     CausalLM,
-    cached_attention_reference,
     final_logit_softcap,
     flops_per_token,
     forward,
-    forward_cached,
-    init_cache,
     init_params,
     layer_param_shapes,
     linear_modules,
@@ -31,6 +28,7 @@ from fastjax.models.decoder import (  # noqa: F401  (the family function set)
     stack_layers,
     unstack_layers,
 )
+from fastjax.models.decoding import cached_attention_reference, forward_cached, init_cache  # noqa: F401
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 

@@ -1,7 +1,7 @@
 """model_type -> family module.
 
 Each family module provides a frozen config class with ``from_hf``/``to_hf``/``arch()`` and the family
-function set (all implemented once in ``models/decoder.py``): ``forward``, ``forward_cached``,
+function set (implemented once, in ``models/decoder.py`` and ``decoding.py``): ``forward``, ``forward_cached``,
 ``init_cache``, ``init_params``, ``param_shapes``, ``layer_param_shapes``, ``stack_layers``,
 ``unstack_layers``, ``lm_head``, ``flops_per_token``, ``linear_modules`` (per-layer linear module path ->
 ``(in_features, out_features)``, for LoRA ``target_modules`` / ``all-linear``) and ``final_logit_softcap``

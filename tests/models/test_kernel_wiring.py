@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from fastjax.models import decoder, registry
+from fastjax.models import decoder, decoding, registry
 from fastjax.models import ops as O
 from fastjax.pallas_kernels import _common
 
@@ -222,8 +222,8 @@ def test_cached_decoding_pallas_matches_xla():
 
     def prefill(ops):
         def f(params, lora):
-            cache = decoder.init_cache(cfg, 2, 9, jnp.float32)
-            return decoder.forward_cached(
+            cache = decoding.init_cache(cfg, 2, 9, jnp.float32)
+            return decoding.forward_cached(
                 params,
                 ids,
                 cache,
@@ -307,7 +307,7 @@ def test_env_sets_every_op_default(monkeypatch):
 
 _CHILD = """
 import collections, json, jax, jax.numpy as jnp
-from fastjax.models import decoder, registry
+from fastjax.models import decoder, decoding, registry
 cfg = registry.config_from_hf(json.loads({cfg!r}))
 params = decoder.init_params(cfg, jax.random.key(0))
 ids = jnp.ones((1, 7), jnp.int32)
