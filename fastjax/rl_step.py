@@ -32,7 +32,7 @@ from fastjax.models import registry
 from fastjax.trainer import make_optimizer, make_schedule
 
 if TYPE_CHECKING:  # annotations only: fastjax.rl imports this module
-    from fastjax.rl import GRPOConfig
+    from fastjax.rl_config import GRPOConfig
 
 __all__ = [
     "batched_logprobs",
