@@ -145,6 +145,7 @@ def build_fastjax(
     from benchmarks import common
     from fastjax import host_embed
     from fastjax import lora as lora_mod
+    from fastjax import remat as remat_lib
     from fastjax import sharding
     from fastjax.trainer import make_loss_fn, make_train_step
 
@@ -247,7 +248,10 @@ def build_fastjax(
         opt_state = jax.eval_shape(opt.init, lora)
     else:
         opt_state = opt.init(lora)
-    step = make_train_step(loss_sum, opt, schedule, shardings=shardings)
+    options = remat_lib.compiler_options(remat)  # what the trainer compiles its step with
+    if options:
+        base["compiler_options"] = options
+    step = make_train_step(loss_sum, opt, schedule, shardings=shardings, compiler_options=options)
     host_ids = None if table is None else np.asarray(micro["input_ids"])
     return FastjaxStep(
         step, lora, opt_state, params, micro, jax.random.key(0), base, lengths, ops, table, host_ids

@@ -192,6 +192,7 @@ def make_train_step(
     *,
     donate: bool = True,
     shardings: Any = None,
+    compiler_options: dict[str, str] | None = None,
 ) -> Callable:
     """``step(trainable, opt_state, frozen, batch [A, B, T], step, rng_key) -> (trainable,
     opt_state, metrics)``, jitted, trainable and opt_state donated. ``metrics``: loss, grad_norm,
@@ -199,7 +200,10 @@ def make_train_step(
 
     ``shardings``: a ``fastjax.sharding.StepShardings``; the step is then jitted with its in/out
     shardings (arguments must already lie there, metrics come back replicated) and the fp32
-    gradient accumulator is kept where the trainable tree is (sharded in full fine-tuning)."""
+    gradient accumulator is kept where the trainable tree is (sharded in full fine-tuning).
+
+    ``compiler_options``: XLA options for this step only (``fastjax.remat.compiler_options`` gives
+    the ones a remat preset wants)."""
     grad_fn = jax.value_and_grad(loss_sum)
 
     def step(trainable, opt_state, frozen, batch, step_idx, key):
@@ -237,11 +241,12 @@ def make_train_step(
 
     donate_argnums = (0, 1) if donate else ()
     if shardings is None:
-        return jax.jit(step, donate_argnums=donate_argnums)
+        return jax.jit(step, donate_argnums=donate_argnums, compiler_options=compiler_options)
     sh = shardings
     return jax.jit(
         step,
         donate_argnums=donate_argnums,
+        compiler_options=compiler_options,
         in_shardings=(sh.trainable, sh.opt_state, sh.frozen, sh.batch, sh.scalar, sh.scalar),
         out_shardings=(sh.trainable, sh.opt_state, sh.scalar),
     )

@@ -72,6 +72,7 @@ from jax.sharding import Mesh
 
 from fastjax import host_embed
 from fastjax import lora as lora_lib
+from fastjax import remat
 from fastjax import sharding as sharding_lib
 from fastjax.checkpoint import Checkpointer
 from fastjax.logging_utils import MetricsLogger, device_memory_gib, read_metrics, write_loss_curve
@@ -231,7 +232,11 @@ class SFTTrainer:
             scan_layers=config.scan_layers,
         )
         self.step_fn = make_train_step(
-            loss_sum, self.optimizer, self.schedule, shardings=self.shardings
+            loss_sum,
+            self.optimizer,
+            self.schedule,
+            shardings=self.shardings,
+            compiler_options=remat.compiler_options(config.remat_policy),
         )
         self.output_dir = Path(config.output_dir)
         self.key = jax.random.key(config.seed)

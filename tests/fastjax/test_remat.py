@@ -86,3 +86,51 @@ def test_preset_gradients_equal_none(policy):
 def test_unknown_preset_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown remat_policy 'everything'.*save_qkv_attn"):
         remat.policy("everything")
+
+
+def test_compiler_options_turn_command_buffers_off_only_under_host_offload(monkeypatch):
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    # on CPU there is no pinned host memory: the preset degrades to ``full`` and needs no options
+    if jax.default_backend() == "cpu":
+        assert remat.compiler_options("offload_layer_input") is None
+    monkeypatch.setattr(remat, "_has_pinned_host", lambda: True)
+    assert remat.compiler_options("offload_layer_input") == remat.NO_COMMAND_BUFFERS
+    for name in ("none", "full", "save_qkv_attn", "save_dots"):
+        assert remat.compiler_options(name) is None
+    # the user's own command-buffer flag wins
+    monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_enable_command_buffer=FUSION")
+    assert remat.compiler_options("offload_layer_input") is None
+    with pytest.raises(ValueError, match="unknown remat_policy 'offload'"):
+        remat.compiler_options("offload")
+
+
+def test_step_is_compiled_with_the_options():
+    """``make_train_step(compiler_options=)`` reaches XLA: the options are valid on every backend
+    (a debug option), and a bad value is XLA's error, not silently dropped."""
+    import optax
+
+    from fastjax.train_step import make_train_step
+
+    loss_sum = lambda t, f, mb, key: jnp.sum((t["w"] * mb["x"]) ** 2)
+    opt = optax.sgd(0.1)
+    trainable = {"w": jnp.ones(3)}
+    batch = {"x": jnp.ones((1, 3)), "labels": jnp.ones((1, 3), jnp.int32)}
+    args = (opt.init(trainable), {}, batch, jnp.int32(0), jax.random.key(0))
+    good = make_train_step(
+        loss_sum,
+        opt,
+        optax.constant_schedule(0.1),
+        donate=False,
+        compiler_options=remat.NO_COMMAND_BUFFERS,
+    )
+    new, _, metrics = good(trainable, *args)
+    np.testing.assert_allclose(np.asarray(new["w"]), 1 - 0.1 * 2 * 1 / 3, rtol=1e-6)
+    bad = make_train_step(
+        loss_sum,
+        opt,
+        optax.constant_schedule(0.1),
+        donate=False,
+        compiler_options={"xla_gpu_enable_command_buffer": "NOT_A_COMMAND"},
+    )
+    with pytest.raises(Exception, match="not a valid enum value"):
+        bad(trainable, *args)
