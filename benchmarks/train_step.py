@@ -138,6 +138,8 @@ def run_fastjax(
         built = build_fastjax(
             system, shape, batch, seq, num_devices=num_devices, mesh_data=mesh_data, **kw
         )
+        if "compiler_options" in built.base:
+            base["compiler_options"] = built.base["compiler_options"]
         first_s = None  # compilation + one step (with warm-up); else the timed steps include it
         for i in range(warmup):
             t0 = time.perf_counter()

@@ -61,10 +61,12 @@ def policy(name: str):
 # Off for host offload: with XLA's CUDA graphs (command buffers) the offloaded Llama-3-8B QLoRA step
 # (4 x 2048, H200, 2026-12-02) ran at 11,282 tokens/s and 7.42 GiB; without them 11,585 and 7.20 GiB.
 # bf16 LoRA was level (11,363 / 11,323) and ``full`` within 1% either way.
-NO_COMMAND_BUFFERS = {"xla_gpu_enable_command_buffer": ""}
+# Two options, because an empty list may read as "unchanged" where XLA_FLAGS' empty value clears it:
+# no command types, and no graph smaller than 10^9 operations.
+NO_COMMAND_BUFFERS = {"xla_gpu_enable_command_buffer": "", "xla_gpu_graph_min_graph_size": 10**9}
 
 
-def compiler_options(name: str) -> dict[str, str] | None:
+def compiler_options(name: str) -> dict[str, str | int] | None:
     """XLA options for a step compiled under preset ``name`` (``jax.jit(compiler_options=)``):
     command buffers off when the preset really offloads to pinned host memory, else ``None``. A
     command-buffer setting already in ``XLA_FLAGS`` is the user's choice and wins."""

@@ -192,7 +192,7 @@ def make_train_step(
     *,
     donate: bool = True,
     shardings: Any = None,
-    compiler_options: dict[str, str] | None = None,
+    compiler_options: dict[str, str | int] | None = None,
 ) -> Callable:
     """``step(trainable, opt_state, frozen, batch [A, B, T], step, rng_key) -> (trainable,
     opt_state, metrics)``, jitted, trainable and opt_state donated. ``metrics``: loss, grad_norm,
