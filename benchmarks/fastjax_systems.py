@@ -124,6 +124,7 @@ def build_fastjax(
     ops=None,
     num_devices: int = 1,
     mesh_data: int = 1,
+    compiler_options: bool = True,
 ) -> FastjaxStep:
     """Random weights on the device, LoRA r=16 alpha=16 on all linears, AdamW, the jitted step and
     its batch (``harness.token_batch``, seed 0) for one configuration (``run_fastjax``'s
@@ -135,7 +136,9 @@ def build_fastjax(
     mesh with every device on fsdp, frozen weights FSDP-sharded, adapters and optimizer state
     replicated, rows split over the mesh, kernels per shard); ``batch`` is the global batch.
     ``mesh_data``: devices on the mesh's data axis (1: all on fsdp, the trainer's default;
-    ``num_devices``: plain data parallel, every device holding the whole frozen model)."""
+    ``num_devices``: plain data parallel, every device holding the whole frozen model).
+    ``compiler_options``: compile the step with ``fastjax.remat.compiler_options(remat)``, as the
+    trainer does (``False``: XLA's defaults)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -248,7 +251,7 @@ def build_fastjax(
         opt_state = jax.eval_shape(opt.init, lora)
     else:
         opt_state = opt.init(lora)
-    options = remat_lib.compiler_options(remat)  # what the trainer compiles its step with
+    options = remat_lib.compiler_options(remat) if compiler_options else None  # as the trainer
     if options:
         base["compiler_options"] = options
     step = make_train_step(loss_sum, opt, schedule, shardings=shardings, compiler_options=options)

@@ -124,6 +124,8 @@ def label(r: dict) -> str:
         out += ", layers unrolled"
     if r.get("embed_on_host"):
         out += ", embedding on host"
+    if r.get("command_buffers"):  # train_step.py --command-buffers options / xla
+        out += f", command buffers: {r['command_buffers']}"
     if r.get("xla_flags"):
         out += f" [XLA_FLAGS {r['xla_flags']}]"
     return out

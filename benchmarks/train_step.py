@@ -55,6 +55,10 @@ from benchmarks.fastjax_systems import build_fastjax, config_row, split_system  
 from benchmarks.shapes import ModelShape, get  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
+# How a fastjax child treats XLA's command buffers (CUDA graphs) under host offload
+# (``fastjax.remat``): ``env`` as the CLI does, ``options`` as the Trainer does once jax has started,
+# ``xla`` leaves XLA's default.
+COMMAND_BUFFERS = ("env", "options", "xla")
 FASTJAX_SYSTEMS = (
     "fastjax-lora",
     "fastjax-qlora",
@@ -96,6 +100,7 @@ def run_fastjax(
     mlp_chunk_size: int | None = None,
     scan_layers: bool = True,
     embed_on_host: bool = False,
+    command_buffers: str = "env",
     num_devices: int = 1,
     mesh_data: int = 1,
 ) -> dict:
@@ -109,6 +114,8 @@ def run_fastjax(
     ``scan_layers=False``: the layers as a Python loop (``models.decoder.forward``).
     ``embed_on_host``: the input embedding in host memory, its rows gathered every step
     (``fastjax.host_embed``).
+    ``command_buffers``: ``COMMAND_BUFFERS``' names; the child applies ``env`` before jax starts,
+    this function compiles the step with ``fastjax.remat.compiler_options`` unless ``xla``.
 
     ``micro_rows``: rows per micro-batch (the step scans over ``batch // micro_rows`` micro-batches
     and accumulates gradients); ``None`` is one micro-batch of all rows. Device out-of-memory errors
@@ -129,6 +136,8 @@ def run_fastjax(
         embed_on_host=embed_on_host,
     )
     base = config_row(system, shape, batch, seq, **kw)
+    if command_buffers != "env":
+        base["command_buffers"] = command_buffers
     if num_devices > 1:
         base.update(
             num_devices=num_devices, mesh={"data": mesh_data, "fsdp": num_devices // mesh_data}
@@ -136,7 +145,14 @@ def run_fastjax(
     t_start = time.perf_counter()
     try:
         built = build_fastjax(
-            system, shape, batch, seq, num_devices=num_devices, mesh_data=mesh_data, **kw
+            system,
+            shape,
+            batch,
+            seq,
+            num_devices=num_devices,
+            mesh_data=mesh_data,
+            compiler_options=command_buffers != "xla",
+            **kw,
         )
         if "compiler_options" in built.base:
             base["compiler_options"] = built.base["compiler_options"]
@@ -187,6 +203,10 @@ def _child_ceilings() -> dict:
 
 
 def _child(args) -> None:
+    if args.one != "ceilings" and args.command_buffers == "env":
+        from fastjax import remat  # imports jax; its backend starts (and reads XLA_FLAGS) later
+
+        remat.command_buffers_off_in_env(args.remat)
     import jax
 
     if jax.default_backend() != "gpu" and not os.environ.get(ENV_ALLOW_CPU):
@@ -209,6 +229,7 @@ def _child(args) -> None:
             mlp_chunk_size=args.mlp_chunk_size,
             scan_layers=not args.unroll_layers,
             embed_on_host=args.embed_on_host,
+            command_buffers=args.command_buffers,
         )
     print(json.dumps(row), flush=True)
 
@@ -250,6 +271,7 @@ def fastjax_argv(
     mlp_chunk_size: int | None = None,
     scan_layers: bool = True,
     embed_on_host: bool = False,
+    command_buffers: str = "env",
 ) -> tuple[str, ...]:
     argv = [
         str(HERE / "train_step.py"),
@@ -276,6 +298,8 @@ def fastjax_argv(
         argv.append("--unroll-layers")
     if embed_on_host:
         argv.append("--embed-on-host")
+    if command_buffers != "env":
+        argv += ["--command-buffers", command_buffers]
     return tuple(argv)
 
 
@@ -313,6 +337,7 @@ def plan(args) -> list[Job]:
         mlp_chunk_size=args.mlp_chunk_size,
         scan_layers=not args.unroll_layers,
         embed_on_host=args.embed_on_host,
+        command_buffers=args.command_buffers,
     )
     for shape in args.shapes.split(","):
         get(shape)  # unknown names fail here, before any device time is spent
@@ -445,6 +470,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--embed-on-host",
         action="store_true",
         help="fastjax: the input embedding in host memory, rows gathered each step (fastjax.host_embed)",
+    )
+    ap.add_argument(
+        "--command-buffers",
+        choices=COMMAND_BUFFERS,
+        default="env",
+        help="fastjax under host offload: env = XLA_FLAGS switch before jax starts (the CLI's), "
+        "options = per-step compiler options (the Trainer's in a started process), xla = XLA's default",
     )
     ap.add_argument(
         "--lean-remat",

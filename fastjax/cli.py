@@ -265,6 +265,11 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
 
 def train_command(args: argparse.Namespace) -> int:
     from fastjax import lora as lora_lib
+    from fastjax import remat
+
+    # before the first array starts jax's backend: XLA reads XLA_FLAGS only then
+    if remat.command_buffers_off_in_env(args.remat):
+        logging.getLogger(__name__).info("XLA command buffers off for host offload")
     from fastjax.models.ops import Ops
     from fastjax.trainer import SFTConfig, train
 

@@ -58,21 +58,47 @@ def policy(name: str):
     raise ValueError(f"unknown remat_policy {name!r}; choose one of {PRESETS}")
 
 
-# Off for host offload: with XLA's CUDA graphs (command buffers) the offloaded Llama-3-8B QLoRA step
-# (4 x 2048, H200, 2026-12-02) ran at 11,282 tokens/s and 7.42 GiB; without them 11,585 and 7.20 GiB.
-# bf16 LoRA was level (11,363 / 11,323) and ``full`` within 1% either way.
-# Two options, because an empty list may read as "unchanged" where XLA_FLAGS' empty value clears it:
-# no command types, and no graph smaller than 10^9 operations.
+# Off for host offload. With XLA's CUDA graphs (command buffers) the offloaded Llama-3-8B QLoRA step
+# (4 x 2048, embedding on the host, H200, 2026-12-02) ran at 11,282 tokens/s and peaked at 7.42 GiB;
+# with XLA_FLAGS=--xla_gpu_enable_command_buffer= it ran at 11,585 and 7.20 GiB. bf16 LoRA was level
+# (11,363 / 11,323 at 17.06 GiB) and ``full`` within 1% either way. XLA reads XLA_FLAGS once, when jax
+# starts its backend: ``command_buffers_off_in_env`` is the measured switch (the CLI uses it).
+COMMAND_BUFFER_FLAG = "--xla_gpu_enable_command_buffer="
+# The same per compiled step, for a process whose backend is already up. Not yet confirmed on the GPU:
+# the empty list alone left the step at 7.42 GiB (as if unchanged), so the graph-size floor is there
+# too (no graph smaller than 10^9 operations).
 NO_COMMAND_BUFFERS = {"xla_gpu_enable_command_buffer": "", "xla_gpu_graph_min_graph_size": 10**9}
+
+
+def _check(name: str) -> None:
+    if name not in PRESETS:
+        raise ValueError(f"unknown remat_policy {name!r}; choose one of {PRESETS}")
+
+
+def _user_set_command_buffers() -> bool:
+    return "xla_gpu_enable_command_buffer" in os.environ.get("XLA_FLAGS", "")
+
+
+def command_buffers_off_in_env(name: str) -> bool:
+    """For an offloading preset, append ``COMMAND_BUFFER_FLAG`` to ``XLA_FLAGS``; call it before
+    anything starts a jax backend (``jax.devices()``, the first array). Returns whether it added the
+    flag: not for other presets, nor when ``XLA_FLAGS`` already names command buffers (the user's
+    choice wins). The flag is harmless on CPU, where the preset degrades to ``full``."""
+    _check(name)
+    if name != "offload_layer_input" or _user_set_command_buffers():
+        return False
+    flags = os.environ.get("XLA_FLAGS", "")
+    os.environ["XLA_FLAGS"] = (flags + " " + COMMAND_BUFFER_FLAG).strip()
+    return True
 
 
 def compiler_options(name: str) -> dict[str, str | int] | None:
     """XLA options for a step compiled under preset ``name`` (``jax.jit(compiler_options=)``):
     command buffers off when the preset really offloads to pinned host memory, else ``None``. A
-    command-buffer setting already in ``XLA_FLAGS`` is the user's choice and wins."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown remat_policy {name!r}; choose one of {PRESETS}")
-    if "xla_gpu_enable_command_buffer" in os.environ.get("XLA_FLAGS", ""):
+    command-buffer setting already in ``XLA_FLAGS`` (the user's, or ``command_buffers_off_in_env``'s)
+    wins."""
+    _check(name)
+    if _user_set_command_buffers():
         return None
     if name == "offload_layer_input" and _has_pinned_host():
         return dict(NO_COMMAND_BUFFERS)

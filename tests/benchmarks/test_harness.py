@@ -25,22 +25,10 @@ from benchmarks.max_context import search_max_context
 from benchmarks.shapes import ModelShape, get
 
 REPO = Path(__file__).resolve().parents[2]
-CPU_GPU_INFO = json.dumps({"name": "cpu", "total_bytes": None})
 # The skip paths are what a machine without a GPU does; on a GPU machine these would run for real.
 cpu_only = pytest.mark.skipif(
     shutil.which("nvidia-smi") is not None, reason="checks what happens without a GPU"
 )
-
-
-@pytest.fixture
-def cpu_context(monkeypatch):
-    """Children and rows see a CPU-only machine without probing for a GPU again."""
-    monkeypatch.setenv(harness.ENV_GPU, CPU_GPU_INFO)
-    monkeypatch.setenv(harness.ENV_RUN_ID, "test-run")
-    monkeypatch.setenv(harness.ENV_COMMAND, "python3 test")
-    harness.gpu_info.cache_clear()
-    yield
-    harness.gpu_info.cache_clear()
 
 
 # -------------------------------------------------------------------------------- the search itself

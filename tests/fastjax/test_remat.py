@@ -4,6 +4,7 @@ changes what the backward pass keeps), for LoRA adapters and for full-parameter 
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -72,7 +73,13 @@ def _grads(policy: str, seed: int):
 
 @pytest.mark.parametrize("policy", [p for p in remat.PRESETS if p != "none"])
 def test_preset_gradients_equal_none(policy):
+    """fp32 at 1e-5: full-precision matmuls, or a GPU's TF32 default (H200) differs by more."""
     seed = 0
+    with jax.default_matmul_precision("highest"):
+        _compare(policy, seed)
+
+
+def _compare(policy, seed):
     out_ref, (gp_ref, gl_ref) = _grads("none", seed)
     out, (gp, gl) = _grads(policy, seed)
     atol, rtol = TOL[jnp.float32]
@@ -102,6 +109,24 @@ def test_compiler_options_turn_command_buffers_off_only_under_host_offload(monke
     assert remat.compiler_options("offload_layer_input") is None
     with pytest.raises(ValueError, match="unknown remat_policy 'offload'"):
         remat.compiler_options("offload")
+
+
+def test_command_buffers_off_in_env(monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+    assert not remat.command_buffers_off_in_env("full")
+    assert remat.command_buffers_off_in_env("offload_layer_input")
+    want = "--xla_force_host_platform_device_count=2 " + remat.COMMAND_BUFFER_FLAG
+    assert os.environ["XLA_FLAGS"] == want
+    assert not remat.command_buffers_off_in_env("offload_layer_input")  # once is enough
+    assert os.environ["XLA_FLAGS"] == want
+    # once the flag is in XLA_FLAGS the per-step options step aside
+    monkeypatch.setattr(remat, "_has_pinned_host", lambda: True)
+    assert remat.compiler_options("offload_layer_input") is None
+    monkeypatch.delenv("XLA_FLAGS")
+    assert remat.command_buffers_off_in_env("offload_layer_input")
+    assert os.environ["XLA_FLAGS"] == remat.COMMAND_BUFFER_FLAG
+    with pytest.raises(ValueError, match="unknown remat_policy"):
+        remat.command_buffers_off_in_env("offload")
 
 
 def test_step_is_compiled_with_the_options():
