@@ -240,6 +240,12 @@ def ratio(r: dict, ref_system: str, all_train: list[dict]) -> str:
     return f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}x{mark}"
 
 
+def _ctx_key(r: dict) -> tuple:
+    """One max-context search configuration: a search of another one never hides it."""
+    parts = ("system", "shape", "cap_gib", "remat", "mlp_chunk_size", "embed_on_host")
+    return tuple(r.get(k) for k in parts)
+
+
 def markdown(rows: list[dict], *, gpu: str, png: str | None) -> str:
     """The generated README block (without the markers)."""
     train = [r for r in train_rows(rows) if r.get("gpu") == gpu]
@@ -248,9 +254,7 @@ def markdown(rows: list[dict], *, gpu: str, png: str | None) -> str:
     ]
     cells = cell_table(train)
     searched = [r for r in ctx if r.get("trials")]  # a search that ran no probe says nothing
-    best_ctx = latest(
-        searched, lambda r: (r.get("system"), r.get("shape"), r.get("cap_gib"), r.get("remat"))
-    )
+    best_ctx = latest(searched, _ctx_key)
     searched_keys = {(r.get("system"), r.get("shape"), r.get("cap_gib")) for r in best_ctx.values()}
     unsearched = {  # the newest probe-less search of a cell that no search with probes covers
         key: r
@@ -386,7 +390,7 @@ def chart(rows: list[dict], *, gpu: str, path: Path) -> Path | None:
     ]
     cells = cell_table(train)
     ctx = [r for r in ctx if r.get("trials")]  # a search that ran no probe has no bar
-    best = latest(ctx, lambda r: (r.get("system"), r.get("shape"), r.get("cap_gib")))
+    best = latest(ctx, _ctx_key)
     shown = [r for c in cells for r in c[3]] + list(best.values())
     runs = run_numbers(shown)
     n_rows = len(cells) + (1 if ctx else 0)
