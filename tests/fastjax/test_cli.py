@@ -5,6 +5,7 @@ directory (char-level tokenizer, chat template) writes metrics, checkpoint and a
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -99,6 +100,42 @@ def test_console_script_entry_point():
         check=False,
     )
     assert out.returncode == 0 and "--lora-r" in out.stdout
+
+
+def test_offload_turns_command_buffers_off_before_jax_starts():
+    """``train --remat offload_layer_input`` sets the XLA_FLAGS switch while no jax backend exists
+    yet (XLA reads the variable only when the first one starts), and only for that preset."""
+    probe = """
+import json, os, sys
+from jax._src import xla_bridge
+from fastjax import cli, remat
+seen = {}
+real = remat.command_buffers_off_in_env
+def spy(name):
+    seen["started"] = xla_bridge.backends_are_initialized()
+    seen["added"] = real(name)
+    seen["flags"] = os.environ.get("XLA_FLAGS", "")
+    raise SystemExit(0)
+remat.command_buffers_off_in_env = spy
+try:
+    cli.main(["train", "--remat", sys.argv[1]])
+except SystemExit:
+    pass
+print(json.dumps(seen))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    for preset, added in (("offload_layer_input", True), ("full", False)):
+        out = subprocess.run(
+            [sys.executable, "-c", probe, preset],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+            env=env,
+        )
+        seen = json.loads(out.stdout.strip().splitlines()[-1])
+        assert seen["started"] is False and seen["added"] is added
+        assert ("--xla_gpu_enable_command_buffer=" in seen["flags"]) is added
 
 
 @pytest.fixture(scope="module")
