@@ -131,6 +131,7 @@ def probe_job(
     checkpoint_root: str | None = None,
     mlp_chunk_size: int | None = None,
     embed_on_host: bool = False,
+    command_buffers: str = "env",
 ) -> tuple[list[str], dict]:
     """``(argv, env)`` of the child that runs one capped step of ``system`` at ``[1, seq]``."""
     if system.startswith(("hf+peft", "unsloth")):
@@ -156,6 +157,7 @@ def probe_job(
             remat=remat,
             mlp_chunk_size=mlp_chunk_size,
             embed_on_host=embed_on_host,
+            command_buffers=command_buffers,
         )
     )
     frac = cap_gib * 2**30 / total_bytes
@@ -177,10 +179,16 @@ def probe_outcome(row: dict) -> bool | None:
     return None
 
 
+# Fields a configuration carries only when set: a search without one must not reuse probes with it.
+OPTIONAL_KEYS = ("embed_on_host", "command_buffers")
+
+
 def _known_probes(path: str | None, key: dict) -> dict[int, bool]:
     known = {}
     for r in harness.read_rows([path] if path else []):
-        if r.get("kind") == "max_context_trial" and all(r.get(k) == v for k, v in key.items()):
+        same = all(r.get(k) == v for k, v in key.items())
+        same = same and all(r.get(k) == key.get(k) for k in OPTIONAL_KEYS)
+        if r.get("kind") == "max_context_trial" and same:
             if r.get("fits") is not None:
                 known[int(r["seq"])] = bool(r["fits"])
     return known
@@ -203,6 +211,11 @@ def run_search(
         remat=args.remat,
         mlp_chunk_size=chunk or None,
         **({"embed_on_host": True} if args.embed_on_host and system.startswith("fastjax") else {}),
+        **(
+            {"command_buffers": args.command_buffers}
+            if args.command_buffers != "env" and system.startswith("fastjax")
+            else {}
+        ),
     )
     known = {} if args.fresh else _known_probes(args.out, key)
     last_error = {}
@@ -223,6 +236,7 @@ def run_search(
             checkpoint_root=args.checkpoint_root,
             mlp_chunk_size=chunk or None,
             embed_on_host=bool(key.get("embed_on_host")),
+            command_buffers=key.get("command_buffers", "env"),
         )
         rows = harness.run_subprocess(argv, env=env, timeout=timeout, system=system)
         # a step that finished counts even if the child died afterwards (teardown)
@@ -278,6 +292,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--embed-on-host",
         action="store_true",
         help="fastjax: the input embedding in host memory (fastjax.host_embed)",
+    )
+    ap.add_argument(
+        "--command-buffers",
+        choices=train_step.COMMAND_BUFFERS,
+        default="env",
+        help="fastjax under host offload: as train_step.py --command-buffers",
     )
     ap.add_argument(
         "--mlp-chunk-size",

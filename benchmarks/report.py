@@ -242,7 +242,15 @@ def ratio(r: dict, ref_system: str, all_train: list[dict]) -> str:
 
 def _ctx_key(r: dict) -> tuple:
     """One max-context search configuration: a search of another one never hides it."""
-    parts = ("system", "shape", "cap_gib", "remat", "mlp_chunk_size", "embed_on_host")
+    parts = (
+        "system",
+        "shape",
+        "cap_gib",
+        "remat",
+        "mlp_chunk_size",
+        "embed_on_host",
+        "command_buffers",
+    )
     return tuple(r.get(k) for k in parts)
 
 

@@ -64,3 +64,35 @@ def test_rows_name_a_non_default_choice(cpu_context):
     np.testing.assert_allclose(rows["xla"]["loss"], rows["env"]["loss"], rtol=1e-6)
     assert report.label(rows["xla"]).endswith(", command buffers: xla")
     assert "command buffers" not in report.label(rows["env"])
+
+
+def test_context_probes_carry_the_choice(tmp_path):
+    """max_context.py passes ``--command-buffers`` to its probes, and a search reuses only the
+    probes of its own choice (and host-embedding setting) when it resumes from ``--out``."""
+    from benchmarks import max_context
+
+    job = lambda **kw: max_context.probe_job(
+        "fastjax-qlora",
+        "llama-3-8b",
+        131072,
+        cap_gib=24,
+        total_bytes=141 * 2**30,
+        remat="offload_layer_input",
+        **kw,
+    )[0]
+    assert "--command-buffers" not in job()
+    assert job(command_buffers="xla")[-2:] == ["--command-buffers", "xla"]
+    out = tmp_path / "mc.jsonl"
+    base = dict(kind="max_context_trial", system="fastjax-qlora", shape="llama-3-8b", cap_gib=24)
+    rows = [
+        dict(base, seq=1000, fits=True),
+        dict(base, seq=2000, fits=False, command_buffers="xla"),
+        dict(base, seq=3000, fits=True, embed_on_host=True),
+    ]
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    key = dict(system="fastjax-qlora", shape="llama-3-8b", cap_gib=24)
+    assert max_context._known_probes(str(out), key) == {1000: True}
+    assert max_context._known_probes(str(out), dict(key, command_buffers="xla")) == {2000: False}
+    assert max_context._known_probes(str(out), dict(key, embed_on_host=True)) == {3000: True}
+    args = max_context.build_parser().parse_args(["--command-buffers", "options"])
+    assert args.command_buffers == "options"
