@@ -35,8 +35,14 @@ def _has_pinned_host() -> bool:
     return any(m.kind == "pinned_host" for m in kinds) and jax.default_backend() == "gpu"
 
 
+def _check(name: str) -> None:
+    if name not in PRESETS:
+        raise ValueError(f"unknown remat_policy {name!r}; choose one of {PRESETS}")
+
+
 def policy(name: str):
     """The ``jax.checkpoint`` policy for a preset name (``None`` for ``none``: no checkpointing)."""
+    _check(name)
     cp = jax.checkpoint_policies
     if name == "none":
         return None
@@ -55,7 +61,7 @@ def policy(name: str):
             offload_src="device",
             offload_dst="pinned_host",
         )
-    raise ValueError(f"unknown remat_policy {name!r}; choose one of {PRESETS}")
+    raise AssertionError(f"preset {name!r} has no policy")  # PRESETS and the branches disagree
 
 
 # Off for host offload. With XLA's CUDA graphs (command buffers) the offloaded Llama-3-8B QLoRA step
@@ -68,11 +74,6 @@ COMMAND_BUFFER_FLAG = "--xla_gpu_enable_command_buffer="
 # the empty list alone left the step at 7.42 GiB (as if unchanged), so the graph-size floor is there
 # too (no graph smaller than 10^9 operations).
 NO_COMMAND_BUFFERS = {"xla_gpu_enable_command_buffer": "", "xla_gpu_graph_min_graph_size": 10**9}
-
-
-def _check(name: str) -> None:
-    if name not in PRESETS:
-        raise ValueError(f"unknown remat_policy {name!r}; choose one of {PRESETS}")
 
 
 def _user_set_command_buffers() -> bool:
