@@ -300,7 +300,17 @@ def decode_sweep(fh, budget, ts=(1, 16)):
     return rows
 
 
+ADAM_VARIANTS = (
+    ("adamw_fp32", lambda: __import__("optax").adamw(1e-4)),
+    ("adamw_8bit", lambda: optim.adamw_8bit(1e-4, impl="xla")),
+    ("adamw_8bit_pallas", lambda: optim.adamw_8bit(1e-4, impl="pallas")),
+)
+
+
 def adam_case(name, tree, fh):
+    """Time one step (update + apply_updates, donated) of each optimizer on ``tree``'s shapes, from the
+    same params and gradients; the fused 8-bit step's params after it are checked against the XLA
+    8-bit step's (``err_pallas_vs_xla``: relative L2 over all leaves)."""
     import optax
 
     shapes = jax.tree.map(
@@ -309,8 +319,9 @@ def adam_case(name, tree, fh):
         is_leaf=lambda x: isinstance(x, tuple),
     )
     n = sum(int(np.prod(s.shape)) for s in jax.tree.leaves(shapes))
-    recs = {}
-    for oname, opt in (("adamw_fp32", optax.adamw(1e-4)), ("adamw_8bit", optim.adamw_8bit(1e-4))):
+    recs, after = {}, {}
+    for oname, make in ADAM_VARIANTS:
+        opt = make()
         leaves, treedef = jax.tree.flatten(shapes)
         params = treedef.unflatten([jnp.full(s.shape, 0.01, jnp.float32) for s in leaves])
         grads = treedef.unflatten(
@@ -324,6 +335,8 @@ def adam_case(name, tree, fh):
 
         step = jax.jit(step, donate_argnums=(0, 1))
         params, state = step(params, state, grads)
+        if oname.startswith("adamw_8bit"):  # one step from the same start: comparable
+            after[oname] = jax.tree.map(np.asarray, params)
         jax.block_until_ready(params)
         times = []
         for _ in range(10):
@@ -336,17 +349,38 @@ def adam_case(name, tree, fh):
             "state_bytes": optim.state_nbytes(state),
         }
         del params, state, grads
+    err = None
+    if len(after) == 2:
+        a, b = (jax.tree.leaves(after[k]) for k in ("adamw_8bit_pallas", "adamw_8bit"))
+        num = sum(float(np.sum((x.astype(np.float64) - y) ** 2)) for x, y in zip(a, b))
+        den = sum(float(np.sum(y.astype(np.float64) ** 2)) for y in b)
+        err = (num / max(den, 1e-30)) ** 0.5
     rec = dict(
         tag="adam",
         tree=name,
         n_params=n,
+        err_pallas_vs_xla=err,
         **{f"{o}_{kk}": v for o, r in recs.items() for kk, v in r.items()},
     )
     log(rec, fh)
     print(
-        f"[{time.time() - T0:6.1f}s] adam {name} n={n / 1e6:.1f}M " + json.dumps(recs), flush=True
+        f"[{time.time() - T0:6.1f}s] adam {name} n={n / 1e6:.1f}M err={err} " + json.dumps(recs),
+        flush=True,
     )
     return rec
+
+
+def adam_cases(tiny: bool, fh) -> None:
+    trees = (
+        (("tiny", {"a": (64, 256), "b": (100,), "c": (4097,)}),)
+        if tiny
+        else (("llama3-8b LoRA r16", lora_tree_8b()), ("llama3.2-1b full", full_tree_1b()))
+    )
+    for tname, tree in trees:
+        try:
+            adam_case(tname, tree, fh)
+        except Exception as e:  # noqa: BLE001
+            print("adam", tname, "failed:", type(e).__name__, str(e)[:300], flush=True)
 
 
 def lora_tree_8b(r=16):
@@ -395,6 +429,9 @@ def main(argv=None):
         help="comma-separated T values: time only these (picked tiles; no sweep, no 8-bit AdamW)",
     )
     ap.add_argument(
+        "--adam-only", action="store_true", help="only the 8-bit AdamW cases (all three steps)"
+    )
+    ap.add_argument(
         "--decode-sweep",
         action="store_true",
         help="only the decode tile sweep (T=1 and 16, fused forward, every projection shape)",
@@ -429,6 +466,9 @@ def main(argv=None):
                     continue
                 rows.extend(run_case(name, n_in, out, t, bs_for(t, n_in, out), fh))
 
+        if args.adam_only:
+            adam_cases(args.tiny, fh)
+            return
         if args.decode_sweep:
             drows = decode_sweep(fh, args.budget)
             print("\n| shape | T | variant | fused ms | GB/s | xla-dequant ms | err y |")
@@ -461,16 +501,8 @@ def main(argv=None):
         else:
             grid(SWEEP_T, large)
             grid(TS[1], large)
-        trees = (
-            (("tiny", {"a": (64, 256), "b": (100,)}),)
-            if args.tiny
-            else (("llama3-8b LoRA r16", lora_tree_8b()), ("llama3.2-1b full", full_tree_1b()))
-        )
-        for tname, tree in trees if not only_ts else ():
-            try:
-                adam_case(tname, tree, fh)
-            except Exception as e:  # noqa: BLE001
-                print("adam", tname, "failed:", type(e).__name__, str(e)[:300], flush=True)
+        if not only_ts:
+            adam_cases(args.tiny, fh)
         for t in TS[2:]:
             grid(t, large)
     print(

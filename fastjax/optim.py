@@ -10,17 +10,24 @@
 * smaller tensors (biases, norms, LoRA factors of tiny models) keep fp32 moments.
 
 Each step dequantizes, does the fp32 Adam update (the step itself uses the fresh fp32 moments, as bitsandbytes
-does), and requantizes; XLA fuses this into a few elementwise/reduce passes. State is a pytree of arrays only
-(``ScaleByAdam8bitState`` of count + two trees mirroring the params), so orbax and safetensors can save it.
+does), and requantizes. State is a pytree of arrays only (``ScaleByAdam8bitState`` of count + two trees
+mirroring the params), so orbax and safetensors can save it.
+
+Two implementations of that step, chosen by ``impl``: ``"xla"`` (``adam8bit_update_reference``, which XLA
+splits into a few elementwise/reduce passes) and ``"pallas"`` (``fastjax.pallas_kernels.adam8bit``: one
+kernel that reads the gradient and both moments once and writes the moments in place; the same codes on the
+same fp32 values). ``"auto"`` follows ``FASTJAX_KERNELS`` when it is set, else it is ``"xla"`` on every
+backend until the kernel has been timed on a GPU.
 
 State bytes per quantized parameter: 2 (codes) + 8/256 (absmaxes) ~= 2.03, against fp32 AdamW's 8.
-Speed (H200, benchmarks/results/nf4_h200.md): one step takes 1.86 ms vs optax.adamw's 0.66 ms on the
-Llama-3-8B r=16 LoRA tree (42M params) and 38 ms vs 9.0 ms on a full 1.24B tree: memory, not speed, is
-what this buys; a fused Pallas update is the next step if the step time matters.
+Speed of ``"xla"`` (H200, benchmarks/results/nf4_h200.md): one step takes 1.86 ms vs optax.adamw's 0.66 ms on
+the Llama-3-8B r=16 LoRA tree (42M params) and 38 ms vs 9.0 ms on a full 1.24B tree.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from typing import Any, NamedTuple
 
 import jax
@@ -28,14 +35,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fastjax.quant import (
-    DYNAMIC_MAP_SIGNED,
-    DYNAMIC_MAP_UNSIGNED,
-    blockwise_dequantize_8bit,
-    blockwise_quantize_8bit,
-)
+from fastjax.models.ops import ENV_KERNELS
+from fastjax.pallas_kernels.adam8bit import BLOCK, AdamHyper, adam8bit_update, adam_direction
 
-BLOCK = 256
+IMPLS = ("auto", "pallas", "xla")
 
 
 class QuantizedMoment(NamedTuple):
@@ -51,18 +54,32 @@ class ScaleByAdam8bitState(NamedTuple):
     nu: Any
 
 
-def _quantize(x: jax.Array, code: np.ndarray) -> QuantizedMoment:
-    flat = x.reshape(-1)
-    pad = -flat.size % BLOCK
+def _update_quantized(g, mu: QuantizedMoment, nu: QuantizedMoment, scalars, hp: AdamHyper, **kw):
+    """The Adam direction for ``g`` and its new 8-bit moments: ``g`` flattened and zero-padded to
+    256-value blocks (the padding's moments stay exactly 0, so it never moves a block's absmax)."""
+    n = g.size
+    flat = g.reshape(-1)
+    pad = -n % BLOCK
     if pad:
         flat = jnp.pad(flat, (0, pad))
-    codes, absmax = blockwise_quantize_8bit(flat, code, BLOCK)
-    return QuantizedMoment(codes.reshape(-1, BLOCK), absmax)
+    u, mc, ma, vc, va = adam8bit_update(
+        flat.reshape(-1, BLOCK), mu.codes, mu.absmax, nu.codes, nu.absmax, scalars,
+        **dataclasses.asdict(hp), **kw,
+    )  # fmt: skip
+    u = u.reshape(-1)[:n] if pad else u
+    return u.reshape(g.shape), QuantizedMoment(mc, ma), QuantizedMoment(vc, va)
 
 
-def _dequantize(q: QuantizedMoment, code: np.ndarray, shape: tuple[int, ...]) -> jax.Array:
-    flat = blockwise_dequantize_8bit(q.codes.reshape(-1), q.absmax, code)
-    return flat[: int(np.prod(shape))].reshape(shape)
+def _resolve_impl(impl: str) -> str:
+    """``impl`` as given; ``"auto"`` follows ``FASTJAX_KERNELS`` (as every op does), else ``"xla"``."""
+    if impl not in IMPLS:
+        raise ValueError(f"adamw_8bit: impl={impl!r}, expected one of {IMPLS}")
+    if impl == "auto":
+        impl = os.environ.get(ENV_KERNELS, "auto").strip().lower() or "auto"
+        if impl not in IMPLS:
+            raise ValueError(f"{ENV_KERNELS}={impl!r}: expected one of {IMPLS}")
+    # "auto": the XLA step everywhere until the fused kernel is timed on a GPU (GPU_RUNS.md).
+    return "xla" if impl == "auto" else impl
 
 
 def _zeros_moment(p: jax.Array, min_8bit_size: int, dtype: Any = None):
@@ -85,14 +102,19 @@ def scale_by_adam_8bit(
     *,
     nesterov: bool = False,
     min_8bit_size: int = 4096,
+    impl: str = "auto",
+    interpret: bool | None = None,
 ) -> optax.GradientTransformation:
     """``optax.scale_by_adam`` with blockwise 8-bit moments (module docstring).
 
     Same arguments and math as optax: ``eps_root`` inside the square root, Nesterov momentum as in
     ``optax.scale_by_adam(nesterov=True)``; ``mu_dtype`` applies to the first moment of the tensors kept in
-    full precision (8-bit moments are 8-bit whatever it says).
+    full precision (8-bit moments are 8-bit whatever it says). ``impl``: ``"auto"``, ``"pallas"`` or
+    ``"xla"`` (module docstring); ``interpret`` runs the kernel in Pallas interpret mode.
     """
     mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
+    impl = _resolve_impl(impl)
+    hp = AdamHyper(b1=b1, b2=b2, eps=eps, eps_root=eps_root, nesterov=nesterov)
 
     def init_fn(params):
         mu = jax.tree.map(lambda p: _zeros_moment(p, min_8bit_size, mu_dtype), params)
@@ -108,23 +130,20 @@ def scale_by_adam_8bit(
         leaves, treedef = jax.tree.flatten(updates)
         mus = treedef.flatten_up_to(state.mu)
         nus = treedef.flatten_up_to(state.nu)
+        scalars = jnp.stack([bc1, bc2, bc1_next])
         new_u, new_mu, new_nu = [], [], []
         for g, m_s, v_s in zip(leaves, mus, nus):
-            quantized = _is_moment(m_s)
-            m = _dequantize(m_s, DYNAMIC_MAP_SIGNED, g.shape) if quantized else m_s
-            v = _dequantize(v_s, DYNAMIC_MAP_UNSIGNED, g.shape) if quantized else v_s
-            g32 = g.astype(jnp.float32)
-            m = b1 * m.astype(jnp.float32) + (1.0 - b1) * g32
-            v = b2 * v + (1.0 - b2) * jnp.square(g32)
-            if nesterov:
-                m_hat = b1 * m / bc1_next + (1.0 - b1) * g32 / bc1
+            if _is_moment(m_s):
+                u, m, v = _update_quantized(
+                    g, m_s, v_s, scalars, hp, impl=impl, interpret=interpret
+                )
             else:
-                m_hat = m / bc1
-            new_u.append((m_hat / (jnp.sqrt(v / bc2 + eps_root) + eps)).astype(g.dtype))
-            if quantized:
-                m, v = _quantize(m, DYNAMIC_MAP_SIGNED), _quantize(v, DYNAMIC_MAP_UNSIGNED)
-            elif mu_dtype is not None:
-                m = m.astype(mu_dtype)
+                g32 = g.astype(jnp.float32)
+                m, v, u = adam_direction(g32, m_s.astype(jnp.float32), v_s, bc1, bc2, bc1_next, hp)
+                u = u.astype(g.dtype)
+                if mu_dtype is not None:
+                    m = m.astype(mu_dtype)
+            new_u.append(u)
             new_mu.append(m)
             new_nu.append(v)
         return (
@@ -147,11 +166,22 @@ def adamw_8bit(
     *,
     nesterov: bool = False,
     min_8bit_size: int = 4096,
+    impl: str = "auto",
+    interpret: bool | None = None,
 ) -> optax.GradientTransformation:
-    """Drop-in for ``optax.adamw``: the same signature, defaults and chain, with 8-bit Adam moments."""
+    """Drop-in for ``optax.adamw``: the same signature, defaults and chain, with 8-bit Adam moments
+    (``impl``/``interpret``: ``scale_by_adam_8bit``)."""
     return optax.chain(
         scale_by_adam_8bit(
-            b1, b2, eps, eps_root, mu_dtype, nesterov=nesterov, min_8bit_size=min_8bit_size
+            b1,
+            b2,
+            eps,
+            eps_root,
+            mu_dtype,
+            nesterov=nesterov,
+            min_8bit_size=min_8bit_size,
+            impl=impl,
+            interpret=interpret,
         ),
         optax.add_decayed_weights(weight_decay, mask),
         optax.scale_by_learning_rate(learning_rate),

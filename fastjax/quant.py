@@ -117,7 +117,8 @@ DYNAMIC_MAP_SIGNED = create_dynamic_map(signed=True)
 DYNAMIC_MAP_UNSIGNED = create_dynamic_map(signed=False)
 
 
-def _midpoints(code: np.ndarray) -> np.ndarray:
+def code_midpoints(code: np.ndarray) -> np.ndarray:
+    """The ``len(code) - 1`` fp32 midpoints between consecutive entries of a sorted code table."""
     c = code.astype(np.float64)
     return ((c[:-1] + c[1:]) / 2).astype(np.float32)
 
@@ -128,7 +129,7 @@ def quantize_to_code(x: jax.Array, code: np.ndarray) -> jax.Array:
     A branchless binary search over the midpoints, unrolled (log2(len(code)) steps of compare-and-gather on a
     tiny constant table), so XLA fuses it into the surrounding elementwise work. NaN maps to index 0.
     """
-    mids = _midpoints(np.asarray(code, np.float32))
+    mids = code_midpoints(np.asarray(code, np.float32))
     size = len(code)
     if size & (size - 1):
         raise ValueError(f"code must have a power-of-two length, got {size}")

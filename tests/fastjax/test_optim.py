@@ -50,11 +50,12 @@ def test_state_layout_and_memory():
     assert ratio <= TOL["state_ratio"], ratio
 
 
-def test_signature_is_optax_adamw_plus_min_8bit_size():
+def test_signature_is_optax_adamw_plus_keyword_only_extras():
     import inspect
 
     ours = dict(inspect.signature(optim.adamw_8bit).parameters)
-    assert ours.pop("min_8bit_size").kind is inspect.Parameter.KEYWORD_ONLY
+    for extra in ("min_8bit_size", "impl", "interpret"):
+        assert ours.pop(extra).kind is inspect.Parameter.KEYWORD_ONLY, extra
     theirs = inspect.signature(optax.adamw).parameters
     assert list(ours) == list(theirs)
     for name, param in theirs.items():
