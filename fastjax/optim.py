@@ -27,7 +27,6 @@ the Llama-3-8B r=16 LoRA tree (42M params) and 38 ms vs 9.0 ms on a full 1.24B t
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any, NamedTuple
 
 import jax
@@ -35,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fastjax.models.ops import ENV_KERNELS
+from fastjax.models.ops import env_default
 from fastjax.pallas_kernels.adam8bit import BLOCK, AdamHyper, adam8bit_update, adam_direction
 
 IMPLS = ("auto", "pallas", "xla")
@@ -63,9 +62,15 @@ def _update_quantized(g, mu: QuantizedMoment, nu: QuantizedMoment, scalars, hp: 
     if pad:
         flat = jnp.pad(flat, (0, pad))
     u, mc, ma, vc, va = adam8bit_update(
-        flat.reshape(-1, BLOCK), mu.codes, mu.absmax, nu.codes, nu.absmax, scalars,
-        **dataclasses.asdict(hp), **kw,
-    )  # fmt: skip
+        flat.reshape(-1, BLOCK),
+        mu.codes,
+        mu.absmax,
+        nu.codes,
+        nu.absmax,
+        scalars,
+        **dataclasses.asdict(hp),
+        **kw,
+    )
     u = u.reshape(-1)[:n] if pad else u
     return u.reshape(g.shape), QuantizedMoment(mc, ma), QuantizedMoment(vc, va)
 
@@ -75,9 +80,7 @@ def _resolve_impl(impl: str) -> str:
     if impl not in IMPLS:
         raise ValueError(f"adamw_8bit: impl={impl!r}, expected one of {IMPLS}")
     if impl == "auto":
-        impl = os.environ.get(ENV_KERNELS, "auto").strip().lower() or "auto"
-        if impl not in IMPLS:
-            raise ValueError(f"{ENV_KERNELS}={impl!r}: expected one of {IMPLS}")
+        impl = env_default()
     # "auto": the XLA step everywhere until the fused kernel is timed on a GPU (GPU_RUNS.md).
     return "xla" if impl == "auto" else impl
 

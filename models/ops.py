@@ -48,7 +48,8 @@ ENV_KERNELS = "FASTJAX_KERNELS"
 _CHOICES = ("auto", "pallas", "xla")
 
 
-def _env_default() -> str:
+def env_default() -> str:
+    """``FASTJAX_KERNELS`` (validated), ``"auto"`` when unset: every op's default implementation."""
     value = os.environ.get(ENV_KERNELS, "auto").strip().lower() or "auto"
     if value not in _CHOICES:
         raise ValueError(f"{ENV_KERNELS}={value!r}: expected one of {_CHOICES}")
@@ -56,7 +57,7 @@ def _env_default() -> str:
 
 
 def _field():
-    return dataclasses.field(default_factory=_env_default)
+    return dataclasses.field(default_factory=env_default)
 
 
 @dataclasses.dataclass(frozen=True)
