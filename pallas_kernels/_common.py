@@ -64,3 +64,10 @@ def pallas_call_kwargs(
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def masked_load(ref, mask, other=0.0):
+    """Masked load; Triton rejects ``other`` without a mask (all-in-bounds blocks pass ``mask=None``)."""
+    from jax.experimental.pallas import triton as plt
+
+    return plt.load(ref, mask=mask, other=None if mask is None else other)

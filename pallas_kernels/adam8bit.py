@@ -37,7 +37,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from fastjax.pallas_kernels._common import cdiv, pallas_call_kwargs
+from fastjax.pallas_kernels._common import cdiv, masked_load, pallas_call_kwargs
 from fastjax.quant import (
     DYNAMIC_MAP_SIGNED,
     DYNAMIC_MAP_UNSIGNED,
@@ -115,8 +115,6 @@ def adam8bit_update_reference(
 # ----------------------------------------------------------------------------------------------------------
 # Kernel
 # ----------------------------------------------------------------------------------------------------------
-def _load(ref, mask, other=0):
-    return plt.load(ref, mask=mask, other=None if mask is None else other)
 
 
 def _snap(x, mids_ref):
@@ -129,7 +127,7 @@ def _snap(x, mids_ref):
     step = half // 2
     while step >= 1:
         cand = idx + step
-        idx = jnp.where(_load(mids_ref.at[cand - 1], None) < x, cand, idx)
+        idx = jnp.where(masked_load(mids_ref.at[cand - 1], None) < x, cand, idx)
         step //= 2
     return idx
 
@@ -168,13 +166,13 @@ def _adam8bit_kernel(
     rmask = rows < n_blocks if n_blocks % block_rows else None
     mask = None if rmask is None else rmask[:, None]
     at = (rows[:, None], cols[None, :])
-    g = _load(g_ref.at[at], mask, 0).astype(jnp.float32)
-    mc = _load(mc_ref.at[at], mask, 0).astype(jnp.int32)
-    vc = _load(vc_ref.at[at], mask, 0).astype(jnp.int32)
-    ma = _load(ma_ref.at[rows], rmask, 0.0)
-    va = _load(va_ref.at[rows], rmask, 0.0)
-    m = _load(smap_ref.at[mc], None) * ma[:, None]
-    v = _load(umap_ref.at[vc], None) * va[:, None]
+    g = masked_load(g_ref.at[at], mask, 0).astype(jnp.float32)
+    mc = masked_load(mc_ref.at[at], mask, 0).astype(jnp.int32)
+    vc = masked_load(vc_ref.at[at], mask, 0).astype(jnp.int32)
+    ma = masked_load(ma_ref.at[rows], rmask, 0.0)
+    va = masked_load(va_ref.at[rows], rmask, 0.0)
+    m = masked_load(smap_ref.at[mc], None) * ma[:, None]
+    v = masked_load(umap_ref.at[vc], None) * va[:, None]
     bc1, bc2, bc1_next = scal_ref[0], scal_ref[1], scal_ref[2]
     m, v, u = adam_direction(g, m, v, bc1, bc2, bc1_next, hp)
     plt.store(u_ref.at[at], u.astype(u_ref.dtype), mask=mask)

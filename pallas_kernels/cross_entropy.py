@@ -49,7 +49,13 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from fastjax.pallas_kernels._common import cdiv, on_gpu, pallas_call_kwargs, resolve_interpret
+from fastjax.pallas_kernels._common import (
+    cdiv,
+    masked_load,
+    on_gpu,
+    pallas_call_kwargs,
+    resolve_interpret,
+)
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
@@ -117,9 +123,6 @@ def cross_entropy_reference(
 # ----------------------------------------------------------------------------------------------------------
 # Kernels
 # ----------------------------------------------------------------------------------------------------------
-def _load(ref, mask, other=0.0):
-    """Masked load; Triton rejects ``other`` without a mask (all-in-bounds blocks pass ``mask=None``)."""
-    return plt.load(ref, mask=mask, other=None if mask is None else other)
 
 
 def _logits_tile(h_ref, w_ref, rows, cols, *, dim: int, block_k: int):
@@ -128,8 +131,8 @@ def _logits_tile(h_ref, w_ref, rows, cols, *, dim: int, block_k: int):
     def body(kk, acc):
         ks = kk * block_k + jnp.arange(block_k)
         kmask = (ks < dim)[None, :] if dim % block_k else None
-        a = _load(h_ref.at[rows[:, None], ks[None, :]], kmask, 0.0)
-        b = _load(w_ref.at[cols[:, None], ks[None, :]], kmask, 0.0)
+        a = masked_load(h_ref.at[rows[:, None], ks[None, :]], kmask, 0.0)
+        b = masked_load(w_ref.at[cols[:, None], ks[None, :]], kmask, 0.0)
         return acc + lax.dot_general(
             a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
         )

@@ -41,7 +41,13 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from fastjax.pallas_kernels._common import cdiv, on_gpu, pallas_call_kwargs, resolve_interpret
+from fastjax.pallas_kernels._common import (
+    cdiv,
+    masked_load,
+    on_gpu,
+    pallas_call_kwargs,
+    resolve_interpret,
+)
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
@@ -78,9 +84,6 @@ def rms_norm_residual_reference(
 # ----------------------------------------------------------------------------------------------------------
 # Kernels
 # ----------------------------------------------------------------------------------------------------------
-def _load(ref, mask, other=0.0):
-    """Masked load; Triton rejects ``other`` without a mask (all-in-bounds blocks pass ``mask=None``)."""
-    return plt.load(ref, mask=mask, other=None if mask is None else other)
 
 
 def _and(a, b):
@@ -118,14 +121,14 @@ def _rms_norm_fwd_kernel(
         None if rmask is None else rmask[:, None], None if cmask is None else cmask[None, :]
     )
     at = (rows[:, None], cols[None, :])
-    x = _load(x_ref.at[at], mask, 0.0)
+    x = masked_load(x_ref.at[at], mask, 0.0)
     if residual:
-        r = _load(r_ref.at[at], mask, 0.0)
+        r = masked_load(r_ref.at[at], mask, 0.0)
         x = (x.astype(jnp.float32) + r.astype(jnp.float32)).astype(s_ref.dtype)
         plt.store(s_ref.at[at], x, mask=mask)
     x_dtype = x.dtype
     x = x.astype(jnp.float32)
-    w = _load(w_ref.at[cols], cmask, 0.0).astype(jnp.float32)
+    w = masked_load(w_ref.at[cols], cmask, 0.0).astype(jnp.float32)
     rstd = lax.rsqrt(jnp.sum(x * x, axis=1) / dim + eps)
     y = _weighted(x * rstd[:, None], w, offset, x_dtype)
     plt.store(y_ref.at[at], y.astype(y_ref.dtype), mask=mask)
@@ -150,7 +153,7 @@ def _rms_norm_bwd_kernel(
     pid = pl.program_id(0)
     cols = jnp.arange(block_d)
     cmask = cols < dim if dim != block_d else None
-    w = _load(w_ref.at[cols], cmask, 0.0).astype(jnp.float32)
+    w = masked_load(w_ref.at[cols], cmask, 0.0).astype(jnp.float32)
     w_eff = w + offset
     x_dtype = x_ref.dtype
 
@@ -160,15 +163,15 @@ def _rms_norm_bwd_kernel(
         rmask = rows < n_rows
         mask = _and(rmask[:, None], None if cmask is None else cmask[None, :])
         at = (rows[:, None], cols[None, :])
-        x = _load(x_ref.at[at], mask, 0.0).astype(jnp.float32)
-        dy = _load(dy_ref.at[at], mask, 0.0).astype(jnp.float32)
-        rstd = _load(rstd_ref.at[rows], rmask, 0.0)
+        x = masked_load(x_ref.at[at], mask, 0.0).astype(jnp.float32)
+        dy = masked_load(dy_ref.at[at], mask, 0.0).astype(jnp.float32)
+        rstd = masked_load(rstd_ref.at[rows], rmask, 0.0)
         n = x * rstd[:, None]
         dn = dy * w_eff[None, :]
         c = jnp.sum(dn * n, axis=1) / dim
         dx = rstd[:, None] * (dn - n * c[:, None])
         if ds_ref is not None:
-            dx = dx + _load(ds_ref.at[at], mask, 0.0).astype(jnp.float32)
+            dx = dx + masked_load(ds_ref.at[at], mask, 0.0).astype(jnp.float32)
         plt.store(dx_ref.at[at], dx.astype(dx_ref.dtype), mask=mask)
         n_w = n.astype(x_dtype).astype(jnp.float32) if offset == 0.0 else n
         return dw_acc + dy * n_w

@@ -37,7 +37,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-from fastjax.pallas_kernels._common import cdiv, pallas_call_kwargs, resolve_interpret
+from fastjax.pallas_kernels._common import cdiv, masked_load, pallas_call_kwargs, resolve_interpret
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
@@ -112,9 +112,6 @@ def rope_reference(
 # ----------------------------------------------------------------------------------------------------------
 # Kernel
 # ----------------------------------------------------------------------------------------------------------
-def _load(ref, mask, other=0.0):
-    """Masked load; Triton rejects ``other`` without a mask (all-in-bounds blocks pass ``mask=None``)."""
-    return plt.load(ref, mask=mask, other=None if mask is None else other)
 
 
 def _rope_kernel(
@@ -138,8 +135,8 @@ def _rope_kernel(
     j = jnp.arange(block_half)
     tmask = toks < n_tok if n_tok % block_t else None
     jmask = j < half if half != block_half else None
-    pos = _load(pos_ref.at[toks], tmask, 0).astype(jnp.float32)
-    inv = _load(inv_ref.at[j], jmask, 0.0)
+    pos = masked_load(pos_ref.at[toks], tmask, 0).astype(jnp.float32)
+    inv = masked_load(inv_ref.at[j], jmask, 0.0)
     theta = pos[:, None] * inv[None, :]  # [bt, bh]
     cos = (jnp.cos(theta) * scaling)[:, None, :]
     sin = (jnp.sin(theta) * (scaling * sign))[:, None, :]
@@ -158,8 +155,8 @@ def _rope_kernel(
                 m = m.reshape(shape)
                 mask = m if mask is None else mask & m
         t3, h3, j3 = toks[:, None, None], h[None, :, None], j[None, None, :]
-        x1 = _load(x_ref.at[t3, h3, j3], mask, 0.0).astype(jnp.float32)
-        x2 = _load(x_ref.at[t3, h3, j3 + half], mask, 0.0).astype(jnp.float32)
+        x1 = masked_load(x_ref.at[t3, h3, j3], mask, 0.0).astype(jnp.float32)
+        x2 = masked_load(x_ref.at[t3, h3, j3 + half], mask, 0.0).astype(jnp.float32)
         plt.store(o_ref.at[t3, h3, j3], (x1 * cos - x2 * sin).astype(o_ref.dtype), mask=mask)
         plt.store(o_ref.at[t3, h3, j3 + half], (x2 * cos + x1 * sin).astype(o_ref.dtype), mask=mask)
 
@@ -205,10 +202,10 @@ def _rope_rows_kernel(
                 dmask = (j < head_dim)[None, :]
                 mask = dmask if mask is None else mask & dmask
             tok = (r // n_heads)[:, None]
-            x = _load(x_ref.at[r[:, None], j[None, :]], mask, 0.0).astype(jnp.float32)
-            xp = _load(x_ref.at[r[:, None], partner[None, :]], mask, 0.0).astype(jnp.float32)
-            c = _load(cos_ref.at[tok, jh[None, :]], mask, 0.0)
-            sn = _load(sin_ref.at[tok, jh[None, :]], mask, 0.0)
+            x = masked_load(x_ref.at[r[:, None], j[None, :]], mask, 0.0).astype(jnp.float32)
+            xp = masked_load(x_ref.at[r[:, None], partner[None, :]], mask, 0.0).astype(jnp.float32)
+            c = masked_load(cos_ref.at[tok, jh[None, :]], mask, 0.0)
+            sn = masked_load(sin_ref.at[tok, jh[None, :]], mask, 0.0)
             out = x * c + sgn[None, :] * xp * sn
             plt.store(o_ref.at[r[:, None], j[None, :]], out.astype(o_ref.dtype), mask=mask)
 

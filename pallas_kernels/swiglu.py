@@ -26,7 +26,7 @@ import math
 
 import jax
 import jax.numpy as jnp
-from fastjax.pallas_kernels._common import cdiv, pallas_call_kwargs, resolve_interpret
+from fastjax.pallas_kernels._common import cdiv, masked_load, pallas_call_kwargs, resolve_interpret
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
@@ -49,9 +49,6 @@ def glu_reference(gate: jax.Array, up: jax.Array, *, activation: str = "silu") -
 # ----------------------------------------------------------------------------------------------------------
 # Kernels
 # ----------------------------------------------------------------------------------------------------------
-def _load(ref, mask, other=0.0):
-    """Masked load; Triton rejects ``other`` without a mask (all-in-bounds blocks pass ``mask=None``)."""
-    return plt.load(ref, mask=mask, other=None if mask is None else other)
 
 
 def _act(g, activation: str, with_grad: bool):
@@ -72,8 +69,8 @@ def _act(g, activation: str, with_grad: bool):
 def _glu_fwd_kernel(g_ref, u_ref, o_ref, *, n: int, block: int, activation: str):
     idx = pl.program_id(0) * block + jnp.arange(block)
     mask = idx < n if n % block else None
-    g = _load(g_ref.at[idx], mask, 0.0).astype(jnp.float32)
-    u = _load(u_ref.at[idx], mask, 0.0).astype(jnp.float32)
+    g = masked_load(g_ref.at[idx], mask, 0.0).astype(jnp.float32)
+    u = masked_load(u_ref.at[idx], mask, 0.0).astype(jnp.float32)
     a, _ = _act(g, activation, with_grad=False)
     plt.store(o_ref.at[idx], (a * u).astype(o_ref.dtype), mask=mask)
 
@@ -81,9 +78,9 @@ def _glu_fwd_kernel(g_ref, u_ref, o_ref, *, n: int, block: int, activation: str)
 def _glu_bwd_kernel(g_ref, u_ref, do_ref, dg_ref, du_ref, *, n: int, block: int, activation: str):
     idx = pl.program_id(0) * block + jnp.arange(block)
     mask = idx < n if n % block else None
-    g = _load(g_ref.at[idx], mask, 0.0).astype(jnp.float32)
-    u = _load(u_ref.at[idx], mask, 0.0).astype(jnp.float32)
-    do = _load(do_ref.at[idx], mask, 0.0).astype(jnp.float32)
+    g = masked_load(g_ref.at[idx], mask, 0.0).astype(jnp.float32)
+    u = masked_load(u_ref.at[idx], mask, 0.0).astype(jnp.float32)
+    do = masked_load(do_ref.at[idx], mask, 0.0).astype(jnp.float32)
     a, da = _act(g, activation, with_grad=True)
     plt.store(dg_ref.at[idx], (do * u * da).astype(dg_ref.dtype), mask=mask)
     plt.store(du_ref.at[idx], (do * a).astype(du_ref.dtype), mask=mask)
