@@ -21,6 +21,7 @@ Usage (GPU machine, repo root)::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -28,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import harness  # noqa: E402
+from benchmarks import harness, shapes  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 NO_MULTICAST = {  # the device README: multicast can take a shared host's GPUs out of service
@@ -55,9 +56,12 @@ def _child(args) -> None:
         )
     else:
         rows = args.global_rows or args.rows_per_device * n
+        shape = shapes.get(args.shape)
+        if args.layers:
+            shape = dataclasses.replace(shape, num_hidden_layers=args.layers)
         row = train_step.run_fastjax(
             args.system,
-            args.shape,
+            shape,
             rows,
             args.seq,
             steps=args.steps,
@@ -69,6 +73,7 @@ def _child(args) -> None:
         row = dict(
             row,
             num_devices=n,
+            num_hidden_layers=shape.num_hidden_layers,  # fewer than the named shape's with --layers
             device_kind=str(jax.devices()[0].device_kind),
             nccl_nvls_enable=os.environ.get("NCCL_NVLS_ENABLE"),  # provenance: multicast off
         )
@@ -96,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default="fastjax-packed", help="a train_step.py fastjax system")
     p.add_argument("--shape", default="llama-3-8b")
     p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--layers", type=int, default=0, help="keep only this many layers (0: all)")
     p.add_argument("--rows-per-device", type=int, default=4, help="weak scaling (the default)")
     p.add_argument("--global-rows", type=int, default=0, help="strong scaling: fixed global rows")
     p.add_argument("--remat", default="full")
@@ -125,6 +131,7 @@ def main(argv=None) -> list[dict]:
     harness.run_id(), harness.command()
     forwarded = [
         "--system", args.system, "--shape", args.shape, "--seq", str(args.seq),
+        "--layers", str(args.layers),
         "--rows-per-device", str(args.rows_per_device), "--global-rows", str(args.global_rows),
         "--remat", args.remat, "--steps", str(args.steps), "--warmup", str(args.warmup),
         "--layout", args.layout,

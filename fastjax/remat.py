@@ -64,15 +64,15 @@ def policy(name: str):
     raise AssertionError(f"preset {name!r} has no policy")  # PRESETS and the branches disagree
 
 
-# Off for host offload. With XLA's CUDA graphs (command buffers) the offloaded Llama-3-8B QLoRA step
-# (4 x 2048, embedding on the host, H200, 2026-12-02) ran at 11,282 tokens/s and peaked at 7.42 GiB;
-# with XLA_FLAGS=--xla_gpu_enable_command_buffer= it ran at 11,585 and 7.20 GiB. bf16 LoRA was level
-# (11,363 / 11,323 at 17.06 GiB) and ``full`` within 1% either way. XLA reads XLA_FLAGS once, when jax
-# starts its backend: ``command_buffers_off_in_env`` is the measured switch (the CLI uses it).
+# Off for host offload. The offloaded Llama-3-8B QLoRA step (4 x 2048, embedding on the host, H200,
+# 2026-12-02, one invocation, each in its own process): XLA's default (command buffers on) 11,104
+# tokens/s; XLA_FLAGS=--xla_gpu_enable_command_buffer= 11,387 and 11,393; the per-step options below
+# 11,438. All peaked at 7.42 GiB. XLA reads XLA_FLAGS once, when jax starts its backend:
+# ``command_buffers_off_in_env`` is the switch for a fresh process (the CLI uses it).
 COMMAND_BUFFER_FLAG = "--xla_gpu_enable_command_buffer="
-# The same per compiled step, for a process whose backend is already up. Not yet confirmed on the GPU:
-# the empty list alone left the step at 7.42 GiB (as if unchanged), so the graph-size floor is there
-# too (no graph smaller than 10^9 operations).
+# The same per compiled step, for a process whose backend is already up (the Trainer's): measured
+# above as fast as the XLA_FLAGS switch. The empty list alone was not enough in an earlier call, so
+# the graph-size floor is there too (no graph smaller than 10^9 operations).
 NO_COMMAND_BUFFERS = {"xla_gpu_enable_command_buffer": "", "xla_gpu_graph_min_graph_size": 10**9}
 
 

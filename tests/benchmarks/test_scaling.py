@@ -19,13 +19,24 @@ def test_strong_scaling_rows_on_cpu_devices(tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu", NCCL_NVLS_ENABLE="1")  # the child must override it
     env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
     cmd = [sys.executable, str(REPO / "benchmarks" / "scaling.py"), "--allow-cpu"]
-    cmd += ["--devices", "2,4", "--shape", "smollm2-135m", "--seq", "32", "--global-rows", "4"]
+    cmd += [
+        "--devices",
+        "2,4",
+        "--shape",
+        "smollm2-135m",
+        "--layers",
+        "2",
+        "--seq",
+        "32",
+        "--global-rows",
+        "4",
+    ]
     cmd += ["--steps", "1", "--warmup", "2", "--out", str(out)]
     subprocess.run(cmd, check=True, env=env, timeout=600, capture_output=True, text=True)
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["num_devices"] for r in rows] == [1, 2, 4]  # the 1-device baseline is added
     assert len({r["run_id"] for r in rows}) == 1 and all(r["batch"] == 4 for r in rows)
-    assert all(r["nccl_nvls_enable"] == "0" for r in rows)
+    assert all(r["nccl_nvls_enable"] == "0" and r["num_hidden_layers"] == 2 for r in rows)
     one = rows[0]["tokens_per_s"]
     for r in rows:
         assert r["ok"] and r["tokens_per_s"] > 0

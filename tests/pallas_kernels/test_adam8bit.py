@@ -173,6 +173,11 @@ def test_impl_is_checked_and_auto_follows_the_kernels_setting(monkeypatch):
     with pytest.raises(ValueError, match="impl='fused'"):
         optim.adamw_8bit(1e-3, impl="fused")
     monkeypatch.delenv("FASTJAX_KERNELS", raising=False)
+    monkeypatch.setattr(optim, "on_gpu", lambda: False)
+    assert optim._resolve_impl("auto") == "xla"
+    monkeypatch.setattr(optim, "on_gpu", lambda: True)
+    assert optim._resolve_impl("auto") == "pallas"
+    monkeypatch.setenv("FASTJAX_KERNELS", "xla")
     assert optim._resolve_impl("auto") == "xla"
     monkeypatch.setenv("FASTJAX_KERNELS", "pallas")
     assert optim._resolve_impl("auto") == "pallas" and optim._resolve_impl("xla") == "xla"
