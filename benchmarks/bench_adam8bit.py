@@ -110,6 +110,8 @@ def sweep(args) -> list[dict]:
     want = jax.device_get(ref_step(*start_state(n_blocks)))
     ms, _ = _time_ms(ref_step, start_state(n_blocks), args.repeats)
     rows.append(dict(base, impl="xla", ms=ms, gbps=BYTES_PER_VALUE * n / ms / 1e6))
+    for r in rows:  # printed as they come: a call cut off by its time limit keeps what it measured
+        print(json.dumps(r), flush=True)
     grid = [(r, w) for r in map(int, args.rows.split(",")) for w in map(int, args.warps.split(","))]
     for block_rows, warps in grid:
         row = dict(base, impl="pallas", block_rows=block_rows, num_warps=warps)

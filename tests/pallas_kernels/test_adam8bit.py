@@ -120,7 +120,8 @@ def test_bad_shapes_and_impl_are_clear_errors():
         A.adam8bit_update(g, c, a, c, a, s, impl="triton", **KW)
     with pytest.raises(ValueError, match="power of 2"):
         A.BlockSizes(block_rows=12)
-    assert A.pick_block_sizes(3).block_rows == 4 and A.pick_block_sizes(10**6).block_rows == 16
+    assert A.pick_block_sizes(1).block_rows == 1 and A.pick_block_sizes(3).block_rows == 4
+    assert A.pick_block_sizes(10**6) == A.BlockSizes()  # the measured default for a large leaf
 
 
 def _tree(key):
