@@ -23,7 +23,8 @@ labels ``[T]`` int32, weights ``[T]`` fp32. hidden and head share one dtype (the
 Dtype policy: matmul operands in the input dtype with fp32 accumulation, all softmax math in fp32; ``dz``
 is rounded to the compute dtype before the two gradient matmuls (as torch autograd does with bf16 logits);
 d_hidden is accumulated in fp32 and cast on store.
-Saved for backward: hidden, head, labels and ``lse [T]`` fp32; logits are recomputed tile by tile.
+Saved for backward: hidden, head, labels and ``lse [T]`` fp32; logits are recomputed tile by tile
+(``xla_fused_grad``: labels and d_hidden per unit cotangent, fp32 ``[T, D]``).
 
 Implementations (``impl``):
 * ``"pallas"``: forward = one Pallas Triton kernel, a tiled GEMM whose epilogue keeps an online
@@ -34,6 +35,10 @@ Implementations (``impl``):
   carry) and write its rows of d_head. Extra memory: O(T*C + T*D + V*D), independent of V beyond the output.
 * ``"xla_chunked"``: ``lax.map`` over token chunks of width c with the same custom_vjp; extra memory
   O(c*V) logits plus an fp32 ``[V, D]`` d_head accumulator. Runs anywhere (CPU too).
+* ``"xla_fused_grad"``: for a frozen head (``head_trainable=False``), the forward computes both the lse
+  and d_hidden for a unit cotangent from one chunk of logits, and the backward only scales it by ``g``:
+  two ``T x V x D`` matmuls instead of three, for an fp32 ``[T, D]`` residual. A trained head runs as
+  ``xla_chunked``. Both XLA paths are in ``cross_entropy_xla.py``.
 * ``"xla"``: :func:`cross_entropy_reference`, full ``[T, V]`` fp32 logits, autodiff backward.
 
 d_head: computed unless ``head_trainable=False`` (a static flag): then the backward returns a symbolic
@@ -49,6 +54,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from fastjax.pallas_kernels import cross_entropy_xla as CX
 from fastjax.pallas_kernels._common import (
     cdiv,
     masked_load,
@@ -68,7 +74,7 @@ __all__ = [
     "cross_entropy_sum_and_count",
 ]
 
-IMPLS = ("pallas", "xla_chunked", "xla")
+IMPLS = ("pallas", "xla_chunked", "xla_fused_grad", "xla")
 REDUCTIONS = ("mean", "sum", "none")
 
 
@@ -306,15 +312,11 @@ class _Config:
     interpret: bool
 
 
-def _softcap(z, softcap):
-    return z if softcap is None else softcap * jnp.tanh(z / softcap)
-
-
 def _target_logits(h, w, labels, cfg: _Config):
     """z_{t, y_t} from a row gather of head: O(T*D), exact bf16 products, fp32 sum."""
     rows = jnp.take(w, jnp.clip(labels, 0, w.shape[0] - 1), axis=0)
     z = jnp.sum(h.astype(jnp.float32) * rows.astype(jnp.float32), axis=-1)
-    return _softcap(z, cfg.softcap)
+    return CX.softcap_logits(z, cfg.softcap)
 
 
 def _lse_pallas(h, w, cfg: _Config):
@@ -394,60 +396,35 @@ def _grads_pallas(h, w, labels, lse, g, cfg: _Config):
     return carry
 
 
-def _token_chunks(x, c: int):
-    """``[T, ...] -> [T/c, c, ...]`` (zero padded)."""
-    pad = (-x.shape[0]) % c
-    x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
-    return x.reshape(-1, c, *x.shape[1:])
-
-
-def _lse_chunked(h, w, cfg: _Config):
-    c = min(cfg.block_sizes.token_chunk, h.shape[0])
-
-    def one(hc):
-        z = jnp.einsum(
-            "td,vd->tv", hc, w, preferred_element_type=jnp.float32, precision=_precision(h.dtype)
-        )
-        return jax.nn.logsumexp(_softcap(z, cfg.softcap), axis=-1)
-
-    return lax.map(one, _token_chunks(h, c)).reshape(-1)[: h.shape[0]]
-
-
-def _grads_chunked(h, w, labels, lse, g, cfg: _Config):
-    n_tok, c, prec = h.shape[0], min(cfg.block_sizes.token_chunk, h.shape[0]), _precision(h.dtype)
-
-    def step(dw, xs):
-        hc, lab, lse_c, g_c = xs
-        z = jnp.einsum("td,vd->tv", hc, w, preferred_element_type=jnp.float32, precision=prec)
-        if cfg.softcap is not None:
-            t = jnp.tanh(z / cfg.softcap)
-            z = cfg.softcap * t
-        p = jnp.exp(z - lse_c[:, None]) * (1.0 + 2.0 * cfg.z_loss * lse_c)[:, None]
-        dz = g_c[:, None] * (p - jax.nn.one_hot(lab, w.shape[0], dtype=jnp.float32))
-        if cfg.softcap is not None:
-            dz = dz * (1.0 - t * t)
-        dz = dz.astype(h.dtype)
-        dh = jnp.dot(dz, w, preferred_element_type=jnp.float32, precision=prec)
-        if dw is not None:
-            dw = dw + lax.dot_general(
-                dz, hc, (((0,), (0,)), ((), ())), precision=prec, preferred_element_type=jnp.float32
-            )
-        return dw, dh
-
-    dw0 = jnp.zeros(w.shape, jnp.float32) if cfg.head_trainable else None
-    xs = tuple(_token_chunks(x, c) for x in (h, labels, lse, g))
-    dw, dh = lax.scan(step, dw0, xs)
-    return dh.reshape(-1, h.shape[1])[:n_tok], None if dw is None else dw.astype(w.dtype)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # custom_vjp wiring: per-token loss; reductions and weights are plain JAX around it
 # ----------------------------------------------------------------------------------------------------------
+def _xla_kw(cfg: _Config, dtype) -> dict:
+    return dict(
+        softcap=cfg.softcap, token_chunk=cfg.block_sizes.token_chunk, precision=_precision(dtype)
+    )
+
+
+def _fused_grad(cfg: _Config) -> bool:
+    """``xla_fused_grad`` computes d_hidden in the forward; a trained head needs the usual backward."""
+    return cfg.impl == "xla_fused_grad" and not cfg.head_trainable
+
+
 def _per_token_fwd(h, w, labels, cfg: _Config):
-    lse = (_lse_pallas if cfg.impl == "pallas" else _lse_chunked)(h, w, cfg)
+    u = None
+    if _fused_grad(cfg):
+        lse, u = CX.lse_and_unit_grad(
+            h, w, labels, z_loss=cfg.z_loss, ignore_index=cfg.ignore_index, **_xla_kw(cfg, h.dtype)
+        )
+    elif cfg.impl == "pallas":
+        lse = _lse_pallas(h, w, cfg)
+    else:
+        lse = CX.lse_chunked(h, w, **_xla_kw(cfg, h.dtype))
     target = _target_logits(h, w, labels, cfg)
     loss = jnp.where(labels != cfg.ignore_index, lse - target + cfg.z_loss * lse * lse, 0.0)
-    return loss, (h, w, labels, lse)
+    if u is not None:  # hidden and head are not needed again: d_hidden = g * u
+        return loss, (jnp.zeros((0,), h.dtype), None, labels, None, u)
+    return loss, (h, w, labels, lse, None)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -456,10 +433,23 @@ def _per_token(h, w, labels, cfg: _Config):
 
 
 def _per_token_bwd(cfg: _Config, res, g):
-    h, w, labels, lse = res
+    h, w, labels, lse, u = res
     g = jnp.where(labels != cfg.ignore_index, g, 0.0).astype(jnp.float32)
-    grads = _grads_pallas if cfg.impl == "pallas" else _grads_chunked
-    dh, dw = grads(h, w, labels, lse, g, cfg)
+    if u is not None:
+        return (g[:, None] * u).astype(h.dtype), None, None
+    if cfg.impl == "pallas":
+        dh, dw = _grads_pallas(h, w, labels, lse, g, cfg)
+    else:
+        dh, dw = CX.grads_chunked(
+            h,
+            w,
+            labels,
+            lse,
+            g,
+            z_loss=cfg.z_loss,
+            head_trainable=cfg.head_trainable,
+            **_xla_kw(cfg, h.dtype),
+        )
     return dh.astype(h.dtype), dw, None
 
 

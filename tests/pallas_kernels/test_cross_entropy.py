@@ -20,7 +20,16 @@ from benchmarks.shapes import TEST_SHAPES
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}  # relative L2 error, per input dtype
 # impl="xla" *is* cross_entropy_reference (full logits): comparing it with itself would test nothing.
-IMPLS = ["pallas", "xla_chunked", pytest.param("pallas-gpu", marks=pytest.mark.gpu)]
+# "xla_fused_grad" with a trained head runs the xla_chunked backward; "-frozen" is its own path (d_hidden
+# in the forward), where d_head is zero by contract.
+IMPLS = [
+    "pallas",
+    "xla_chunked",
+    "xla_fused_grad",
+    "xla_fused_grad-frozen",
+    pytest.param("pallas-gpu", marks=pytest.mark.gpu),
+]
+CHUNKED = ["pallas", "xla_chunked", "xla_fused_grad-frozen"]
 # Small tiles: several vocab splits, a partial last vocab tile, K not a multiple of block_k, three full
 # backward chunks plus a remainder chunk, several token chunks.
 SMALL = C.BlockSizes(
@@ -40,6 +49,8 @@ def _rel(got, want) -> float:
 def _impl_kwargs(impl: str) -> dict:
     if impl == "pallas-gpu":
         return {"impl": "pallas", "interpret": False}
+    if impl == "xla_fused_grad-frozen":
+        return {"impl": "xla_fused_grad", "head_trainable": False}
     return {"impl": impl, "interpret": True} if impl == "pallas" else {"impl": impl}
 
 
@@ -97,13 +108,16 @@ def test_cross_entropy_matches_reference(impl, case, run_fast):
         lambda h, w: C.cross_entropy(h, w, labels, block_sizes=bs, **kw, **_impl_kwargs(impl))
     )
     want = fwd_vjp(lambda h, w: C.cross_entropy_reference(h, w, labels, **kw))
+    if impl.endswith("-frozen"):
+        assert not np.any(np.asarray(got[2])), "a frozen head gets a zero cotangent"
+        got, want = got[:2], want[:2]
     for name, g, r in zip(("loss", "d_hidden", "d_head"), got, want):
         assert g.shape == r.shape and g.dtype == r.dtype, name
         assert np.all(np.isfinite(np.asarray(g, np.float32))), name
         assert _rel(g, r) < TOL[dtype], (name, _rel(g, r))
 
 
-@pytest.mark.parametrize("impl", ["pallas", "xla_chunked"])
+@pytest.mark.parametrize("impl", CHUNKED)
 def test_all_tokens_ignored_gives_zero_loss_and_grads(impl, run_fast):
     hidden, head, _, _ = _inputs(("ignored",), (21,), 40, 203, jnp.float32)
     labels = jnp.full((21,), -100, jnp.int32)
@@ -121,7 +135,7 @@ def test_all_tokens_ignored_gives_zero_loss_and_grads(impl, run_fast):
     assert not np.any(np.asarray(dh)) and not np.any(np.asarray(dw))
 
 
-@pytest.mark.parametrize("impl", ["pallas", "xla_chunked"])
+@pytest.mark.parametrize("impl", CHUNKED)
 def test_huge_logit_does_not_overflow(impl, run_fast):
     """A logit of 3e4 (exp overflows fp32 at 89): losses and grads finite and equal the reference."""
     hidden, head, labels, _ = _inputs(("huge",), (21,), 40, 203, jnp.float32, ignore_frac=0.0)
@@ -143,6 +157,8 @@ def test_huge_logit_does_not_overflow(impl, run_fast):
     )
     want = per_token_and_vjp(lambda h, w: C.cross_entropy_reference(h, w, labels, reduction="none"))
     assert float(got[0][3]) > 2.5e4  # lse ~ 3e4 was really in play
+    if impl.endswith("-frozen"):
+        got, want = got[:2], want[:2]
     for g, r in zip(got, want):
         assert np.all(np.isfinite(np.asarray(g))) and _rel(g, r) < TOL[jnp.float32]
 
@@ -168,7 +184,7 @@ def test_sum_and_count_accumulates_micro_batches(run_fast):
         assert _rel(g, r) < TOL[jnp.float32]
 
 
-@pytest.mark.parametrize("impl", ["pallas", "xla_chunked"])
+@pytest.mark.parametrize("impl", ["pallas", "xla_chunked", "xla_fused_grad"])
 def test_frozen_head_skips_d_head(impl, run_fast):
     hidden, head, labels, _ = _inputs(("frozen",), (21,), 40, 203, jnp.float32)
     ct = jax.random.normal(_key("frozen-ct"), (21,))
@@ -194,10 +210,12 @@ def test_frozen_head_skips_d_head(impl, run_fast):
 
     (dh_frozen, dw_frozen), (dh, dw) = vjp(False), vjp(True)
     assert not np.any(np.asarray(dw_frozen)) and np.any(np.asarray(dw))
-    np.testing.assert_allclose(dh_frozen, dh, rtol=1e-6, atol=1e-7)
+    # the same math, except xla_fused_grad's frozen path scales g after the matmul (fp32 rounding)
+    rtol = TOL[jnp.float32] if impl == "xla_fused_grad" else 1e-6
+    np.testing.assert_allclose(dh_frozen, dh, rtol=rtol, atol=1e-7)
 
 
-@pytest.mark.parametrize("impl", ["pallas", "xla_chunked"])
+@pytest.mark.parametrize("impl", CHUNKED)
 def test_memory_bound_no_full_logits(impl):
     """No value anywhere in the fwd+bwd program (nested jaxprs included) has T*V elements."""
     t, d, v = 123, 72, 32003
@@ -221,6 +239,35 @@ def test_memory_bound_no_full_logits(impl):
         jax.grad(lambda h, w: C.cross_entropy_reference(h, w, labels), argnums=(0, 1))
     )(hidden, head).jaxpr
     assert max(sizes(full)) >= t * v  # the check can fail: the reference does build [T, V]
+
+
+def test_fused_grad_computes_the_logits_once():
+    """With a frozen head the fwd+bwd program of ``xla_fused_grad`` has one logits matmul a chunk (two
+    for ``xla_chunked``: forward and recompute) and one ``dz @ head``; a trained head falls back."""
+    hidden, head, labels, _ = _inputs(("once",), (37,), 40, 300, jnp.float32)
+    bs = C.BlockSizes(token_chunk=16)
+
+    def logits_dots(impl, trainable):
+        fn = jax.grad(
+            lambda h, w: C.cross_entropy(
+                h, w, labels, impl=impl, head_trainable=trainable, block_sizes=bs
+            )
+        )
+
+        def count(jaxpr):
+            n = 0
+            for eqn in jaxpr.eqns:
+                if eqn.primitive.name == "dot_general":
+                    n += tuple(eqn.outvars[0].aval.shape) == (16, 300)
+                for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                    n += count(sub)
+            return n
+
+        return count(jax.make_jaxpr(fn)(hidden, head).jaxpr)
+
+    assert logits_dots("xla_fused_grad", False) == 1
+    assert logits_dots("xla_chunked", False) == 2
+    assert logits_dots("xla_fused_grad", True) == 2
 
 
 def test_pallas_path_really_runs(lower_for_cuda):
