@@ -81,6 +81,8 @@ def proxy(
         # Pallas kernel, which the calibration rows ran; on the H200 the peak was the same with
         # glu=xla_recompute (19.95 GiB both, train_step_h200.md session 16).
         ops_obj = dataclasses.replace(Ops.all("pallas", interpret=True), linear="auto")
+        # a system's forced ops (``NAME@OP=IMPL``) on top, e.g. ``@cross_entropy=xla_fused_grad``
+        ops_obj = dataclasses.replace(ops_obj, **fastjax_systems.split_system(system)[1])
     elif ops == "system":
         ops_obj = None
     else:

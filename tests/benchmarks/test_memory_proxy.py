@@ -67,3 +67,25 @@ def test_flag_is_required_before_jax_starts(monkeypatch):
         raise AssertionError("expected a RuntimeError")
     monkeypatch.setenv("XLA_FLAGS", memory_proxy.NO_HOIST)
     memory_proxy._ensure_flags()  # already set: nothing to do
+
+
+def test_forced_ops_of_the_system_reach_the_step(monkeypatch):
+    """``NAME@OP=IMPL`` overrides one op on top of the interpreted Pallas kernels."""
+    from benchmarks import fastjax_systems
+
+    seen = {}
+
+    class Built(Exception):
+        pass
+
+    def fake_build(system, shape, batch, seq, **kw):
+        seen.update(kw)
+        raise Built
+
+    monkeypatch.setattr(fastjax_systems, "build_fastjax", fake_build)
+    try:
+        memory_proxy.proxy("fastjax-qlora-lean@cross_entropy=xla_fused_grad", "llama-3-8b", 4, 2048)
+    except Built:
+        pass
+    ops = seen["ops"]
+    assert ops.cross_entropy == "xla_fused_grad" and ops.attention == "pallas" and ops.interpret
