@@ -410,26 +410,31 @@ def _fused_grad(cfg: _Config) -> bool:
     return cfg.impl == "xla_fused_grad" and not cfg.head_trainable
 
 
+def _lse(h, w, cfg: _Config):
+    if cfg.impl == "pallas":
+        return _lse_pallas(h, w, cfg)
+    return CX.lse_chunked(h, w, **_xla_kw(cfg, h.dtype))
+
+
+def _loss(h, w, labels, lse, cfg: _Config):
+    target = _target_logits(h, w, labels, cfg)
+    return jnp.where(labels != cfg.ignore_index, lse - target + cfg.z_loss * lse * lse, 0.0)
+
+
 def _per_token_fwd(h, w, labels, cfg: _Config):
-    u = None
-    if _fused_grad(cfg):
+    if _fused_grad(cfg):  # hidden and head are not needed again: d_hidden = g * u
         lse, u = CX.lse_and_unit_grad(
             h, w, labels, z_loss=cfg.z_loss, ignore_index=cfg.ignore_index, **_xla_kw(cfg, h.dtype)
         )
-    elif cfg.impl == "pallas":
-        lse = _lse_pallas(h, w, cfg)
-    else:
-        lse = CX.lse_chunked(h, w, **_xla_kw(cfg, h.dtype))
-    target = _target_logits(h, w, labels, cfg)
-    loss = jnp.where(labels != cfg.ignore_index, lse - target + cfg.z_loss * lse * lse, 0.0)
-    if u is not None:  # hidden and head are not needed again: d_hidden = g * u
-        return loss, (jnp.zeros((0,), h.dtype), None, labels, None, u)
-    return loss, (h, w, labels, lse, None)
+        return _loss(h, w, labels, lse, cfg), (jnp.zeros((0,), h.dtype), None, labels, None, u)
+    lse = _lse(h, w, cfg)
+    return _loss(h, w, labels, lse, cfg), (h, w, labels, lse, None)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _per_token(h, w, labels, cfg: _Config):
-    return _per_token_fwd(h, w, labels, cfg)[0]
+    # Not differentiated (eval, GRPO's reference log-probs): the lse alone, even for xla_fused_grad.
+    return _loss(h, w, labels, _lse(h, w, cfg), cfg)
 
 
 def _per_token_bwd(cfg: _Config, res, g):

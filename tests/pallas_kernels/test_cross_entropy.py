@@ -243,31 +243,35 @@ def test_memory_bound_no_full_logits(impl):
 
 def test_fused_grad_computes_the_logits_once():
     """With a frozen head the fwd+bwd program of ``xla_fused_grad`` has one logits matmul a chunk (two
-    for ``xla_chunked``: forward and recompute) and one ``dz @ head``; a trained head falls back."""
+    for ``xla_chunked``: forward and recompute) and one ``dz @ head``; a trained head falls back; a
+    call that is not differentiated computes no gradient matmul at all."""
     hidden, head, labels, _ = _inputs(("once",), (37,), 40, 300, jnp.float32)
     bs = C.BlockSizes(token_chunk=16)
 
-    def logits_dots(impl, trainable):
-        fn = jax.grad(
-            lambda h, w: C.cross_entropy(
+    def dots(impl, trainable, grad=True):
+        """(logits matmuls [16, 300], d_hidden matmuls [16, 40]) in the program's jaxpr."""
+
+        def loss(h, w):
+            return C.cross_entropy(
                 h, w, labels, impl=impl, head_trainable=trainable, block_sizes=bs
             )
-        )
 
         def count(jaxpr):
-            n = 0
+            n = np.zeros(2, int)
             for eqn in jaxpr.eqns:
                 if eqn.primitive.name == "dot_general":
-                    n += tuple(eqn.outvars[0].aval.shape) == (16, 300)
+                    shape = tuple(eqn.outvars[0].aval.shape)
+                    n += [shape == (16, 300), shape == (16, 40)]
                 for sub in jax.extend.core.jaxprs_in_params(eqn.params):
                     n += count(sub)
             return n
 
-        return count(jax.make_jaxpr(fn)(hidden, head).jaxpr)
+        return tuple(count(jax.make_jaxpr(jax.grad(loss) if grad else loss)(hidden, head).jaxpr))
 
-    assert logits_dots("xla_fused_grad", False) == 1
-    assert logits_dots("xla_chunked", False) == 2
-    assert logits_dots("xla_fused_grad", True) == 2
+    assert dots("xla_fused_grad", False) == (1, 1)
+    assert dots("xla_chunked", False) == (2, 1)
+    assert dots("xla_fused_grad", True) == (2, 1)
+    assert dots("xla_fused_grad", False, grad=False) == (1, 0)
 
 
 def test_pallas_path_really_runs(lower_for_cuda):
