@@ -63,7 +63,8 @@ def _field():
 @dataclasses.dataclass(frozen=True)
 class Ops:
     """Implementation per op: ``"auto" | "pallas" | "xla"`` (attention also ``"cudnn"``; cross-entropy also
-    ``"xla_chunked"`` and ``"xla_fused_grad"``, the memory-bounded XLA paths). ``interpret`` overrides the Pallas interpret switch.
+    ``"xla_chunked"`` and ``"xla_fused_grad"``, the memory-bounded XLA paths). ``interpret`` overrides
+    the Pallas interpret switch.
     ``mesh``: the activations' rows are split over all of its axes; kernels then run per shard
     under ``shard_map`` (module docstring). None, or one device: kernels see whole arrays.
     ``max_segments``: a static bound on the packed segments per row, which lets ``auto`` attention

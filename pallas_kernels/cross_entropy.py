@@ -422,7 +422,8 @@ def _loss(h, w, labels, lse, cfg: _Config):
 
 
 def _per_token_fwd(h, w, labels, cfg: _Config):
-    if _fused_grad(cfg):  # hidden and head are not needed again: d_hidden = g * u
+    # xla_fused_grad: d_hidden = g * u, so hidden and head are not kept (an empty array keeps the dtype)
+    if _fused_grad(cfg):
         lse, u = CX.lse_and_unit_grad(
             h, w, labels, z_loss=cfg.z_loss, ignore_index=cfg.ignore_index, **_xla_kw(cfg, h.dtype)
         )
