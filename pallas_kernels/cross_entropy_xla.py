@@ -40,14 +40,19 @@ def _logits(hc, w, precision):
     return jnp.einsum("td,vd->tv", hc, w, preferred_element_type=jnp.float32, precision=precision)
 
 
-def _dz(z, lab, lse_c, g_c, *, vocab: int, softcap, z_loss: float, dtype):
-    """``g * (p * (1 + 2 z_loss lse) - onehot) * (1 - tanh^2)`` from raw logits ``z``, in ``dtype``."""
-    if softcap is not None:
-        t = jnp.tanh(z / softcap)
-        z = softcap * t
-    p = jnp.exp(z - lse_c[:, None]) * (1.0 + 2.0 * z_loss * lse_c)[:, None]
+def _capped(z, softcap):
+    """``(capped logits, tanh(z / softcap) or None)``: the tanh once, for the lse and for ``dz``."""
+    if softcap is None:
+        return z, None
+    t = jnp.tanh(z / softcap)
+    return softcap * t, t
+
+
+def _dz(zc, t, lab, lse_c, g_c, *, vocab: int, z_loss: float, dtype):
+    """``g * (p * (1 + 2 z_loss lse) - onehot) * (1 - tanh^2)`` from capped logits, in ``dtype``."""
+    p = jnp.exp(zc - lse_c[:, None]) * (1.0 + 2.0 * z_loss * lse_c)[:, None]
     dz = g_c[:, None] * (p - jax.nn.one_hot(lab, vocab, dtype=jnp.float32))
-    if softcap is not None:
+    if t is not None:
         dz = dz * (1.0 - t * t)
     return dz.astype(dtype)
 
@@ -80,16 +85,8 @@ def grads_chunked(
 
     def step(dw, xs):
         hc, lab, lse_c, g_c = xs
-        dz = _dz(
-            _logits(hc, w, precision),
-            lab,
-            lse_c,
-            g_c,
-            vocab=w.shape[0],
-            softcap=softcap,
-            z_loss=z_loss,
-            dtype=h.dtype,
-        )
+        zc, t = _capped(_logits(hc, w, precision), softcap)
+        dz = _dz(zc, t, lab, lse_c, g_c, vocab=w.shape[0], z_loss=z_loss, dtype=h.dtype)
         dh = jnp.dot(dz, w, preferred_element_type=jnp.float32, precision=precision)
         if dw is not None:
             dw = dw + lax.dot_general(
@@ -116,12 +113,10 @@ def lse_and_unit_grad(
 
     def step(_, xs):
         hc, lab = xs
-        z = _logits(hc, w, precision)
-        lse_c = jax.nn.logsumexp(softcap_logits(z, softcap), axis=-1)
+        zc, t = _capped(_logits(hc, w, precision), softcap)
+        lse_c = jax.nn.logsumexp(zc, axis=-1)
         g_c = (lab != ignore_index).astype(jnp.float32)
-        dz = _dz(
-            z, lab, lse_c, g_c, vocab=w.shape[0], softcap=softcap, z_loss=z_loss, dtype=h.dtype
-        )
+        dz = _dz(zc, t, lab, lse_c, g_c, vocab=w.shape[0], z_loss=z_loss, dtype=h.dtype)
         return None, (
             lse_c,
             jnp.dot(dz, w, preferred_element_type=jnp.float32, precision=precision),
