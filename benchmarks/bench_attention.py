@@ -275,13 +275,13 @@ def mode_check():
 SWEEP_HEADS = {64: (32, 8), 128: (32, 8), 256: (16, 8)}
 SWEEP_FWD = {  # (block_q, block_k, num_warps, num_stages)
     # Left out after run 2 (over the H200's shared memory): 128x128 at 4 stages; 64x128 at D=256.
-    128: [(128, 128, 8, 3), (128, 64, 8, 3), (128, 128, 4, 3), (64, 128, 4, 3)],
+    128: [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (128, 128, 4, 3)],
     256: [(64, 64, 8, 2), (128, 64, 8, 2), (64, 64, 4, 2)],
 }
 SWEEP_DKDV = {  # (block_q, block_k, num_warps, num_stages); block_k is the resident kv tile
     # 2026-12-01 (run 2): 64x128 at 8 warps 383 TFLOP/s, 64x64 209, 32x128 at 4 warps 115.
     # Left out after run 2 (over shared memory): 128x128 at 3 stages; 64x128 at D=256.
-    128: [(64, 128, 8, 3), (64, 128, 8, 4), (128, 128, 8, 2), (64, 128, 4, 3)],
+    128: [(64, 128, 8, 3), (64, 128, 8, 4), (64, 128, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2)],
     256: [(32, 64, 8, 2), (64, 64, 8, 2), (32, 128, 8, 2), (32, 64, 8, 3)],
 }
 SWEEP_FUSED = {  # fused backward (dk/dv tiles + dq atomics); block_k is the resident kv tile

@@ -323,6 +323,14 @@ def cross_entropy(
     from fastjax.pallas_kernels import cross_entropy as k
 
     impl = ops.resolve("cross_entropy")
+    if ops.cross_entropy == "auto" and impl == "pallas" and not head_trainable:
+        # A frozen head (LoRA, QLoRA) on a GPU: the logits once, d_hidden in the forward. H200,
+        # Llama-3-8B head, 8,192 tokens, bf16, fwd+bwd: 30.1 ms against 44.0 for xla_chunked (the
+        # Pallas kernel ran out of shared memory at this shape in that benchmark); in the 8B 4x2048
+        # step, one invocation: LoRA 12,176 against 11,863 tokens/s with the Pallas kernel, QLoRA
+        # lean 11,566 against 11,255 at the same 7.33 GiB (benchmarks/results/train_step_h200.md,
+        # session 22). A trained head keeps the Pallas kernel (not measured against the XLA paths).
+        impl = "xla_fused_grad"
     rows = (hidden, labels) if weights is None else (hidden, labels, weights)
     kw = {
         "softcap": softcap,
