@@ -147,7 +147,8 @@ def _label(r: dict) -> str:
     if system in ("fastjax-lean", "fastjax-qlora-lean"):
         micro = r.get("micro_batches")
         base = "QLoRA" if system == "fastjax-qlora-lean" else "LoRA"
-        return f"fastjax {base}, lean: remat {remat}" + (
+        forced = f" ({', '.join(forced_ops.split(','))})" if forced_ops else ""
+        return f"fastjax {base}{forced}, lean: remat {remat}" + (
             f", {micro} micro-batches" if micro else ""
         )
     if (

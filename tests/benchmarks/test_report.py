@@ -210,6 +210,8 @@ def test_report_labels_ablations_by_the_forced_impl():
     assert report.label({"system": "fastjax-qlora-lean", "remat": "full", "micro_batches": 2}) == (
         "fastjax QLoRA, lean: remat full, 2 micro-batches"
     )
+    forced = {"system": "fastjax-qlora-lean@cross_entropy=xla_fused_grad", "remat": "full"}
+    assert report.label(forced) == "fastjax QLoRA (cross_entropy=xla_fused_grad), lean: remat full"
     sliced = {"system": "fastjax-lean", "remat": "full", "micro_batches": 2, "mlp_chunk_size": 512}
     assert report.label(sliced) == (
         "fastjax LoRA, lean: remat full, 2 micro-batches, MLP in 512-token slices"
