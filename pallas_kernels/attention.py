@@ -288,12 +288,22 @@ _BLOCKS_BY_HEAD_DIM: dict[int, BlockSizes] = {
 }
 
 
-def pick_block_sizes(head_dim: int) -> BlockSizes:
-    """The block sizes for a (padded, power-of-two) head_dim: the one heuristic, a table lookup."""
+def pick_block_sizes(head_dim: int, dtype=jnp.bfloat16) -> BlockSizes:
+    """The block sizes for a (padded, power-of-two) head_dim: a table lookup by the bytes of one row.
+
+    The table is tuned for 2-byte inputs; a row of 4-byte inputs holds as many bytes as a 2-byte row of
+    twice the head_dim, so fp32 takes that entry (the same shared memory per tile). Past the table's
+    widest entry (fp32 at D=256) every tile of the widest entry is halved, which again keeps its bytes."""
     d = max(16, pl.next_power_of_2(head_dim))
-    if d in _BLOCKS_BY_HEAD_DIM:
-        return _BLOCKS_BY_HEAD_DIM[d]
-    return _BLOCKS_BY_HEAD_DIM[64] if d < 64 else _BLOCKS_BY_HEAD_DIM[256]
+    width = d * max(1, jnp.dtype(dtype).itemsize // 2)
+    widest = max(_BLOCKS_BY_HEAD_DIM)
+    if width in _BLOCKS_BY_HEAD_DIM:
+        return _BLOCKS_BY_HEAD_DIM[width]
+    if width < min(_BLOCKS_BY_HEAD_DIM):
+        return _BLOCKS_BY_HEAD_DIM[min(_BLOCKS_BY_HEAD_DIM)]
+    bs, shrink = _BLOCKS_BY_HEAD_DIM[widest], width // widest
+    tiles = ("block_q", "block_k", "block_q_dkv", "block_k_dkv", "block_q_dq", "block_k_dq")
+    return dataclasses.replace(bs, **{f: max(16, getattr(bs, f) // shrink) for f in tiles})
 
 
 # --- Forward pallas_call and custom_vjp wiring -----------------------------------------------------
@@ -549,7 +559,7 @@ def attention(
             sm_scale=sm_scale,
             max_segments=max_segments,
         )
-    bs = (block_sizes or pick_block_sizes(d)).clamp(q.shape[1], k.shape[1])
+    bs = (block_sizes or pick_block_sizes(d, q.dtype)).clamp(q.shape[1], k.shape[1])
     st = _Static(
         causal=causal,
         window=window,

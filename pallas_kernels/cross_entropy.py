@@ -267,6 +267,17 @@ class BlockSizes:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
 
 
+# The pipelined operand tiles of the bf16 pick (3 stages of 128 + 256 rows x 64 deep), which compile on
+# the H200; fp32 inputs at the same tiles asked for 262,144 bytes of shared memory against 232,448
+# ("RESOURCE_EXHAUSTED: Shared memory size limit exceeded", bench_ce_frozen, 2026-12-02).
+SMEM_BUDGET = 3 * (128 + 256) * 64 * 2
+
+
+def operand_smem_bytes(block_t: int, block_v: int, block_k: int, stages: int, itemsize: int) -> int:
+    """Shared memory the software pipeline holds for the hidden and head tiles of one logits GEMM."""
+    return stages * (block_t + block_v) * block_k * itemsize
+
+
 def _num_sms() -> int:
     if on_gpu():
         return int(getattr(jax.devices()[0], "core_count", 0) or 132)
@@ -281,9 +292,11 @@ def pick_block_sizes(n_tok: int, vocab: int, dim: int, dtype) -> BlockSizes:
     block_t = max(16, min(128, pl.next_power_of_2(n_tok)))
     block_v = 256 if vocab >= 256 else 128
     block_k = max(16, min(64, pl.next_power_of_2(dim)))
+    itemsize = jnp.dtype(dtype).itemsize
+    while block_k > 16 and operand_smem_bytes(block_t, block_v, block_k, 3, itemsize) > SMEM_BUDGET:
+        block_k //= 2  # fp32: 128x256x32 (128x256x64 asked 256 KiB of the H200's 227)
     n_tblocks = cdiv(n_tok, block_t)
     splits = max(1, min(cdiv(vocab, block_v), cdiv(8 * _num_sms(), n_tblocks)))
-    itemsize = jnp.dtype(dtype).itemsize
     chunk = 1 << max(10, min(14, ((2**28) // max(1, n_tok * itemsize)).bit_length() - 1))
     token_chunk = 1 << max(4, min(12, ((2**28) // (4 * vocab)).bit_length() - 1))
     return BlockSizes(

@@ -295,14 +295,15 @@ def _largest_divisor(n: int, candidates: tuple[int, ...]) -> int | None:
     return next((c for c in candidates if n % c == 0), None)
 
 
-def pick_block_sizes(m: int, out: int, n_in: int) -> BlockSizes:
+def pick_block_sizes(m: int, out: int, n_in: int, dtype=jnp.bfloat16) -> BlockSizes:
     """Tiles for ``x [m, n_in] @ W[out, n_in].T``. Large m: 256 x (2 x 64) output tiles, dx tiles 256 x 64
     (H200, gate/up T=2048: forward 1.08 ms vs 1.64 ms at bm=128 — the in-register dequantization is paid
     once per W tile per row block, so taller row blocks amortize it; fwd+bwd 2.26 ms vs 2.93 ms with
     128 x 128 dx tiles; ``w_lhs`` was slower: 2.65 ms / 4.51 ms). Small m (decode):
     the smallest row tile, narrow column tiles and ``split_k`` so that ~8 programs per H200 SM (132) are
     in flight streaming W (one program per SM left the decode kernel latency-bound: 0.21 ms for gate/up
-    at T=1, under 0.2 TB/s, in the first H200 run)."""
+    at T=1, under 0.2 TB/s, in the first H200 run). 4-byte inputs take at most 128-row tiles and
+    QBLOCK-deep dx steps, so the pipelined x / dy tiles hold no more bytes than the bf16 128-row pick."""
     nh = out // 2
     bn = _largest_divisor(nh, (64, 32, 16))
     if m <= 64:
@@ -327,6 +328,8 @@ def pick_block_sizes(m: int, out: int, n_in: int) -> BlockSizes:
             bwd_num_warps=4,
         )
     bm = 256 if m >= 1024 else (128 if m >= 128 else 64)
+    if jnp.dtype(dtype).itemsize >= 4:
+        return BlockSizes(bm=min(bm, 128), bn=bn, bwd_bm=min(bm, 128), bwd_bn=bn, bwd_bk=QBLOCK)
     return BlockSizes(bm=bm, bn=bn, bwd_bm=bm, bwd_bn=bn, bwd_bk=QBLOCK if bm == 256 else 128)
 
 
@@ -577,7 +580,7 @@ def nf4_lora_linear(
     lead = x.shape[:-1]
     x2 = x.reshape(-1, n_in)
     _check_pallas_shapes(w, lora_a)
-    bs = block_sizes or pick_block_sizes(x2.shape[0], out, n_in)
+    bs = block_sizes or pick_block_sizes(x2.shape[0], out, n_in, x2.dtype)
     _check_block_sizes(w, bs)
     if impl == "pallas_fwd":
         bs = dataclasses.replace(bs, xla_backward=True)

@@ -399,6 +399,21 @@ def test_block_sizes_picker():
         A.BlockSizes(48, 64, 4, 3, 64, 64, 4, 3, 64, 64, 4, 3)
 
 
+TILES = ("block_q", "block_k", "block_q_dkv", "block_k_dkv", "block_q_dq", "block_k_dq")
+
+
+def test_block_sizes_picker_by_dtype():
+    """Tiles are tuned for 2-byte inputs; fp32 takes the entry whose rows hold the same bytes."""
+    for d in (64, 128):
+        assert A.pick_block_sizes(d, jnp.float32) is A.pick_block_sizes(2 * d)
+        assert A.pick_block_sizes(d, jnp.float16) is A.pick_block_sizes(d, jnp.bfloat16)
+    base, wide = A.pick_block_sizes(256), A.pick_block_sizes(256, jnp.float32)
+    for f in TILES:  # fp32 D=256: every tile of the D=256 entry halved, the same bytes per tile
+        assert getattr(wide, f) * 256 * 4 == getattr(base, f) * 256 * 2, f
+    assert (wide.num_warps, wide.num_stages) == (base.num_warps, base.num_stages)
+    assert A.pick_block_sizes(16, jnp.float32) is A.pick_block_sizes(64)
+
+
 def test_interpret_switch_takes_effect(monkeypatch):
     if _common.on_gpu():
         pytest.skip("on a GPU interpret=0 compiles the kernel")
@@ -447,3 +462,24 @@ def test_compiled_matches_reference_gpu(impl):
         if "segment_ids" in kw:
             pad = np.asarray(seg) == 0
             assert not any(np.any(np.asarray(x, np.float32)[pad]) for x in got), kw.keys()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _common.on_gpu(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize(
+    "dtype", [jnp.float32, jnp.float16, jnp.bfloat16], ids=lambda d: d.__name__
+)
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_compiled_default_tiles_every_dtype_gpu(d, dtype):
+    """The picked tiles compile (fit shared memory) and match the reference for every input dtype
+    and head_dim, with packed segments (the Pallas path's main use), forward and vjp."""
+    b, t, h, kv = 1, 333, 4, 2
+    q, k, v, do = _inputs(("gpu-tiles", d, jnp.dtype(dtype).name), b, t, h, kv, d, dtype)
+    seg = _segments(("gpu-tiles", d), b, t, 3)
+    got = _fwd_vjp(
+        lambda q, k, v: A.attention(q, k, v, segment_ids=seg, impl="pallas"), q, k, v, do
+    )
+    want = _fwd_vjp(lambda q, k, v: A.attention_reference(q, k, v, segment_ids=seg), q, k, v, do)
+    for name, g_, w_ in zip(("out", "dq", "dk", "dv"), got, want):
+        assert g_.dtype == dtype, name
+        assert _rel(g_, w_) < TOL[dtype], (name, _rel(g_, w_))

@@ -28,6 +28,7 @@ IMPLS = [
     "xla_fused_grad",
     "xla_fused_grad-frozen",
     pytest.param("pallas-gpu", marks=pytest.mark.gpu),
+    pytest.param("pallas-gpu-frozen", marks=pytest.mark.gpu),
 ]
 CHUNKED = ["pallas", "xla_chunked", "xla_fused_grad-frozen"]
 # Small tiles: several vocab splits, a partial last vocab tile, K not a multiple of block_k, three full
@@ -47,8 +48,9 @@ def _rel(got, want) -> float:
 
 
 def _impl_kwargs(impl: str) -> dict:
-    if impl == "pallas-gpu":
-        return {"impl": "pallas", "interpret": False}
+    if impl.startswith("pallas-gpu"):
+        frozen = {"head_trainable": False} if impl.endswith("-frozen") else {}
+        return {"impl": "pallas", "interpret": False, **frozen}
     if impl == "xla_fused_grad-frozen":
         return {"impl": "xla_fused_grad", "head_trainable": False}
     return {"impl": impl, "interpret": True} if impl == "pallas" else {"impl": impl}
@@ -321,3 +323,18 @@ def test_validation_and_picker():
         bs = C.pick_block_sizes(t, v, d, jnp.bfloat16)
         assert t * bs.bwd_vocab_chunk * 2 <= 2**28 or bs.bwd_vocab_chunk == 1024
         assert bs.token_chunk * v * 4 <= 2**28 or bs.token_chunk == 16
+
+
+def test_picker_keeps_fp32_tiles_in_shared_memory():
+    """The bf16 pick is the tuned one; fp32 halves block_k so the pipelined operand tiles hold the same
+    bytes (the bf16 tiles at fp32 overflowed the H200's shared memory)."""
+    for t, v, d in [(16384, 128256, 4096), (123, 32003, 72), (300, 1000, 256)]:
+        b16, b32 = (C.pick_block_sizes(t, v, d, dt) for dt in (jnp.bfloat16, jnp.float32))
+        assert (b16.block_t, b16.block_v, b16.block_k) == (128, 256, 64)
+        assert (b32.block_t, b32.block_v, b32.block_k) == (128, 256, 32)
+        smem = [
+            C.operand_smem_bytes(b.block_t, b.block_v, b.block_k, b.num_stages, n)
+            for b, n in ((b16, 2), (b32, 4))
+        ]
+        assert smem[0] == smem[1] == C.SMEM_BUDGET
+    assert C.pick_block_sizes(5, 64, 16, jnp.float32).block_k == 16  # never below Triton's 16

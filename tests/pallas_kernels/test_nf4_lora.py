@@ -283,13 +283,24 @@ def test_triton_lowering_for_cuda(lookup, t):
     assert text.count("__gpu$xla.gpu.triton") == 2  # forward kernel + dx kernel
 
 
+def test_picker_fp32_caps_the_row_tile():
+    """fp32 x holds twice the bytes per row: at most 128-row tiles and QBLOCK-deep dx steps."""
+    b16, b32 = (k.pick_block_sizes(2048, 28672, 4096, dt) for dt in (jnp.bfloat16, jnp.float32))
+    assert (b16.bm, b16.bwd_bm) == (256, 256)
+    assert (b32.bm, b32.bwd_bm, b32.bwd_bk) == (128, 128, k.QBLOCK)
+    assert (b32.bn, b32.bwd_bn) == (b16.bn, b16.bwd_bn)
+    assert k.pick_block_sizes(300, 768, 1024, jnp.float32).bm == 128
+    assert k.pick_block_sizes(16, 768, 1024, jnp.float32) == k.pick_block_sizes(16, 768, 1024)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
-@pytest.mark.parametrize("t", [1, 16, 300])
-def test_compiled_gpu_matches_reference(t):
-    x, w, a, b, _, ct = _case(t, (t,), 1024, 768, 16, jnp.bfloat16, False)
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=lambda d: d.__name__)
+@pytest.mark.parametrize("t", [1, 16, 300, 1100])
+def test_compiled_gpu_matches_reference(t, dtype):
+    x, w, a, b, _, ct = _case(t, (t,), 1024, 768, 16, dtype, False)
     y, g = _fwd_vjp("pallas", w, 2.0, None, x, a, b, None, ct)
     y_ref, g_ref = _fwd_vjp("xla", w, 2.0, None, x, a, b, None, ct)
-    assert _rel(y, y_ref) < TOL[jnp.bfloat16]
+    assert _rel(y, y_ref) < TOL[dtype]
     for n in g:
-        assert _rel(g[n], g_ref[n]) < TOL[jnp.bfloat16], n
+        assert _rel(g[n], g_ref[n]) < TOL[dtype], n
