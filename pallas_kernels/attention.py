@@ -226,6 +226,9 @@ def _attention_fwd_kernel(
 # --- Block sizes -----------------------------------------------------------------------------------
 
 
+TILE_FIELDS = ("block_q", "block_k", "block_q_dkv", "block_k_dkv", "block_q_dq", "block_k_dq")
+
+
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
     """Tiles and Triton launch params of the three kernels (forward, dk/dv, dq). Powers of two >= 16.
@@ -248,7 +251,7 @@ class BlockSizes:
     fused_bwd: bool = False
 
     def __post_init__(self):
-        for f in ("block_q", "block_k", "block_q_dkv", "block_k_dkv", "block_q_dq", "block_k_dq"):
+        for f in TILE_FIELDS:
             x = getattr(self, f)
             if x < 16 or x & (x - 1):
                 raise ValueError(f"BlockSizes.{f}={x} must be a power of two >= 16")
@@ -302,8 +305,7 @@ def pick_block_sizes(head_dim: int, dtype=jnp.bfloat16) -> BlockSizes:
     if width < min(_BLOCKS_BY_HEAD_DIM):
         return _BLOCKS_BY_HEAD_DIM[min(_BLOCKS_BY_HEAD_DIM)]
     bs, shrink = _BLOCKS_BY_HEAD_DIM[widest], width // widest
-    tiles = ("block_q", "block_k", "block_q_dkv", "block_k_dkv", "block_q_dq", "block_k_dq")
-    return dataclasses.replace(bs, **{f: max(16, getattr(bs, f) // shrink) for f in tiles})
+    return dataclasses.replace(bs, **{f: max(16, getattr(bs, f) // shrink) for f in TILE_FIELDS})
 
 
 # --- Forward pallas_call and custom_vjp wiring -----------------------------------------------------

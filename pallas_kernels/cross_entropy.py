@@ -292,9 +292,12 @@ def pick_block_sizes(n_tok: int, vocab: int, dim: int, dtype) -> BlockSizes:
     block_t = max(16, min(128, pl.next_power_of_2(n_tok)))
     block_v = 256 if vocab >= 256 else 128
     block_k = max(16, min(64, pl.next_power_of_2(dim)))
-    itemsize = jnp.dtype(dtype).itemsize
-    while block_k > 16 and operand_smem_bytes(block_t, block_v, block_k, 3, itemsize) > SMEM_BUDGET:
-        block_k //= 2  # fp32: 128x256x32 (128x256x64 asked 256 KiB of the H200's 227)
+    itemsize, stages = jnp.dtype(dtype).itemsize, 3
+    while (
+        block_k > 16
+        and operand_smem_bytes(block_t, block_v, block_k, stages, itemsize) > SMEM_BUDGET
+    ):
+        block_k //= 2  # fp32: 128x256x32
     n_tblocks = cdiv(n_tok, block_t)
     splits = max(1, min(cdiv(vocab, block_v), cdiv(8 * _num_sms(), n_tblocks)))
     chunk = 1 << max(10, min(14, ((2**28) // max(1, n_tok * itemsize)).bit_length() - 1))
@@ -304,7 +307,7 @@ def pick_block_sizes(n_tok: int, vocab: int, dim: int, dtype) -> BlockSizes:
         block_v=block_v,
         block_k=block_k,
         num_warps=8,
-        num_stages=3,
+        num_stages=stages,
         vocab_splits=splits,
         bwd_vocab_chunk=chunk,
         token_chunk=token_chunk,

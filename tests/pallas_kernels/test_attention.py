@@ -399,16 +399,15 @@ def test_block_sizes_picker():
         A.BlockSizes(48, 64, 4, 3, 64, 64, 4, 3, 64, 64, 4, 3)
 
 
-TILES = ("block_q", "block_k", "block_q_dkv", "block_k_dkv", "block_q_dq", "block_k_dq")
-
-
 def test_block_sizes_picker_by_dtype():
     """Tiles are tuned for 2-byte inputs; fp32 takes the entry whose rows hold the same bytes."""
     for d in (64, 128):
         assert A.pick_block_sizes(d, jnp.float32) is A.pick_block_sizes(2 * d)
         assert A.pick_block_sizes(d, jnp.float16) is A.pick_block_sizes(d, jnp.bfloat16)
     base, wide = A.pick_block_sizes(256), A.pick_block_sizes(256, jnp.float32)
-    for f in TILES:  # fp32 D=256: every tile of the D=256 entry halved, the same bytes per tile
+    for (
+        f
+    ) in A.TILE_FIELDS:  # fp32 D=256: every tile of the D=256 entry halved, the same bytes per tile
         assert getattr(wide, f) * 256 * 4 == getattr(base, f) * 256 * 2, f
     assert (wide.num_warps, wide.num_stages) == (base.num_warps, base.num_stages)
     assert A.pick_block_sizes(16, jnp.float32) is A.pick_block_sizes(64)
