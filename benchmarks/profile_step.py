@@ -290,6 +290,7 @@ def profile(args) -> dict:
         micro_rows=args.micro_rows or None,
         mlp_chunk_size=args.mlp_chunk_size,
         scan_layers=not args.unroll_layers,
+        embed_on_host=args.embed_on_host,
     )
     # Compile once and run that executable: the HLO read here is the program the trace records.
     built.step = built.step.lower(
@@ -348,6 +349,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--micro-rows", type=int, default=0, help="rows per micro-batch (0: one)")
     p.add_argument("--mlp-chunk-size", type=int, default=None)
     p.add_argument("--unroll-layers", action="store_true", help="layers as a Python loop")
+    p.add_argument(
+        "--embed-on-host",
+        action="store_true",
+        help="the embedding table in host memory, its rows gathered and sent each step",
+    )
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--out", required=True, help="folder for profile.json and trace/")
