@@ -210,3 +210,21 @@ def test_profile_a_tiny_step_on_cpu(tmp_path, monkeypatch):
         P.NO_COMMAND_BUFFERS,
     ]
     assert json.loads((tmp_path / "m" / "profile.json").read_text())["by_op"] == res["by_op"]
+
+
+def test_embed_on_host_reaches_the_build(tmp_path, monkeypatch):
+    """``--embed-on-host`` profiles the step the lean setting runs: the table in host memory."""
+    from benchmarks import fastjax_systems
+
+    seen = {}
+
+    def fake_build(*a, **kw):
+        seen.update(kw)
+        raise RuntimeError("stop after the build's arguments")
+
+    monkeypatch.setattr(fastjax_systems, "build_fastjax", fake_build)
+    for flags, want in (([], False), (["--embed-on-host"], True)):
+        args = P.build_parser().parse_args(["--out", str(tmp_path), *flags])
+        with pytest.raises(RuntimeError, match="build's arguments"):
+            P.profile(args)
+        assert seen["embed_on_host"] is want

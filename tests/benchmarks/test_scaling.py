@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[2]
 def test_strong_scaling_rows_on_cpu_devices(tmp_path):
     out = tmp_path / "scaling.jsonl"
     env = dict(os.environ, JAX_PLATFORMS="cpu", NCCL_NVLS_ENABLE="1")  # the child must override it
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4"
     cmd = [sys.executable, str(REPO / "benchmarks" / "scaling.py"), "--allow-cpu"]
     cmd += [
         "--devices",

@@ -109,7 +109,7 @@ def _run(mode: str, devices: int, out: Path) -> dict:
     env = dict(
         os.environ,
         JAX_PLATFORMS="cpu",
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}",
     )
     script = out / "script.py"
     script.write_text(SCRIPT)

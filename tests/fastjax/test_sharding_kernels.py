@@ -180,7 +180,7 @@ def _run(mode: str, devices: int, out: Path) -> dict:
         os.environ,
         JAX_PLATFORMS="cpu",
         FASTJAX_PALLAS_INTERPRET="1",
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}",
     )
     env.pop("FASTJAX_KERNELS", None)
     script = out / f"script_{mode}.py"
