@@ -52,9 +52,8 @@ def test_child_sets_the_flag_only_for_env(monkeypatch, capsys, choice, flag):
 
 
 def test_rows_name_a_non_default_choice(cpu_context, monkeypatch):
-    monkeypatch.delenv(
-        "XLA_FLAGS", raising=False
-    )  # the labels below are those of rows without flags
+    # the labels below are those of rows without flags (the suite's conftest sets one)
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
     tiny = ModelShape("tiny", "llama", 64, 128, 1, 4, 2, 16, 320)
     rows = {
         cb: train_step.run_fastjax("fastjax-lora", tiny, 1, 24, command_buffers=cb, **KW)
