@@ -11,12 +11,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # the whole suite 1,366 s instead of 1,689. The tests that read the optimized HLO (matmul counts, the
 # layer loop, remat's recompute) pass unchanged. Child processes inherit it through XLA_FLAGS; a test
 # whose tolerance sits at the rounding level compiles at the default level itself (test_optim).
-if os.environ["JAX_PLATFORMS"] == "cpu" and "xla_backend_optimization_level" not in os.environ.get(
-    "XLA_FLAGS", ""
-):
-    os.environ["XLA_FLAGS"] = (
-        os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
-    ).strip()
+if os.environ["JAX_PLATFORMS"] == "cpu":
+    from benchmarks.harness import add_xla_flag  # noqa: E402  (imports no jax)
+
+    add_xla_flag("--xla_backend_optimization_level=0")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
